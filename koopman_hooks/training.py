@@ -1,0 +1,67 @@
+"""A plain supervised training loop for the recipes and the retraining baselines."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from koopman_hooks.batches import call_model, move_inputs, split_batch
+
+
+def train_classifier(
+    model: nn.Module,
+    loader: DataLoader,
+    epochs: int,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    device: str | torch.device = "cpu",
+    verbose: bool = True,
+    desc: str = "train",
+) -> list[float]:
+    """Train ``model`` with AdamW and a one-cycle schedule; return the mean loss per epoch."""
+    model.to(device).train()
+    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = epochs * len(loader)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=max(steps, 1))
+    loss_fn = nn.CrossEntropyLoss()
+    history: list[float] = []
+    bar = tqdm(range(epochs), desc=desc, disable=not verbose, leave=False)
+    for _ in bar:
+        total, count = 0.0, 0
+        for batch in loader:
+            x, y = split_batch(batch)
+            if y is None:
+                raise ValueError("train_classifier needs labelled batches")
+            loss = loss_fn(call_model(model, move_inputs(x, device)), y.to(device))
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            total += loss.item() * len(y)
+            count += len(y)
+        history.append(total / max(count, 1))
+        bar.set_postfix(loss=f"{history[-1]:.4f}")
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: Iterable, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of ``model`` over a labelled loader, in eval mode (mode restored)."""
+    was_training = model.training
+    model.eval()
+    try:
+        logits, labels = [], []
+        for batch in loader:
+            x, y = split_batch(batch)
+            if y is None:
+                raise ValueError("predict needs labelled batches")
+            logits.append(call_model(model, move_inputs(x, device)).float().cpu())
+            labels.append(y.cpu())
+        return torch.cat(logits), torch.cat(labels)
+    finally:
+        model.train(was_training)
