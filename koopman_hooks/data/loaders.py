@@ -1,0 +1,42 @@
+"""A fast in-memory batch iterator for tensor datasets (no per-item collation)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+
+class TensorLoader:
+    """Yields ``(x, y)`` batches by slicing whole tensors; a drop-in for a ``DataLoader``.
+
+    Reshuffles every epoch with its own seeded generator when ``shuffle=True``.
+    """
+
+    def __init__(self, *tensors: torch.Tensor, batch_size: int = 256, shuffle: bool = False, seed: int = 0) -> None:
+        if not tensors or any(len(t) != len(tensors[0]) for t in tensors):
+            raise ValueError("TensorLoader needs one or more tensors of equal length")
+        self.tensors = tensors
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self._generator = torch.Generator().manual_seed(seed)
+
+    @classmethod
+    def from_dataset(cls, dataset: object, batch_size: int = 256, shuffle: bool = False, seed: int = 0) -> TensorLoader:
+        """From a dataset exposing ``tensors`` (TensorDataset) or ``inputs``/``targets``."""
+        if hasattr(dataset, "tensors"):
+            return cls(*dataset.tensors, batch_size=batch_size, shuffle=shuffle, seed=seed)
+        return cls(dataset.inputs, dataset.targets, batch_size=batch_size, shuffle=shuffle, seed=seed)
+
+    def __len__(self) -> int:
+        return -(-len(self.tensors[0]) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        n = len(self.tensors[0])
+        order = torch.randperm(n, generator=self._generator) if self.shuffle else None
+        for start in range(0, n, self.batch_size):
+            if order is None:
+                yield tuple(t[start : start + self.batch_size] for t in self.tensors)
+            else:
+                idx = order[start : start + self.batch_size]
+                yield tuple(t[idx] for t in self.tensors)
