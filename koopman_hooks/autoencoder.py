@@ -25,13 +25,18 @@ def mlp(dims: Sequence[int]) -> nn.Module:
 
 @dataclass
 class LossWeights:
-    """Weights of the training losses (0 switches a term off)."""
+    """Weights of the training losses (0 switches a term off).
+
+    ``output`` matches the model's own outputs when ``layers[-1]`` is replaced by the
+    prediction (KL divergence of the softmax: for classifiers); it needs a full forward pass.
+    """
 
     reconstruction: float = 1.0
     state: float = 1.0
     latent: float = 1.0
     isometry: float = 0.1
     topological: float = 0.0
+    output: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
         return dict(self.__dict__)
@@ -70,6 +75,10 @@ class KoopmanAutoencoder(nn.Module):
             out.append(out[-1] + s)
         return out
 
+    def predict(self, a: torch.Tensor, steps: int) -> torch.Tensor:
+        """``ψ(K^steps φ(a))`` for adapted states ``a``."""
+        return self.decoder(self.operator.step(self.encoder(a), steps))
+
     def predict_states(self, a0: torch.Tensor) -> list[torch.Tensor]:
         """Decoded predictions of every later probed layer from layers[0]'s adapted state."""
         z0 = self.encoder(a0)
@@ -92,6 +101,7 @@ def koopman_losses(
     states: Sequence[torch.Tensor],
     weights: LossWeights,
     topological: nn.Module | None = None,
+    closed_form_ridge: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """The weighted training losses on a batch of adapted states, one per probed layer.
 
@@ -99,9 +109,20 @@ def koopman_losses(
     - state: ``ψ(K^s φ(a_i)) ≈ a_j`` for consecutive pairs and for every ``j`` from layers[0];
     - latent: the same in latent space, ``K^s φ(a_i) ≈ φ(a_j)``;
     - isometry: pairwise distances kept by φ; topological: the persistence-pair loss.
+
+    With ``closed_form_ridge``, K is not the operator's parameter but the ridge least-squares
+    solution over this batch's consecutive latent pairs (one step each), differentiable, so the
+    encoder learns a latent space in which the closed form fits well.
     """
-    op = model.operator
     latents = [model.encoder(a) for a in states]
+    if closed_form_ridge is None:
+        step = model.operator.step
+    else:
+        k = batch_ridge_operator(torch.cat(latents[:-1]), torch.cat(latents[1:]), closed_form_ridge)
+
+        def step(z: torch.Tensor, steps: int) -> torch.Tensor:
+            return z @ torch.linalg.matrix_power(k, steps).T
+
     losses: dict[str, torch.Tensor] = {}
     losses["reconstruction"] = torch.stack(
         [_relative_mse(model.decoder(z), a) for z, a in zip(latents, states)]
@@ -111,7 +132,7 @@ def koopman_losses(
     offsets = model.offsets
     state_terms, latent_terms = [], []
     for i, j in pairs:
-        advanced = op.step(latents[i], offsets[j] - offsets[i])
+        advanced = step(latents[i], offsets[j] - offsets[i])
         state_terms.append(_relative_mse(model.decoder(advanced), states[j]))
         latent_terms.append(_relative_mse(advanced, latents[j]))
     losses["state"] = torch.stack(state_terms).mean()
@@ -122,3 +143,11 @@ def koopman_losses(
         losses["topological"] = torch.stack([topological(a, z) for a, z in zip(states, latents)]).mean()
     losses["total"] = sum(getattr(weights, name) * value for name, value in losses.items())
     return losses
+
+
+def batch_ridge_operator(z_in: torch.Tensor, z_out: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``K`` minimising ``||z_out - z_in K^T||² + ridge·mean(diag)·||K||²`` (differentiable)."""
+    gram = z_in.T @ z_in / len(z_in)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    scale = gram.diagonal().mean().detach().clamp_min(1e-8)
+    return torch.linalg.solve(gram + ridge * scale * eye, z_in.T @ z_out / len(z_in)).T

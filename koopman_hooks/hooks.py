@@ -106,6 +106,7 @@ def _hint(spec: str, names: Sequence[str]) -> str:
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
     """The submodule called ``name``, with a :class:`LayerError` naming close matches if absent."""
+    model = unwrap_model(model)  # names are resolved on the wrapped model (DataParallel)
     try:
         return model.get_submodule(name)
     except AttributeError:
@@ -137,8 +138,8 @@ def _first_tensor_path(output: Any) -> Path | None:
 
 
 def _get(output: Any, key: int | str) -> Any:
-    if isinstance(output, (Mapping, tuple, list)):
-        return output[key]
+    if isinstance(output, Mapping) or (isinstance(output, (tuple, list)) and not isinstance(key, str)):
+        return output[key]  # a str key on a tuple is a namedtuple field, read below
     return getattr(output, key)
 
 
@@ -280,8 +281,8 @@ def record(
                 )
             recording.activations[name] = selector.get(output).detach()
             recording.order.append(name)
-            if name == stop_after:
-                raise StopForward
+            if name == stop_after and len(recording.activations) == len(selectors):
+                raise StopForward  # only once every layer ran: else let check_order see the real order
 
         return hook
 

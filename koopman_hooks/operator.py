@@ -5,12 +5,9 @@
   so ``K^s = exp(s M / k)`` is computed without repeated products;
 - ``lowrank``: ``K = U V^T`` of rank ``rank``.
 
-:func:`real_matrix_root` turns a closed-form ``s``-step map into a one-step ``K``.
 """
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 from torch import nn
@@ -72,21 +69,3 @@ class KoopmanOperator(nn.Module):
 
     def _dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
-
-
-def real_matrix_root(a: torch.Tensor, steps: int) -> torch.Tensor:
-    """A real ``K`` with ``K^steps ≈ a`` from the principal root of each eigenvalue.
-
-    Complex-conjugate eigenvalue pairs keep real roots; a negative real eigenvalue with an
-    even ``steps`` has none, and the real part is taken (with a warning giving the error).
-    """
-    if steps == 1:
-        return a.clone()
-    a64 = a.double()
-    evals, evecs = torch.linalg.eig(a64)
-    roots = evals ** (1.0 / steps)
-    k = (evecs @ torch.diag(roots) @ torch.linalg.inv(evecs)).real
-    error = (torch.linalg.matrix_power(k, steps) - a64).norm() / a64.norm().clamp_min(1e-12)
-    if error > 1e-4:
-        warnings.warn(f"no exact real {steps}-th root of the fitted operator; relative error {error:.2e}", stacklevel=2)
-    return k.to(a.dtype)

@@ -44,7 +44,6 @@ from koopman_hooks.hooks import (
     unwrap_model,
 )
 from koopman_hooks.metrics import ClassificationCounts, StreamingFVU
-from koopman_hooks.operator import real_matrix_root
 from koopman_hooks.patching import PatchedModel
 from koopman_hooks.serialization import load_tensors, prefixed, save_tensors, unprefixed
 from koopman_hooks.stats import StreamingMoments, ridge_regression
@@ -82,8 +81,9 @@ class KoopmanProbe:
             ``None`` flattens small layers and pools/averages large ones.
         procrustes: rotate each layer's PCA coordinates onto the last layer's.
         operator: ``"exp"`` (K = exp(M/k), the paper's), ``"dense"`` or ``"lowrank"``.
-        operator_fit: ``"gradient"`` (trained with the autoencoder) or ``"ridge"`` (closed
-            form from streamed latent covariances after every epoch; needs equal steps).
+        operator_fit: ``"gradient"`` (K trained with the autoencoder) or ``"ridge"`` (ridge
+            EDMD: K in closed form from latent covariances, per batch while training and from
+            covariances streamed over the whole loader at the end; one step per layer pair).
         loss_weights: weights of reconstruction, state, latent, isometry, topological losses.
         device: where the autoencoder is fitted (default: the model's device).
     """
@@ -125,8 +125,11 @@ class KoopmanProbe:
             raise ValueError(f"steps needs {n_segments} positive entries (one per layer pair), got {steps}")
         if operator_fit not in OPERATOR_FITS:
             raise ValueError(f"operator_fit must be one of {OPERATOR_FITS}, got {operator_fit!r}")
-        if operator_fit == "ridge" and (operator != "dense" or len(set(self.steps)) > 1):
-            raise ValueError("operator_fit='ridge' needs operator='dense' and the same steps for every pair")
+        if operator_fit == "ridge" and (operator != "dense" or set(self.steps) != {1}):
+            raise ValueError(
+                "operator_fit='ridge' needs operator='dense' and steps=1 per layer pair: the closed form "
+                "fits the layer-to-layer map itself, whose k-th root need not be real"
+            )
         if not 0.0 < variance <= 1.0:
             raise ValueError(f"variance must be in (0, 1], got {variance}")
         self.latent_dim = int(latent_dim)
@@ -264,31 +267,37 @@ class KoopmanProbe:
         optimiser = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=epochs)
         baseline_moments = [StreamingMoments(width, width, device=self.device) for _ in self.layers[1:]]
+        live_patch = None
+        if self.loss_weights.output:
+            first, last = self.layers[0], self.layers[-1]
+            live = _LiveSurrogate(self.adapters[first], self.adapters[last], ae, ae.offsets[-1])
+            live_patch = PatchedModel(self.model, live, first, last, self._selector(first), self._selector(last))
         self.history = []
         bar = tqdm(range(epochs), desc="koopman fit", disable=not self.verbose)
         for epoch in bar:
             ae.train()
             sums: dict[str, float] = {}
             n_batches = 0
-            latent_moments = StreamingMoments(self.latent_dim, self.latent_dim, device=self.device) if ridge_fit else None
-            for _, acts, _, _ in self._batches(loader, stop_early=True):
+            for inputs, acts, output, _ in self._batches(loader, stop_early=live_patch is None):
                 states = self._adapted(acts)
                 if epoch == 0:
                     for moments, target in zip(baseline_moments, states[1:]):
                         moments.update(states[0], target)
-                losses = koopman_losses(ae, states, self.loss_weights, self.topological_loss)
-                optimiser.zero_grad(set_to_none=True)
-                losses["total"].backward()
+                losses = koopman_losses(ae, states, self.loss_weights, self.topological_loss,
+                                        self.ridge if ridge_fit else None)
+                if live_patch is not None:
+                    losses["output"] = output_matching_loss(call_model(live_patch, inputs), output)
+                    losses["total"] = losses["total"] + self.loss_weights.output * losses["output"]
+                # gradients of the autoencoder only: the model's parameters never get a .grad
+                grads = torch.autograd.grad(losses["total"], params, allow_unused=True)
+                for param, grad in zip(params, grads):
+                    param.grad = grad
                 nn.utils.clip_grad_norm_(params, 1.0)
                 optimiser.step()
-                if latent_moments is not None:
-                    self._update_latent_moments(latent_moments, states)
                 for key, value in losses.items():
                     sums[key] = sums.get(key, 0.0) + value.item()
                 n_batches += 1
             schedule.step()
-            if latent_moments is not None:
-                self._solve_operator(latent_moments)
             record_ = {key: value / n_batches for key, value in sums.items()}
             record_["epoch"] = epoch
             self.history.append(record_)
@@ -312,7 +321,7 @@ class KoopmanProbe:
 
     def _solve_operator(self, moments: StreamingMoments) -> None:
         weight, _ = ridge_regression(moments, self.ridge, intercept=False)
-        self.autoencoder.operator.set_matrix(real_matrix_root(weight.T, self.steps[0]))
+        self.autoencoder.operator.set_matrix(weight.T)
 
     # ------------------------------------------------------------------ artifacts
 
@@ -512,6 +521,26 @@ class KoopmanProbe:
     def __repr__(self) -> str:
         state = "fitted" if self.autoencoder is not None else "not fitted"
         return f"KoopmanProbe(layers={self.layers}, latent_dim={self.latent_dim}, steps={self.steps}, operator={self.operator!r}, {state})"
+
+
+class _LiveSurrogate(nn.Module):
+    """The surrogate being trained (shares the autoencoder's parameters), for the output loss."""
+
+    def __init__(self, src: LayerAdapter, dst: LayerAdapter, autoencoder: KoopmanAutoencoder, steps: int) -> None:
+        super().__init__()
+        self.src, self.dst, self.autoencoder, self.steps = src, dst, autoencoder, steps
+
+    def forward(self, x: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+        a = self.src(x.to(self.src.basis.device, torch.float32))
+        return self.dst.inverse(self.autoencoder.predict(a, self.steps), like)
+
+
+def output_matching_loss(patched_output: Any, model_output: Any) -> torch.Tensor:
+    """KL divergence from the model's softmax output to the patched model's."""
+    select = OutputSelector(None, "model output")
+    student = torch.log_softmax(select.get(patched_output).float(), dim=-1)
+    teacher = torch.log_softmax(select.get(model_output).float().detach(), dim=-1)
+    return torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
 
 def _module_device(module: nn.Module) -> torch.device:

@@ -6,6 +6,8 @@ fitters can be chained, and results are computed lazily from the running sums.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -26,7 +28,7 @@ class StreamingMoments:
     @torch.no_grad()
     def update(self, x: torch.Tensor, y: torch.Tensor | None = None) -> StreamingMoments:
         """Fold a batch of rows ``x`` (and the paired rows ``y``) into the statistics."""
-        x = x.reshape(len(x), -1).to(self.mean_x)
+        x = x.reshape(len(x), math.prod(x.shape[1:])).to(self.mean_x)  # -1 fails for 0 rows
         if x.shape[1] != self.mean_x.shape[0]:
             raise ValueError(f"expected {self.mean_x.shape[0]} features, got {x.shape[1]}")
         if (y is None) != (self.cross_dim is None):
@@ -42,7 +44,7 @@ class StreamingMoments:
         self._m2_xx += xc.T @ xc + torch.outer(dx, dx) * (n * b / total)
         self.mean_x += dx * (b / total)
         if y is not None:
-            y = y.reshape(len(y), -1).to(self.mean_y)
+            y = y.reshape(len(y), math.prod(y.shape[1:])).to(self.mean_y)
             my = y.mean(0)
             dy = my - self.mean_y
             yc = y - my

@@ -1,0 +1,6 @@
+"""Runnable experiments: recipe files, the runner, reports and plots."""
+
+from koopman_hooks.recipes.config import load_recipe
+from koopman_hooks.recipes.runner import run_recipe
+
+__all__ = ["load_recipe", "run_recipe"]

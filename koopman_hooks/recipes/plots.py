@@ -1,0 +1,123 @@
+"""PNG figures for recipe reports (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from koopman_hooks.hooks import make_selectors, preserved_state, record  # noqa: E402
+from koopman_hooks.batches import call_model, split_batch  # noqa: E402
+
+if TYPE_CHECKING:
+    from koopman_hooks.recipes.runner import RunContext
+
+
+def seed_plots(context: RunContext, test_loader: Iterable) -> dict[str, str]:
+    """Training curves, eigenvalues of K, and 3-D PCA of network layers vs surrogate steps."""
+    out = context.out_dir
+    paths = {
+        "training_curves": training_curves(context.results["model"]["train_loss"], context.probe.history, out / "training_curves.png"),
+        "eigenvalues": eigenvalue_plot(context.probe, out / "eigenvalues.png"),
+        "pca": pca_plot(context, test_loader, out / "pca_3d.png"),
+    }
+    context.results["plots"] = {k: str(Path(v).relative_to(out.parent)) for k, v in paths.items()}
+    return paths
+
+
+def training_curves(model_loss: Sequence[float], history: Sequence[dict[str, float]], path: Path) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    axes[0].plot(range(1, len(model_loss) + 1), model_loss)
+    axes[0].set(title="model training", xlabel="epoch", ylabel="cross-entropy", yscale="log")
+    keys = [k for k in history[0] if k != "epoch"] if history else []
+    for key in keys:
+        axes[1].plot([h["epoch"] + 1 for h in history], [h[key] for h in history], label=key)
+    axes[1].set(title="Koopman autoencoder fit", xlabel="epoch", ylabel="loss (relative)", yscale="log")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def eigenvalue_plot(probe: Any, path: Path) -> Path:
+    k = probe.autoencoder.operator.matrix().detach().double().cpu()
+    eig = torch.linalg.eigvals(k).numpy()
+    fig, ax = plt.subplots(figsize=(4.2, 4.2))
+    theta = np.linspace(0, 2 * np.pi, 400)
+    ax.plot(np.cos(theta), np.sin(theta), color="0.6", lw=1)
+    ax.scatter(eig.real, eig.imag, s=18, color="C3", zorder=3)
+    ax.set(title=f"eigenvalues of K ({probe.operator}, {k.shape[0]}-D)", xlabel="Re", ylabel="Im", aspect="equal")
+    ax.axhline(0, color="0.85", lw=0.8)
+    ax.axvline(0, color="0.85", lw=0.8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+@torch.no_grad()
+def network_and_surrogate_states(context: RunContext, loader: Iterable, layers: Sequence[str], max_samples: int = 2000) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+    """Adapted-space states of the network's ``layers`` and decoded surrogate steps 0..k."""
+    probe = context.probe
+    surrogate = probe.surrogate()
+    ae = probe.autoencoder
+    selectors = make_selectors(list(layers), None)
+    net: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    steps: list[list[torch.Tensor]] = []
+    labels: list[torch.Tensor] = []
+    seen = 0
+    with preserved_state(context.model):
+        for batch in loader:
+            inputs, y = split_batch(batch)
+            with record(context.model, selectors) as rec:
+                call_model(context.model, inputs)
+            for name in layers:
+                net[name].append(rec.activations[name].flatten(1).float())
+            trajectory = surrogate.latent_trajectory(rec.activations[probe.layers[0]])
+            steps.append([ae.decoder(z) for z in trajectory])
+            labels.append(y)
+            seen += len(y)
+            if seen >= max_samples:
+                break
+    net_states = [torch.cat(net[name])[:max_samples].numpy() for name in layers]
+    step_states = [torch.cat([s[t] for s in steps])[:max_samples].numpy() for t in range(len(steps[0]))]
+    return net_states, step_states, torch.cat(labels)[:max_samples].numpy()
+
+
+def _pca3(x: np.ndarray) -> np.ndarray:
+    x = x - x.mean(0)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    return x @ vt[:3].T if vt.shape[0] >= 3 else np.pad(x @ vt.T, ((0, 0), (0, 3 - vt.shape[0])))
+
+
+def pca_plot(context: RunContext, loader: Iterable, path: Path) -> Path:
+    """Top row: the network's layers; bottom row: the surrogate's steps, each in 3-D PCA."""
+    layers = context.recipe.get("report", {}).get("pca_layers") or context.probe.layers
+    net, steps, labels = network_and_surrogate_states(context, loader, layers)
+    step_ids = np.unique(np.linspace(0, len(steps) - 1, num=min(len(steps), 6)).round().astype(int))
+    cols = max(len(net), len(step_ids))
+    fig = plt.figure(figsize=(2.6 * cols, 5.4))
+    for row, (clouds, titles) in enumerate(
+        ((net, [str(n) for n in layers]), ([steps[i] for i in step_ids], [f"surrogate step {i}" for i in step_ids]))
+    ):
+        for col, (cloud, title) in enumerate(zip(clouds, titles)):
+            ax = fig.add_subplot(2, cols, row * cols + col + 1, projection="3d")
+            p = _pca3(cloud)
+            ax.scatter(p[:, 0], p[:, 1], p[:, 2], c=labels, cmap="tab10", s=2, vmin=0, vmax=9)
+            ax.set_title(title, fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_zticks([])
+    fig.suptitle("3-D PCA: network layers (top) and Koopman surrogate steps (bottom)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
