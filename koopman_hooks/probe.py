@@ -445,6 +445,31 @@ class KoopmanProbe:
             result["linear_baseline"] = base
         return result
 
+    # ------------------------------------------------------------------ analysis
+
+    def topology(
+        self,
+        loader: Iterable,
+        n_points: int = 2000,
+        layers: Sequence[str] | None = None,
+        epsilon: float | None = None,
+        quantile: float = 0.99,
+        k: int = 1,
+        dims: Sequence[int] = (0, 1),
+        per_class: bool = False,
+        seed: int = 0,
+    ) -> dict[str, Any]:
+        """Betti numbers of the network's layers and of the surrogate's steps 0..k, at one ε.
+
+        ``layers`` (names or globs; default the probed layers) are read from the network;
+        surrogate steps are decoded by ψ into the adapted space. Every cloud is centred and
+        scaled to unit RMS, the same ``n_points`` samples are used throughout, and ε (unless
+        given) is the ``quantile`` of ``k``-th-neighbour distances in the first network layer.
+        """
+        from koopman_hooks.topology_report import probe_topology
+
+        return probe_topology(self, loader, n_points, layers, epsilon, quantile, k, dims, per_class, seed)
+
     # ------------------------------------------------------------------ persistence
 
     def save(self, path: str | os.PathLike) -> None:

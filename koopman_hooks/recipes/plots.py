@@ -13,8 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from koopman_hooks.hooks import make_selectors, preserved_state, record  # noqa: E402
-from koopman_hooks.batches import call_model, split_batch  # noqa: E402
+from koopman_hooks.representations import collect_trajectories  # noqa: E402
 
 if TYPE_CHECKING:
     from koopman_hooks.recipes.runner import RunContext
@@ -63,35 +62,6 @@ def eigenvalue_plot(probe: Any, path: Path) -> Path:
     return path
 
 
-@torch.no_grad()
-def network_and_surrogate_states(context: RunContext, loader: Iterable, layers: Sequence[str], max_samples: int = 2000) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
-    """Adapted-space states of the network's ``layers`` and decoded surrogate steps 0..k."""
-    probe = context.probe
-    surrogate = probe.surrogate()
-    ae = probe.autoencoder
-    selectors = make_selectors(list(layers), None)
-    net: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
-    steps: list[list[torch.Tensor]] = []
-    labels: list[torch.Tensor] = []
-    seen = 0
-    with preserved_state(context.model):
-        for batch in loader:
-            inputs, y = split_batch(batch)
-            with record(context.model, selectors) as rec:
-                call_model(context.model, inputs)
-            for name in layers:
-                net[name].append(rec.activations[name].flatten(1).float())
-            trajectory = surrogate.latent_trajectory(rec.activations[probe.layers[0]])
-            steps.append([ae.decoder(z) for z in trajectory])
-            labels.append(y)
-            seen += len(y)
-            if seen >= max_samples:
-                break
-    net_states = [torch.cat(net[name])[:max_samples].numpy() for name in layers]
-    step_states = [torch.cat([s[t] for s in steps])[:max_samples].numpy() for t in range(len(steps[0]))]
-    return net_states, step_states, torch.cat(labels)[:max_samples].numpy()
-
-
 def _pca3(x: np.ndarray) -> np.ndarray:
     x = x - x.mean(0)
     _, _, vt = np.linalg.svd(x, full_matrices=False)
@@ -101,12 +71,15 @@ def _pca3(x: np.ndarray) -> np.ndarray:
 def pca_plot(context: RunContext, loader: Iterable, path: Path) -> Path:
     """Top row: the network's layers; bottom row: the surrogate's steps, each in 3-D PCA."""
     layers = context.recipe.get("report", {}).get("pca_layers") or context.probe.layers
-    net, steps, labels = network_and_surrogate_states(context, loader, layers)
+    traj = collect_trajectories(context.probe, loader, layers, n_samples=2000)
+    net = [cloud.numpy() for cloud in traj.network.values()]
+    steps = [cloud.numpy() for cloud in traj.surrogate]
+    labels = traj.labels.numpy() if traj.labels is not None else np.zeros(len(net[0]))
     step_ids = np.unique(np.linspace(0, len(steps) - 1, num=min(len(steps), 6)).round().astype(int))
     cols = max(len(net), len(step_ids))
     fig = plt.figure(figsize=(2.6 * cols, 5.4))
     for row, (clouds, titles) in enumerate(
-        ((net, [str(n) for n in layers]), ([steps[i] for i in step_ids], [f"surrogate step {i}" for i in step_ids]))
+        ((net, list(traj.network)), ([steps[i] for i in step_ids], [f"surrogate step {i}" for i in step_ids]))
     ):
         for col, (cloud, title) in enumerate(zip(clouds, titles)):
             ax = fig.add_subplot(2, cols, row * cols + col + 1, projection="3d")

@@ -81,7 +81,7 @@ def build_report(recipe: Mapping[str, Any], runs: Sequence[dict[str, Any]]) -> d
         "koopman_hooks": __version__, "torch": torch.__version__, "python": platform.python_version(),
         "machine": platform.machine(), "threads": torch.get_num_threads(),
     }
-    report["plots"] = runs[0].get("plots", {})
+    report["plots"] = dict(runs[0].get("plots", {}))
     return report
 
 
@@ -168,9 +168,14 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_report(report: Mapping[str, Any], runs: Sequence[Mapping[str, Any]], out: Path) -> None:
-    """Write ``report.json``, ``report.md`` and the raw per-seed ``runs.json`` into ``out``."""
+def write_report(report: dict[str, Any], runs: Sequence[Mapping[str, Any]], out: Path) -> None:
+    """Write ``report.json``, ``report.md``, section figures and the raw ``runs.json`` into ``out``."""
+    from koopman_hooks.recipes.sections import FIGURES
+
     out.mkdir(parents=True, exist_ok=True)
+    for name, draw in FIGURES.items():
+        if name in report:
+            report["plots"][name] = str(draw(report[name], out).relative_to(out))
     (out / "report.json").write_text(json.dumps(report, indent=2, default=_json_default))
     (out / "runs.json").write_text(json.dumps(list(runs), indent=2, default=_json_default))
     (out / "report.md").write_text(render_markdown(report))
