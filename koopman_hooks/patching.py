@@ -54,7 +54,8 @@ class PatchedModel(nn.Module):
 
         handles = [
             get_module(self.model, self.src_layer).register_forward_hook(capture),
-            get_module(self.model, self.dst_layer).register_forward_hook(replace),
+            # prepended, so other hooks on the layer (feature collectors) see the replaced output
+            get_module(self.model, self.dst_layer).register_forward_hook(replace, prepend=True),
         ]
         try:
             return self.model(*args, **kwargs)

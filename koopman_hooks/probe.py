@@ -445,6 +445,26 @@ class KoopmanProbe:
             result["linear_baseline"] = base
         return result
 
+    # ------------------------------------------------------------------ editing
+
+    def unlearn(
+        self,
+        forget_class: int | Sequence[int],
+        loader: Iterable,
+        method: str = "endpoint",
+        labels: str = "loader",
+        **options: Any,
+    ) -> KoopmanSurrogate:
+        """An edited surrogate whose latent dynamics forget ``forget_class`` (one or several).
+
+        Class membership comes from the loader's labels or, with ``labels="model"``, from the
+        model's predictions. Only the latent linear (homogeneous affine) operators change; the
+        model's weights never do. Patch it in with ``probe.patch(edited)``.
+        """
+        from koopman_hooks.unlearning.edits import unlearn
+
+        return unlearn(self, forget_class, loader, method=method, labels=labels, **options)
+
     # ------------------------------------------------------------------ analysis
 
     def topology(

@@ -108,3 +108,15 @@ def topology_figure(topo: dict[str, Any], out: Path) -> Path:
 
 
 _register("topology", run_topology, aggregate_topology, topology_markdown, topology_figure)
+
+
+# ----------------------------------------------------------------------------- unlearning
+
+
+def _unlearning() -> None:
+    from koopman_hooks.recipes import unlearning_section as u
+
+    _register("unlearning", u.run_unlearning, u.aggregate_unlearning, u.unlearning_markdown, u.unlearning_figure)
+
+
+_unlearning()

@@ -1,0 +1,88 @@
+"""The CLI and recipe runner end to end, on a tiny Yin-Yang recipe; data loaders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from koopman_hooks.cli import main
+from koopman_hooks.data import MissingDataError, YinYangDataset, load_mnist, yinyang_class
+from koopman_hooks.recipes.config import load_recipe
+
+TINY = [
+    "data.train_size=600", "data.test_size=300", "model.depth=2", "train.epochs=3",
+    "probe.layers=['blocks.0','blocks.1']", "probe.epochs=2", "probe.steps=2", "probe.latent_dim=8",
+    "topology.n_points=150", "topology.per_class=false", "report.pca_layers=['blocks.0','blocks.1']",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    overrides = [*TINY, "unlearning.classes=[2]", "unlearning.baseline_classes=[2]", "unlearning.methods=['endpoint']",
+                 "unlearning.baselines=['original','leace_baseline']"]
+    argv = ["run", "recipes/yinyang.toml", "--out", str(out), "--quiet", "--seeds", "2"]
+    for item in overrides:
+        argv += ["--set", item]
+    assert main(argv) == 0
+    return out
+
+
+def test_report_files_and_schema(tiny_run):
+    report = json.loads((tiny_run / "report.json").read_text())
+    assert report["recipe"] == "yinyang" and report["seeds"] == [0, 1]
+    for key in ("test_accuracy", "per_class_accuracy"):
+        assert key in report["model"]
+    for key in ("test_accuracy", "agreement", "per_class_accuracy", "state_fvu", "fit_seconds", "peak_rss_mb"):
+        assert key in report["surrogate"]
+    for key in ("test_accuracy", "agreement", "state_fvu"):
+        assert key in report["linear_baseline"]
+    spread = report["spread"]["surrogate.agreement"]
+    assert spread["min"] <= spread["mean"] <= spread["max"] and len(spread["values"]) == 2
+    assert len(report["model"]["per_class_accuracy"]) == 3
+    for key in ("epsilon", "network_betti0", "network_betti1", "surrogate_betti0", "surrogate_betti1",
+                "spearman_network", "spearman_surrogate"):
+        assert key in report["topology"]
+    assert len(report["topology"]["surrogate_betti0"]) == 3  # steps 0..2
+    rows = report["unlearning"]["rows"]
+    assert {r["method"] for r in rows} == {"koopman_endpoint", "original", "leace_baseline"}
+    for row in rows:
+        for key in ("method", "forget_class", "test_forget_accuracy", "test_retain_accuracy", "train_forget_accuracy",
+                    "train_retain_accuracy", "mia_efficacy", "probe_recall", "seconds"):
+            assert key in row
+    assert {t["figure"] for t in report["targets"]} >= {"surrogate.agreement", "model.test_accuracy"}
+    md = (tiny_run / "report.md").read_text()
+    assert "## Fidelity" in md and "## Topology" in md and "## Unlearning" in md
+    for path in report["plots"].values():
+        assert (tiny_run / path).exists()
+    assert (tiny_run / "seed0" / "probe.safetensors").exists()
+
+
+def test_bad_recipe_and_override():
+    assert main(["run", "recipes/no_such_recipe.toml", "--quiet"]) == 2
+    with pytest.raises(ValueError, match="not of the form"):
+        load_recipe("recipes/yinyang.toml", ["probe.epochs"])
+    assert load_recipe("yinyang", ["probe.epochs=3"])["probe"]["epochs"] == 3
+
+
+def test_yinyang_dataset_is_balanced_seeded_and_correct():
+    ds = YinYangDataset(999, seed=3)
+    assert torch.bincount(ds.targets).tolist() == [333, 333, 333]
+    assert torch.equal(ds.inputs, YinYangDataset(999, seed=3).inputs)
+    x, y = ds.inputs[:, 0].numpy(), ds.inputs[:, 1].numpy()
+    assert (yinyang_class(x, y) == ds.targets.numpy()).all()
+    assert torch.allclose(ds.inputs[:, 2:], 1 - ds.inputs[:, :2])
+
+
+def test_mnist_subset_loads_from_data_root():
+    test = load_mnist(False, limit=64)
+    x, y = test.tensors
+    assert x.shape == (64, 1, 28, 28) and y.shape == (64,) and y.dtype == torch.long
+    assert load_mnist(False, limit=8, flatten=True).tensors[0].shape == (8, 784)
+
+
+def test_missing_mnist_says_what_to_do(tmp_path):
+    with pytest.raises(MissingDataError, match="KOOPMAN_HOOKS_DATA"):
+        load_mnist(True, data_root=tmp_path)
