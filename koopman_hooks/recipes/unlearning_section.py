@@ -90,7 +90,7 @@ def run_unlearning(context: Any) -> dict[str, Any]:
     eval_cap = cfg.get("eval_train_samples", 10000)
     train_eval = _subset_loader(context, context.train_set, eval_cap)
     test_eval = context.loader(context.test_set, 1000)
-    stats_loader = context.loader(context.train_set, 1000)
+    stats_loader = _subset_loader(context, context.train_set, cfg.get("stats_samples", len(context.train_set)))
     rows: list[dict[str, Any]] = []
 
     def add(method: str, kind: str, c: int, module: nn.Module, layer: str, seconds: float, **extra: Any) -> None:

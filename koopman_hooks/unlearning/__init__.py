@@ -43,3 +43,22 @@ __all__ = [
     "retrain",
     "split_by_class",
 ]
+
+# Unlearning by editing the surrogate's latent linear dynamics (the model is never changed).
+from koopman_hooks.unlearning.edits import (  # noqa: E402
+    LatentGroupStatistics,
+    latent_statistics,
+    leace_map,
+    per_step_operator,
+    redirect_map,
+    unlearn,
+)
+
+__all__ += [
+    "LatentGroupStatistics",
+    "latent_statistics",
+    "leace_map",
+    "per_step_operator",
+    "redirect_map",
+    "unlearn",
+]
