@@ -63,6 +63,7 @@ DEFAULTS: dict[str, Any] = {
     "match": 0.0,  # and this fraction of the target class's spread (Gaussian optimal transport)
     "metric": "decoder",  # "decoder" pull-back metric or "euclidean"
     "metric_eps": 0.1,  # ε added to the normalised pull-back metric
+    "metric_rows": 64,  # rows per batch whose decoder Jacobian estimates the pull-back metric
     "redirect": "runner_up",  # target of a forgotten sample: the model's runner-up retained class
     "ridge": 1e-6,  # relative ridge towards the identity edit
     "iterations": 100,  # L-BFGS iterations of the per-step operator fit
@@ -92,6 +93,7 @@ class LatentGroupStatistics:
     groups: dict[tuple[int, int], StreamingMoments] = field(default_factory=dict)
     start: dict[tuple[int, int], StreamingMoments] = field(default_factory=dict)
     metric: dict[tuple[int, int], torch.Tensor] | None = None
+    metric_n: dict[tuple[int, int], int] = field(default_factory=dict)
     n_outputs: int | None = None
     seconds: float = 0.0
 
@@ -111,10 +113,25 @@ class LatentGroupStatistics:
         parts = [m for (c, _), m in self.groups.items() if c in wanted and m.n > 0]
         return _pool([(m.n, m.mean_x, m.cov_xx) for m in parts])
 
+    def metric_total(self, key: tuple[int, int]) -> torch.Tensor:
+        """Estimated sum of ``Jᵀ J`` over the whole group, from the rows where it was sampled."""
+        assert self.metric is not None
+        if self.metric_n.get(key):
+            return self.metric[key] * (self.groups[key].n / self.metric_n[key])
+        pooled = sum(self.metric.values()) / max(sum(self.metric_n.values()), 1)  # never sampled: the average
+        return pooled * self.groups[key].n
+
     def update(
-        self, labels: torch.Tensor, keys: torch.Tensor, z0: torch.Tensor, z: torch.Tensor, jac: torch.Tensor | None
+        self,
+        labels: torch.Tensor,
+        keys: torch.Tensor,
+        z0: torch.Tensor,
+        z: torch.Tensor,
+        jac: torch.Tensor | None,
+        jac_rows: torch.Tensor | None = None,
     ) -> None:
-        """Fold a batch in: class ``labels``, group ``keys``, ``z_0``, ``z_k`` and decoder Jacobians."""
+        """Fold a batch in: class ``labels``, group ``keys``, ``z_0``, ``z_k`` and decoder Jacobians
+        (``jac`` holds the Jacobians of the rows ``jac_rows`` only; all rows by default)."""
         labels, keys = labels.reshape(-1).long().cpu(), keys.reshape(-1).long().cpu()
         if len(labels) != len(z):
             raise ValueError(f"got {len(labels)} labels for a batch of {len(z)} samples")
@@ -129,9 +146,11 @@ class LatentGroupStatistics:
             self.start[key].update(z0[mask.to(z0.device)])
             if jac is not None:
                 assert self.metric is not None
-                j = jac[mask.to(jac.device)]
+                sampled = mask if jac_rows is None else mask[jac_rows]
+                j = jac[sampled.to(jac.device)]
                 part = torch.einsum("boi,boj->ij", j, j).cpu()
                 self.metric[key] = self.metric[key] + part if key in self.metric else part
+                self.metric_n[key] = self.metric_n.get(key, 0) + len(j)
 
 
 def _pool(parts: Sequence[tuple[int, torch.Tensor, torch.Tensor]]) -> tuple[int, torch.Tensor, torch.Tensor]:
@@ -177,6 +196,8 @@ def latent_statistics(
     surrogate: KoopmanSurrogate | None = None,
     redirect: str = "runner_up",
     metric: str = "decoder",
+    metric_rows: int = 64,
+    seed: int = 0,
 ) -> LatentGroupStatistics:
     """Stream ``loader`` once through ``probe``'s hooks and group the latent endpoints.
 
@@ -198,6 +219,7 @@ def latent_statistics(
     surrogate = surrogate if surrogate is not None else probe.surrogate()
     device = surrogate.operator.device
     stats = LatentGroupStatistics(surrogate.latent_dim, tuple(forget_classes))
+    generator = torch.Generator().manual_seed(seed)
     if metric == "decoder":
         stats.metric = {}
     # the latent the decoder reads: E K^k z_0 (E is the identity unless already edited)
@@ -232,8 +254,11 @@ def latent_statistics(
             with torch.no_grad():
                 z0 = surrogate.encode(x0).double()
                 z = _apply(power, z0)
-            jac = _decoder_jacobian(surrogate.decoder, z) if metric == "decoder" else None
-            stats.update(y, keys, z0, z, jac)
+            jac = rows = None
+            if metric == "decoder":  # the pull-back metric is averaged over a seeded subsample of rows
+                rows = torch.randperm(len(z), generator=generator)[:metric_rows].sort().values
+                jac = _decoder_jacobian(surrogate.decoder, z[rows.to(z.device)])
+            stats.update(y, keys, z0, z, jac, rows)
     if not stats.groups:
         raise ValueError("the loader yielded no batches")
     stats.seconds = time.perf_counter() - start
@@ -479,7 +504,7 @@ def _metric_terms(stats: LatentGroupStatistics, opts: dict[str, Any], targets: d
     use_metric = opts["metric"] == "decoder" and stats.metric is not None
     scale = 1.0
     if use_metric:
-        scale = float(sum(stats.metric[g].trace() for g in stats.groups) / (total * d)) or 1.0
+        scale = float(sum(stats.metric_total(g).trace() for g in stats.groups) / (total * d)) or 1.0
     out = []
     for key, m in stats.groups.items():
         if m.n == 0:
@@ -489,7 +514,7 @@ def _metric_terms(stats: LatentGroupStatistics, opts: dict[str, Any], targets: d
         metric = None
         if use_metric:
             keys = [g for g in stats.groups if g[0] == targets[key]] if forgotten else [key]
-            num = sum(stats.metric[g] for g in keys)
+            num = sum(stats.metric_total(g) for g in keys)
             metric = num / (sum(stats.groups[g].n for g in keys) * scale) + opts["metric_eps"] * eye
         out.append((w, key, metric))
     return out
@@ -605,7 +630,7 @@ def unlearn(
         raise ValueError(f"solver must be one of {SOLVERS}, got {options['solver']!r}")
     opts = {**DEFAULTS, **METHOD_DEFAULTS.get(method, {}), **options}
     surrogate = probe.surrogate(src, dst)
-    stats = latent_statistics(probe, loader, forget, labels, surrogate, opts["redirect"], opts["metric"])
+    stats = latent_statistics(probe, loader, forget, labels, surrogate, opts["redirect"], opts["metric"], opts["metric_rows"])
     retained = _check_classes(forget, stats, labels)
 
     start = time.perf_counter()
