@@ -51,8 +51,14 @@ def expand_activation(flat: torch.Tensor, spec: str, shape: Sequence[int], like:
     """Inverse of :func:`reduce_activation` into per-sample ``shape``.
 
     ``flatten`` is exact. Lossy reductions need ``like``, the layer's real output, and keep
-    what the reduction ignored: ``pool`` adds the upsampled change of the pooled map,
-    ``cls`` writes token 0, ``mean`` shifts every token by the change of the mean.
+    what the reduction ignored: ``pool`` adds the least-norm change whose pooling is the
+    change of the pooled map (nearest upsampling when the pool size divides the map, so
+    ``reduce(expand(flat)) == flat`` for any size), ``cls`` writes token 0, ``mean`` shifts
+    every token by the change of the mean.
+
+    What is kept comes from the real forward pass: a patched model is honest about a
+    lossy layer only if nothing downstream reads what the reduction ignores (e.g. ``cls``
+    at the last block of a CLS-token ViT); see :mod:`koopman_hooks.vision`.
     """
     mode, size = parse_reduce(spec)
     if mode == "flatten":
@@ -64,10 +70,23 @@ def expand_activation(flat: torch.Tensor, spec: str, shape: Sequence[int], like:
         c = shape[0]
         pooled = rearrange(flat, "b (c h w) -> b c h w", c=c, h=size[0], w=size[1])
         delta = pooled - F.adaptive_avg_pool2d(like, size)
-        return like + F.interpolate(delta, size=tuple(shape[1:]), mode="nearest")
+        # least-norm map change whose pooling is exactly ``delta``: pinv of the (separable)
+        # pooling operator; for sizes that divide the map this is nearest upsampling
+        up_h = torch.linalg.pinv(_adaptive_pool_matrix(shape[1], size[0], flat.device))
+        up_w = torch.linalg.pinv(_adaptive_pool_matrix(shape[2], size[1], flat.device))
+        return like + torch.einsum("Hh,bchw,Ww->bcHW", up_h.to(flat.dtype), delta, up_w.to(flat.dtype))
     if mode == "cls":
         return torch.cat([flat[:, None], like[:, 1:]], dim=1)
     return like + (flat - like.mean(1))[:, None]
+
+
+def _adaptive_pool_matrix(n_in: int, n_out: int, device: torch.device | None = None) -> torch.Tensor:
+    """``(n_out, n_in)`` matrix of 1-D adaptive average pooling (PyTorch's window rule)."""
+    matrix = torch.zeros(n_out, n_in, dtype=torch.float64, device=device)
+    for i in range(n_out):
+        start, end = (i * n_in) // n_out, -(-((i + 1) * n_in) // n_out)
+        matrix[i, start:end] = 1.0 / (end - start)
+    return matrix
 
 
 def reduced_dim(shape: Sequence[int], spec: str) -> int:

@@ -37,7 +37,7 @@ from torch import nn
 __all__ = ["mnist_resnet18", "mnist_vit"]
 
 
-def mnist_resnet18(num_classes: int = 10, in_chans: int = 1, maxpool: bool = True) -> nn.Module:
+def mnist_resnet18(num_classes: int = 10, in_chans: int = 1, stem_stride: int = 1, maxpool: bool = True) -> nn.Module:
     """torchvision's ``resnet18(num_classes=...)`` for ``(in_chans, 28, 28)`` images.
 
     ``conv1`` becomes a 3x3, stride-1 convolution (the 7x7, stride-2 stem would shrink a
@@ -50,7 +50,7 @@ def mnist_resnet18(num_classes: int = 10, in_chans: int = 1, maxpool: bool = Tru
     from torchvision.models import resnet18
 
     model = resnet18(num_classes=num_classes)
-    model.conv1 = nn.Conv2d(in_chans, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.conv1 = nn.Conv2d(in_chans, 64, kernel_size=3, stride=stem_stride, padding=1, bias=False)
     if not maxpool:
         model.maxpool = nn.Identity()
     return model
@@ -67,6 +67,7 @@ def mnist_vit(
     in_chans: int = 1,
     global_pool: str = "token",
     class_token: bool = True,
+    conv_stem: bool = False,
     **kwargs,
 ) -> nn.Module:
     """A small timm ``VisionTransformer`` for ``(in_chans, img_size, img_size)`` images.
@@ -77,6 +78,8 @@ def mnist_vit(
     """
     from timm.models.vision_transformer import VisionTransformer
 
+    if conv_stem:
+        kwargs["embed_layer"] = _conv_stem_patch_embed()
     return VisionTransformer(
         img_size=img_size,
         patch_size=patch_size,
@@ -90,3 +93,28 @@ def mnist_vit(
         class_token=class_token,
         **kwargs,
     )
+
+
+def _conv_stem_patch_embed():
+    from timm.layers import PatchEmbed
+
+    class ConvStemPatchEmbed(PatchEmbed):
+        """timm's ``PatchEmbed`` with a 3x3 convolution in front of the patchifying one."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            conv = self.proj
+            hidden = max(conv.out_channels // 2, 8)
+            self.proj = nn.Sequential(
+                nn.Conv2d(conv.in_channels, hidden, 3, padding=1),
+                nn.GELU(),
+                nn.Conv2d(hidden, conv.out_channels, conv.kernel_size, conv.stride),
+            )
+
+    return ConvStemPatchEmbed
+
+
+def __getattr__(name: str):
+    if name == "ConvStemPatchEmbed":
+        return _conv_stem_patch_embed()
+    raise AttributeError(name)

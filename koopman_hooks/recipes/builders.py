@@ -33,7 +33,23 @@ def _resmlp(cfg: dict[str, Any], num_classes: int) -> nn.Module:
     return ResMLP(cfg["in_features"], num_classes, cfg.get("width", 10), cfg.get("depth", 5), cfg.get("batch_norm", False))
 
 
-MODEL_BUILDERS: dict[str, Callable[[dict[str, Any], int], nn.Module]] = {"resmlp": _resmlp}
+def _mnist_resnet18(cfg: dict[str, Any], num_classes: int) -> nn.Module:
+    from koopman_hooks.vision import mnist_resnet18
+
+    return mnist_resnet18(num_classes, **{k: v for k, v in cfg.items() if k != "kind"})
+
+
+def _mnist_vit(cfg: dict[str, Any], num_classes: int) -> nn.Module:
+    from koopman_hooks.vision import mnist_vit
+
+    return mnist_vit(num_classes, **{k: v for k, v in cfg.items() if k != "kind"})
+
+
+MODEL_BUILDERS: dict[str, Callable[[dict[str, Any], int], nn.Module]] = {
+    "resmlp": _resmlp,
+    "mnist_resnet18": _mnist_resnet18,  # [model] keys: in_chans, stem_stride, maxpool
+    "mnist_vit": _mnist_vit,  # [model] keys: depth, embed_dim, patch_size, num_heads, ... (timm kwargs)
+}
 
 
 def model_factory(cfg: dict[str, Any], num_classes: int) -> Callable[[], nn.Module]:
