@@ -402,6 +402,9 @@ def test_mnist_builders_and_default_reductions():
     layers = ["layer1", "layer2", "layer3", "layer4"]
     shapes = _shapes(resnet, layers, x)
     assert shapes == {"layer1": (64, 14, 14), "layer2": (128, 7, 7), "layer3": (256, 4, 4), "layer4": (512, 2, 2)}
+    fast = model_factory({"kind": "mnist_resnet18", "stem_stride": 2, "channels_last": True}, 10)().eval()
+    assert _shapes(fast, layers, x) == {"layer1": (64, 7, 7), "layer2": (128, 4, 4), "layer3": (256, 2, 2),
+                                        "layer4": (512, 1, 1)}
     full = model_factory({"kind": "mnist_resnet18", "maxpool": False}, 10)().eval()
     shapes_full = _shapes(full, layers, x)
     assert shapes_full["layer1"] == (64, 28, 28)
