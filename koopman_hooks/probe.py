@@ -12,7 +12,7 @@ import copy
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import nn
@@ -48,6 +48,9 @@ from koopman_hooks.patching import PatchedModel
 from koopman_hooks.serialization import load_tensors, prefixed, save_tensors, unprefixed
 from koopman_hooks.stats import StreamingMoments, ridge_regression
 from koopman_hooks.surrogate import KoopmanSurrogate, homogeneous
+
+if TYPE_CHECKING:
+    from koopman_hooks.unlearning.edits import LatentGroupStatistics
 
 OPERATOR_FITS = ("gradient", "ridge")
 
@@ -450,7 +453,7 @@ class KoopmanProbe:
     def unlearn(
         self,
         forget_class: int | Sequence[int],
-        loader: Iterable,
+        loader: Iterable | LatentGroupStatistics,
         method: str = "endpoint",
         labels: str = "loader",
         **options: Any,
@@ -459,11 +462,35 @@ class KoopmanProbe:
 
         Class membership comes from the loader's labels or, with ``labels="model"``, from the
         model's predictions. Only the latent linear (homogeneous affine) operators change; the
-        model's weights never do. Patch it in with ``probe.patch(edited)``.
+        model's weights never do. Patch it in with ``probe.patch(edited)``. ``loader`` may be
+        :meth:`unlearning_statistics` collected once, so that many edits share one data pass.
         """
         from koopman_hooks.unlearning.edits import unlearn
 
         return unlearn(self, forget_class, loader, method=method, labels=labels, **options)
+
+    def unlearning_statistics(
+        self,
+        loader: Iterable,
+        labels: str = "loader",
+        forget_class: int | Sequence[int] = (),
+        src: str | None = None,
+        dst: str | None = None,
+        redirect: str = "runner_up",
+        metric: str = "decoder",
+    ) -> LatentGroupStatistics:
+        """Stream ``loader`` once and keep what :meth:`unlearn` needs, to reuse for many edits.
+
+        ``probe.unlearn(c, stats)`` then skips the pass over the data: one pass serves every
+        single-class edit (and any multi-class edit whose forgotten samples' runner-up classes
+        are retained; pass ``forget_class`` when they are not). Memory is ``O(groups · d²)``.
+        """
+        from koopman_hooks.unlearning.edits import DEFAULTS, _forget_list, latent_statistics
+
+        empty = isinstance(forget_class, Sequence) and len(forget_class) == 0
+        forget = [] if empty else _forget_list(forget_class)
+        return latent_statistics(self, loader, forget, labels, self.surrogate(src, dst), redirect, metric,
+                                 DEFAULTS["metric_rows"])
 
     # ------------------------------------------------------------------ analysis
 
@@ -592,3 +619,4 @@ def _module_device(module: nn.Module) -> torch.device:
     for tensor in [*module.parameters(), *module.buffers()]:
         return tensor.device
     return torch.device("cpu")
+

@@ -9,6 +9,7 @@ import torch
 
 from koopman_hooks.cli import main
 from koopman_hooks.data import MissingDataError, YinYangDataset, load_mnist, yinyang_class
+from koopman_hooks.recipes import load_run
 from koopman_hooks.recipes.config import load_recipe
 
 TINY = [
@@ -58,6 +59,21 @@ def test_report_files_and_schema(tiny_run):
     for path in report["plots"].values():
         assert (tiny_run / path).exists()
     assert (tiny_run / "seed0" / "probe.safetensors").exists()
+
+
+def test_a_run_reloads_as_model_and_probe(tiny_run):
+    model, probe = load_run(tiny_run / "seed0")
+    assert not model.training
+    x = YinYangDataset(256, seed=5).inputs
+    with torch.no_grad():
+        logits = model(x)
+        patched = probe.patch()(x)
+    # the reloaded pair is the run's: its surrogate agrees with its model as the report says
+    agreement = (logits.argmax(1) == patched.argmax(1)).float().mean().item()
+    report = json.loads((tiny_run / "report.json").read_text())
+    assert agreement >= report["surrogate"]["agreement"] - 0.1
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        load_run(tiny_run)  # the run directory, not a seed directory
 
 
 def test_bad_recipe_and_override():

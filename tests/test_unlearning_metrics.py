@@ -14,6 +14,7 @@ from koopman_hooks.training import predict, train_classifier  # noqa: E402
 from koopman_hooks.unlearning import (  # noqa: E402
     class_subsets,
     collect_features,
+    predict_with_features,
     finetune,
     forget_retain_accuracy,
     leace_erasure,
@@ -121,6 +122,22 @@ def test_collect_features_removes_hook_and_restores_mode(trained: ResMLP, yinyan
     assert not trained.blocks[0]._forward_hooks
     expected = trained.blocks[0](trained.input(yinyang.inputs))
     torch.testing.assert_close(feats, expected.detach())
+
+
+def test_predict_with_features_is_predict_and_collect_in_one_pass(trained: ResMLP, yinyang: YinYangDataset) -> None:
+    loader = DataLoader(yinyang, batch_size=100)
+    trained.train()
+    try:
+        logits, labels, feats = predict_with_features(trained, "blocks.1", loader)
+        assert trained.training  # mode restored
+    finally:
+        trained.eval()
+    ref_logits, ref_labels = predict(trained, loader)
+    ref_feats, _ = collect_features(trained, "blocks.1", loader)
+    torch.testing.assert_close(logits, ref_logits)
+    assert torch.equal(labels, ref_labels)
+    torch.testing.assert_close(feats, ref_feats)
+    assert not trained.blocks[1]._forward_hooks
 
 
 # --------------------------------------------------------------------------- baselines

@@ -17,6 +17,7 @@ from koopman_hooks.data import TensorLoader
 from koopman_hooks.probe import KoopmanProbe
 from koopman_hooks.recipes.builders import build_datasets, model_factory, seed_everything
 from koopman_hooks.recipes.config import section
+from koopman_hooks.serialization import load_tensors, save_tensors
 from koopman_hooks.training import predict, train_classifier
 
 
@@ -66,6 +67,9 @@ def run_seed(recipe: dict[str, Any], seed: int, out_dir: Path, data_root: str | 
         weight_decay=train_cfg.get("weight_decay", 0.0), verbose=verbose, desc=f"train model (seed {seed})",
     )
     train_seconds = time.perf_counter() - t0
+    # the trained model, so the run's probe can be reloaded: KoopmanProbe.load(path, model)
+    save_tensors(out_dir / "model.safetensors", model.state_dict(), "model",
+                 {"recipe": recipe.get("name"), "model": model_cfg, "num_classes": num_classes, "seed": seed})
 
     fit_epochs = probe_cfg.pop("epochs", 30)
     fit_batch = probe_cfg.pop("batch_size", 256)
@@ -136,3 +140,14 @@ def run_recipe(
     report = build_report(recipe, runs)
     write_report(report, runs, out)
     return report
+
+
+def load_run(seed_dir: str | Path, verbose: bool = False) -> tuple[nn.Module, KoopmanProbe]:
+    """The trained model (in eval mode) and fitted probe of one seed's run directory,
+    e.g. ``load_run("runs/mnist/seed0")``, to analyse or edit without re-running the recipe."""
+    seed_dir = Path(seed_dir)
+    weights, config = load_tensors(seed_dir / "model.safetensors", "model")
+    model = model_factory(dict(config["model"]), config["num_classes"])()
+    model.load_state_dict(weights)
+    model.eval()
+    return model, KoopmanProbe.load(seed_dir / "probe.safetensors", model, verbose=verbose)

@@ -19,6 +19,7 @@ from koopman_hooks.unlearning.metrics import (
     layer_batches,
     mia_efficacy,
     mia_features,
+    predict_with_features,
     probe_recall,
     split_by_class,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "mia_efficacy",
     "mia_features",
     "neggrad_plus",
+    "predict_with_features",
     "probe_recall",
     "retrain",
     "split_by_class",

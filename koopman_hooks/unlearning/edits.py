@@ -16,10 +16,12 @@ groups' homogeneous second moments ``M_g = E_g[z̃ z̃ᵀ]``::
 - a forgotten group ``(f, s)`` lands on the mean of ``s``, the retained class the model ranks
   next for those samples (what a model retrained without ``f`` tends to predict):
   ``T_g z = μ_s + (β_F I + m A_OT)(z − μ_g)``, weighted ``strength`` times more;
-- ``G_g = E_g[J_ψᵀ J_ψ] / scale + ε I`` is the decoder's pull-back metric, so the fit keeps
+- ``G_g = E_c[J_ψᵀ J_ψ] / scale + ε I`` is the decoder's pull-back metric averaged over the
+  class ``c`` the group belongs to (retained) or is sent to (forgotten), so the fit keeps
   retained samples fixed in the directions the decoder (hence the head) reads, and leaves
   the ones it ignores free. Solved as one ``d(d+1)`` linear system (Kronecker form) or by
-  conjugate gradients; with Euclidean ``G`` it is ``R = (Σ w T M)(Σ w M)⁻¹``.
+  conjugate gradients over one term per class; with Euclidean ``G`` it is
+  ``R = (Σ w T M)(Σ w M)⁻¹``.
 
 Methods:
 
@@ -38,7 +40,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -72,6 +74,7 @@ DEFAULTS: dict[str, Any] = {
 #: Per-method overrides of :data:`DEFAULTS`: LEACE spreads the forgotten samples over half the
 #: target class's (Gaussian optimal-transport) spread, so they blend in rather than collapse.
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"leace": {"match": 0.5}}
+_CG_TOLERANCE = 1e-6  # relative residual at which the conjugate-gradient solve stops (statistics are noisier)
 NO_GROUP = -1  # the "runner-up" key when outputs are not per-class scores (redirect="nearest")
 
 
@@ -96,6 +99,12 @@ class LatentGroupStatistics:
     metric_n: dict[tuple[int, int], int] = field(default_factory=dict)
     n_outputs: int | None = None
     seconds: float = 0.0
+    labels: str = "loader"
+    redirect: str = "runner_up"
+    metric_kind: str = "decoder"
+    src: str | None = None
+    dst: str | None = None
+    power: torch.Tensor | None = None  # E K^k of the surrogate the latents came from
 
     @property
     def classes(self) -> list[int]:
@@ -218,12 +227,16 @@ def latent_statistics(
     start = time.perf_counter()
     surrogate = surrogate if surrogate is not None else probe.surrogate()
     device = surrogate.operator.device
-    stats = LatentGroupStatistics(surrogate.latent_dim, tuple(forget_classes))
+    stats = LatentGroupStatistics(
+        surrogate.latent_dim, tuple(sorted(set(forget_classes))), labels=labels, redirect=redirect,
+        metric_kind=metric, src=surrogate.src_layer, dst=surrogate.dst_layer,
+    )
     generator = torch.Generator().manual_seed(seed)
     if metric == "decoder":
         stats.metric = {}
     # the latent the decoder reads: E K^k z_0 (E is the identity unless already edited)
     power = surrogate.readout.double() @ torch.linalg.matrix_power(surrogate.operator.double(), surrogate.steps)
+    stats.power = power.detach().cpu()
     forget = torch.tensor(sorted(set(forget_classes)), dtype=torch.long)
     need_output = labels == "model" or redirect == "runner_up"
     with preserved_state(probe.model):
@@ -304,6 +317,31 @@ def _forget_list(forget_class: Any) -> list[int]:
     if not out:
         raise ValueError("forget_class is empty: name at least one class to forget")
     return out
+
+
+def _check_reusable(stats: LatentGroupStatistics, forget: list[int], labels: str, surrogate: KoopmanSurrogate,
+                    opts: dict[str, Any]) -> None:
+    """Raise unless ``stats`` equal what a fresh pass would collect for this edit."""
+    wanted = {"labels": labels, "redirect": opts["redirect"], "metric": opts["metric"],
+              "src": surrogate.src_layer, "dst": surrogate.dst_layer}
+    got = {"labels": stats.labels, "redirect": stats.redirect, "metric": stats.metric_kind,
+           "src": stats.src, "dst": stats.dst}
+    for key, value in wanted.items():
+        if got[key] != value:
+            raise ValueError(f"these statistics were collected with {key}={got[key]!r}, the edit needs {value!r}; "
+                             "collect them again with probe.unlearning_statistics(...)")
+    power = surrogate.readout.double() @ torch.linalg.matrix_power(surrogate.operator.double(), surrogate.steps)
+    if stats.power is None or not torch.allclose(stats.power, power.cpu(), rtol=1e-6, atol=1e-9):
+        raise ValueError("these statistics come from a different surrogate (other operator or readout); "
+                         "collect them again with probe.unlearning_statistics(...)")
+    extra = sorted(set(stats.forget) - set(forget))
+    if extra:
+        raise ValueError(f"these statistics were collected to forget {list(stats.forget)}, which includes "
+                         f"{extra} not forgotten now; collect them with forget_class={forget} or none")
+    clash = sorted({(c, s) for c, s in stats.groups if c in forget and s in forget})
+    if clash:
+        raise ValueError(f"forgotten samples whose runner-up class is also forgotten {clash[:3]}: collect the "
+                         f"statistics with probe.unlearning_statistics(loader, forget_class={forget})")
 
 
 def _check_classes(forget: list[int], stats: LatentGroupStatistics, labels: str = "loader") -> list[int]:
@@ -405,33 +443,42 @@ def _spread_map(source: torch.Tensor, target: torch.Tensor, spread: float, match
 
 
 def _solve_metric_ls(terms: list, ridge: float, identity: torch.Tensor, solver: str) -> torch.Tensor:
-    """Solve ``Σ w G (X − T) M + ρ (X − I) = 0`` for ``X`` (``d × (d+1)``)."""
+    """Solve ``Σ w G (X − T) M + ρ (X − I) = 0`` for ``X`` (``d × (d+1)``).
+
+    Terms that share a metric ``G`` (the same tensor object) are merged first, so the cost
+    grows with the number of distinct metrics (one per retained class), not of groups."""
     d, d1 = identity.shape
-    rhs = sum(w * g @ t @ mom for w, mom, t, g in terms) + ridge * identity
+    merged: dict[int, list] = {}  # id(G) -> [G, Σ w M, Σ w T M]
+    for w, mom, t, g in terms:
+        entry = merged.setdefault(id(g), [g, torch.zeros_like(mom), torch.zeros_like(identity)])
+        entry[1] = entry[1] + w * mom
+        entry[2] = entry[2] + w * t @ mom
+    parts = list(merged.values())
+    rhs = sum(g @ tm for g, _, tm in parts) + ridge * identity
     if solver == "direct" or (solver == "auto" and d * d1 <= 2500):
-        big = sum(w * torch.kron(mom, g) for w, mom, _, g in terms)
+        big = sum(torch.kron(m, g) for g, m, _ in parts)
         big = big + ridge * torch.eye(d * d1, dtype=torch.float64)
         # column-major vec: vec(G X M) = (Mᵀ ⊗ G) vec(X)
         return torch.linalg.solve(big, rhs.T.reshape(-1)).reshape(d1, d).T
     # preconditioned conjugate gradients on the same SPD operator, from the Euclidean solution;
     # the preconditioner inverts the Kronecker average  X -> Ḡ X M̄
     def op(x: torch.Tensor) -> torch.Tensor:
-        return sum(w * g @ x @ mom for w, mom, _, g in terms) + ridge * x
+        return sum(g @ x @ m for g, m, _ in parts) + ridge * x
 
-    weight = sum(w for w, _, _, _ in terms)
-    m_bar = sum(w * mom for w, mom, _, _ in terms) + ridge * torch.eye(d1, dtype=torch.float64)
-    g_bar = sum(w * g for w, _, _, g in terms) / weight
+    weight = sum(float(m[-1, -1]) for _, m, _ in parts)  # Σ w: the moments' constant entry is 1
+    m_bar = sum(m for _, m, _ in parts) + ridge * torch.eye(d1, dtype=torch.float64)
+    g_bar = sum(float(m[-1, -1]) * g for g, m, _ in parts) / weight
     m_inv, g_inv = torch.linalg.inv(m_bar), torch.linalg.inv(g_bar)
 
     def precondition(r: torch.Tensor) -> torch.Tensor:
         return g_inv @ r @ m_inv
 
-    x = torch.linalg.solve(m_bar.T, (sum(w * t @ mom for w, mom, t, _ in terms) + ridge * identity).T).T
+    x = torch.linalg.solve(m_bar.T, (sum(tm for _, _, tm in parts) + ridge * identity).T).T
     r = rhs - op(x)
     z = precondition(r)
     p = z.clone()
     rz = (r * z).sum()
-    tol = 1e-24 * max(float((rhs * rhs).sum()), 1e-300)
+    tol = _CG_TOLERANCE**2 * max(float((rhs * rhs).sum()), 1e-300)
     for _ in range(10 * d1):
         if float((r * r).sum()) <= tol:
             break
@@ -505,17 +552,22 @@ def _metric_terms(stats: LatentGroupStatistics, opts: dict[str, Any], targets: d
     scale = 1.0
     if use_metric:
         scale = float(sum(stats.metric_total(g).trace() for g in stats.groups) / (total * d)) or 1.0
+    metrics: dict[int, torch.Tensor] = {}  # one per class: its samples' mean pull-back metric
+
+    def class_metric(c: int) -> torch.Tensor:
+        if c not in metrics:
+            keys = [g for g in stats.groups if g[0] == c]
+            num = sum(stats.metric_total(g) for g in keys)
+            metrics[c] = num / (sum(stats.groups[g].n for g in keys) * scale) + opts["metric_eps"] * eye
+        return metrics[c]
+
     out = []
     for key, m in stats.groups.items():
         if m.n == 0:
             continue
         forgotten = key[0] in stats.forget
         w = m.n / total * (opts["strength"] if forgotten else 1.0)
-        metric = None
-        if use_metric:
-            keys = [g for g in stats.groups if g[0] == targets[key]] if forgotten else [key]
-            num = sum(stats.metric_total(g) for g in keys)
-            metric = num / (sum(stats.groups[g].n for g in keys) * scale) + opts["metric_eps"] * eye
+        metric = class_metric(targets[key] if forgotten else key[0]) if use_metric else None
         out.append((w, key, metric))
     return out
 
@@ -598,7 +650,9 @@ def unlearn(
     Args:
         probe: a fitted :class:`~koopman_hooks.probe.KoopmanProbe`; the model is only read.
         forget_class: a class index or a sequence of them (not all classes).
-        loader: labelled batches (or any batches with ``labels="model"``), streamed once.
+        loader: labelled batches (or any batches with ``labels="model"``), streamed once; or
+            the statistics of such a pass from ``probe.unlearning_statistics(loader)``, collected
+            once and reused for every single-class edit (the edit is then all that runs).
         method: ``"endpoint"`` (edit the readout ``E``), ``"per_step"`` (edit ``K`` so that
             its ``k``-th power carries the redirect) or ``"leace"`` (the redirect followed by
             a latent LEACE eraser of the forgotten classes' indicators).
@@ -630,7 +684,12 @@ def unlearn(
         raise ValueError(f"solver must be one of {SOLVERS}, got {options['solver']!r}")
     opts = {**DEFAULTS, **METHOD_DEFAULTS.get(method, {}), **options}
     surrogate = probe.surrogate(src, dst)
-    stats = latent_statistics(probe, loader, forget, labels, surrogate, opts["redirect"], opts["metric"], opts["metric_rows"])
+    if isinstance(loader, LatentGroupStatistics):
+        _check_reusable(loader, forget, labels, surrogate, opts)
+        stats = replace(loader, forget=tuple(sorted(forget)))  # shares the moments, not copied
+    else:
+        stats = latent_statistics(probe, loader, forget, labels, surrogate, opts["redirect"], opts["metric"],
+                                  opts["metric_rows"])
     retained = _check_classes(forget, stats, labels)
 
     start = time.perf_counter()
@@ -656,6 +715,7 @@ def unlearn(
         "class_counts": {str(c): n for c, n in stats.counts().items()},
         "edit_seconds": edit_seconds,
         "stats_seconds": stats.seconds,
+        "stats_reused": isinstance(loader, LatentGroupStatistics),
         **extra,
     }
     return surrogate.edited(operator=operator, readout=readout, **info)

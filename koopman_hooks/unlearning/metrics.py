@@ -214,3 +214,32 @@ def collect_features(
     if not feats:
         raise ValueError("the loader yielded no batches")
     return torch.cat(feats), torch.cat(labels)
+
+
+def predict_with_features(
+    model: nn.Module, module: str | nn.Module, loader: Iterable, device: str | torch.device = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits ``(n, C)``, labels ``(n,)`` and a layer's flattened features ``(n, d)`` in one pass
+    (eval mode, ``no_grad``; hook removed and mode restored afterwards)."""
+    target = resolve_module(model, module)
+    logits, labels, feats = [], [], []
+    was_training = model.training
+    model.eval()
+    try:
+        with _captured(target) as store, torch.no_grad():
+            for batch in loader:
+                x, y = split_batch(batch)
+                if y is None:
+                    raise ValueError("predict_with_features needs labelled batches")
+                store.clear()
+                out = call_model(model, move_inputs(x, device))
+                if not store:
+                    raise RuntimeError("the layer was not called in the model's forward pass")
+                logits.append(out.float().cpu())
+                labels.append(y.reshape(-1).cpu())
+                feats.append(store[0].reshape(len(store[0]), -1).float().cpu())
+    finally:
+        model.train(was_training)
+    if not logits:
+        raise ValueError("the loader yielded no batches")
+    return torch.cat(logits), torch.cat(labels), torch.cat(feats)
