@@ -505,6 +505,8 @@ class KoopmanProbe:
         dims: Sequence[int] = (0, 1),
         per_class: bool = False,
         seed: int = 0,
+        metric: str = "euclidean",
+        n_neighbors: int = 10,
     ) -> dict[str, Any]:
         """Betti numbers of the network's layers and of the surrogate's steps 0..k, at one ε.
 
@@ -512,10 +514,14 @@ class KoopmanProbe:
         surrogate steps are decoded by ψ into the adapted space. Every cloud is centred and
         scaled to unit RMS, the same ``n_points`` samples are used throughout, and ε (unless
         given) is the ``quantile`` of ``k``-th-neighbour distances in the first network layer.
+        ``metric="knn"`` counts on each cloud's ``n_neighbors``-NN graph instead (Naitzat et
+        al.; ε in hops, default 1, so β0 counts its components). With ``per_class`` each class
+        is counted on its own and the headline counts are the sums over classes.
         """
         from koopman_hooks.topology_report import probe_topology
 
-        return probe_topology(self, loader, n_points, layers, epsilon, quantile, k, dims, per_class, seed)
+        return probe_topology(self, loader, n_points, layers, epsilon, quantile, k, dims, per_class, seed,
+                              metric, n_neighbors)
 
     # ------------------------------------------------------------------ persistence
 

@@ -35,6 +35,7 @@ _INSTALL_HINT = "pip install 'koopman_hooks[topology]'"
 # alive there come back as infinite); the margin only absorbs ripser's float32 distances.
 _THRESHOLD_MARGIN = 1e-4
 _STATS_CHUNK = 4096
+METRICS = ("euclidean", "knn")
 
 
 def _vietoris_rips(**kwargs: Any) -> Any:
@@ -138,18 +139,39 @@ def epsilon_from_reference(points: ArrayLike, quantile: float = 1.0, k: int = 10
 # --------------------------------------------------------------------------- Betti numbers
 
 
+def knn_geodesic(points: ArrayLike, n_neighbors: int = 10) -> np.ndarray:
+    """Hop distances ``(n, n)`` on the symmetric ``n_neighbors``-nearest-neighbour graph
+    (``inf`` between its components), via giotto-tda's ``KNeighborsGraph`` and
+    ``GraphGeodesicDistance``. The scale-free metric of Naitzat et al.: it ignores how far
+    apart or how dense a layer's points are, and keeps only who neighbours whom."""
+    try:
+        from gtda.graphs import GraphGeodesicDistance, KNeighborsGraph
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(f"koopman_hooks.topology needs giotto-tda: {_INSTALL_HINT}") from err
+    x = _as_2d(points).astype(np.float64, copy=False)
+    k = max(1, min(int(n_neighbors), x.shape[0] - 1))
+    graph = KNeighborsGraph(n_neighbors=k, mode="connectivity", n_jobs=1).fit_transform(x[None])
+    return GraphGeodesicDistance(directed=False, unweighted=True, n_jobs=1).fit_transform(graph)[0]
+
+
 def _diagram(
-    points: np.ndarray, dims: Sequence[int], max_edge_length: float
+    points: np.ndarray, dims: Sequence[int], max_edge_length: float, metric: str = "euclidean", n_neighbors: int = 10
 ) -> np.ndarray:
     """One persistence diagram ``(n_bars, 3)`` = (birth, death, dim); essential bars are inf."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     vr = _vietoris_rips(
+        metric="precomputed" if metric == "knn" else "euclidean",
         homology_dimensions=tuple(sorted(dims)),
         max_edge_length=float(max_edge_length),
         infinity_values=np.inf,
         reduced_homology=False,  # keep the H0 bar of the whole cloud
         n_jobs=1,  # joblib parallelises over clouds only; with one cloud it is overhead
     )
-    return vr.fit_transform(points[None])[0]
+    data = knn_geodesic(points, n_neighbors) if metric == "knn" and len(points) > 1 else points
+    if metric == "knn" and len(points) <= 1:
+        data = np.zeros((len(points), len(points)))
+    return vr.fit_transform(data[None])[0]
 
 
 def _count_alive(diagram: np.ndarray, dims: Sequence[int], epsilons: np.ndarray) -> np.ndarray:
@@ -167,13 +189,16 @@ def betti_curves(
     epsilons: ArrayLike,
     dims: Sequence[int] = (0, 1),
     max_edge_length: float | None = None,
+    metric: str = "euclidean",
+    n_neighbors: int = 10,
 ) -> np.ndarray:
     """β_k at each scale: an int array ``(len(dims), len(epsilons))``, rows in ``dims`` order.
 
     One Vietoris-Rips diagram is computed with the filtration cut at
     ``max_edge_length`` (default: just above ``max(epsilons)``, which is exact for every
     bar alive at those scales) and bars are counted with ``birth <= ε < death``. Points
-    are used as given: normalise first.
+    are used as given: normalise first. ``metric="knn"`` measures ε in hops on the
+    ``n_neighbors``-NN graph (:func:`knn_geodesic`) instead of Euclidean distance.
     """
     x = _as_2d(points).astype(np.float64, copy=False)
     eps = np.atleast_1d(np.asarray(epsilons, dtype=np.float64))
@@ -184,7 +209,7 @@ def betti_curves(
         max_edge_length = float(eps.max()) * (1 + _THRESHOLD_MARGIN) + 1e-12
     elif max_edge_length < eps.max():
         raise ValueError(f"max_edge_length {max_edge_length} is below the largest ε {eps.max()}")
-    return _count_alive(_diagram(x, dims, max_edge_length), dims, eps)
+    return _count_alive(_diagram(x, dims, max_edge_length, metric, n_neighbors), dims, eps)
 
 
 def betti_numbers(
@@ -192,13 +217,18 @@ def betti_numbers(
     epsilon: float,
     dims: Sequence[int] = (0, 1),
     max_edge_length: float | None = None,
+    metric: str = "euclidean",
+    n_neighbors: int = 10,
 ) -> dict[int, int]:
     """β_k of the Vietoris-Rips complex at scale ``epsilon``, as ``{k: β_k}``.
 
     Points are used as given: normalise first. With ``dims=(0,)`` only H0 is computed
     (about 0.1 s for 2,000 points); H1 costs more, growing with the number of edges ≤ ε.
+    With ``metric="knn"`` ε counts hops on the ``n_neighbors``-NN graph: at ``ε = 1``, β0
+    is its number of connected components.
     """
-    counts = betti_curves(points, [epsilon], dims=dims, max_edge_length=max_edge_length)
+    counts = betti_curves(points, [epsilon], dims=dims, max_edge_length=max_edge_length, metric=metric,
+                          n_neighbors=n_neighbors)
     return {dim: int(c) for dim, c in zip(dims, counts[:, 0])}
 
 
@@ -223,9 +253,10 @@ class BettiSequence:
 
 
 def _sequence_counts(
-    clouds: Sequence[ArrayLike], rows: np.ndarray, epsilon: float, dims: Sequence[int]
+    clouds: Sequence[ArrayLike], rows: np.ndarray, epsilon: float, dims: Sequence[int], metric: str, n_neighbors: int
 ) -> dict[str, list[int] | None]:
-    counts = [betti_numbers(normalise(c, rows=rows), epsilon, dims=dims) for c in clouds]
+    counts = [betti_numbers(normalise(c, rows=rows), epsilon, dims=dims, metric=metric, n_neighbors=n_neighbors)
+              for c in clouds]
     return {f"betti{k}": ([c[k] for c in counts] if k in dims else None) for k in (0, 1)}
 
 
@@ -238,6 +269,8 @@ def betti_sequence(
     k: int = 10,
     labels: ArrayLike | None = None,
     dims: Sequence[int] = (0, 1),
+    metric: str = "euclidean",
+    n_neighbors: int = 10,
 ) -> BettiSequence:
     """Betti numbers of every cloud at one scale ε, the clouds treated identically.
 
@@ -250,6 +283,10 @@ def betti_sequence(
     With ``labels`` (one per sample), each class is also counted on its own, as Naitzat
     et al. do: up to ``n_points`` rows of that class (seeded, the same for every cloud),
     normalised with the whole cloud's statistics, at the same ε.
+
+    ``metric="knn"`` (Naitzat et al.) counts on each cloud's own ``n_neighbors``-NN graph,
+    with ε in hops (default 1: β0 is the number of connected components); per class, the
+    graph is built on that class's points alone.
     """
     if len(clouds) == 0:
         raise ValueError("betti_sequence needs at least one cloud")
@@ -262,8 +299,8 @@ def betti_sequence(
 
     rows = subsample_indices(n, n_points, seed)
     if epsilon is None:
-        epsilon = epsilon_from_reference(normalise(clouds[0], rows=rows), quantile=quantile, k=k)
-    pooled = _sequence_counts(clouds, rows, epsilon, dims)
+        epsilon = 1.0 if metric == "knn" else epsilon_from_reference(normalise(clouds[0], rows=rows), quantile=quantile, k=k)
+    pooled = _sequence_counts(clouds, rows, epsilon, dims, metric, n_neighbors)
 
     per_class = None
     if labels is not None:
@@ -275,7 +312,7 @@ def betti_sequence(
             members = np.flatnonzero(lab == cls)
             cls_rows = members[subsample_indices(members.size, n_points, seed)]
             key = cls.item() if hasattr(cls, "item") else cls
-            per_class[key] = _sequence_counts(clouds, cls_rows, epsilon, dims)
+            per_class[key] = _sequence_counts(clouds, cls_rows, epsilon, dims, metric, n_neighbors)
 
     return BettiSequence(
         epsilon=float(epsilon),

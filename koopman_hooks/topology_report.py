@@ -6,6 +6,8 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from koopman_hooks import topology
 from koopman_hooks.representations import collect_trajectories
 
@@ -24,6 +26,8 @@ def probe_topology(
     dims: Sequence[int] = (0, 1),
     per_class: bool = False,
     seed: int = 0,
+    metric: str = "euclidean",
+    n_neighbors: int = 10,
 ) -> dict[str, Any]:
     """See :meth:`KoopmanProbe.topology`."""
     start = time.perf_counter()
@@ -32,28 +36,42 @@ def probe_topology(
     network_clouds = [traj.network[name].numpy() for name in names]
     surrogate_clouds = [step.numpy() for step in traj.surrogate]
     labels = traj.labels.numpy() if per_class and traj.labels is not None else None
-    rule: dict[str, Any] | str = "given" if epsilon is not None else {"quantile": quantile, "k": k, "reference": names[0]}
-    if epsilon is None:
+    rule: dict[str, Any] | str
+    if epsilon is not None:
+        rule = "given"
+    elif metric == "knn":
+        rule, epsilon = {"hops": 1, "n_neighbors": n_neighbors}, 1.0
+    else:
+        rule = {"quantile": quantile, "k": k, "reference": names[0]}
         reference = topology.normalise(network_clouds[0])
         epsilon = topology.epsilon_from_reference(reference, quantile=quantile, k=k)
-    net = topology.betti_sequence(network_clouds, epsilon, n_points, seed, labels=labels, dims=dims)
-    sur = topology.betti_sequence(surrogate_clouds, epsilon, n_points, seed, labels=labels, dims=dims)
+    options = {"labels": labels, "dims": dims, "metric": metric, "n_neighbors": n_neighbors}
+    net = topology.betti_sequence(network_clouds, epsilon, n_points, seed, **options)
+    sur = topology.betti_sequence(surrogate_clouds, epsilon, n_points, seed, **options)
+    # headline counts: summed over classes when counted per class (as Naitzat et al. do)
+    counts = {}
+    for name, seq in (("network", net), ("surrogate", sur)):
+        for dim in (0, 1):
+            pooled = getattr(seq, f"betti{dim}")
+            if seq.per_class is not None and pooled is not None:
+                counts[f"{name}_betti{dim}_pooled"] = pooled
+                pooled = [int(v) for v in np.sum([c[f"betti{dim}"] for c in seq.per_class.values()], axis=0)]
+            counts[f"{name}_betti{dim}"] = pooled
     result: dict[str, Any] = {
         "epsilon": net.epsilon,
         "epsilon_rule": rule,
+        "metric": metric,
+        "count": "sum over classes" if labels is not None else "pooled",
         "n_points": len(net.indices),
         "network_layers": names,
         "surrogate_steps": list(range(len(surrogate_clouds))),
-        "network_betti0": net.betti0,
-        "network_betti1": net.betti1,
-        "surrogate_betti0": sur.betti0,
-        "surrogate_betti1": sur.betti1,
-        "spearman_network": topology.spearman(net.betti0) if net.betti0 else None,
-        "spearman_surrogate": topology.spearman(sur.betti0) if sur.betti0 else None,
+        **counts,
     }
-    if net.betti0 and sur.betti0:
-        final_net, final_sur = net.betti0[-1], sur.betti0[-1]
-        result["final_betti0_relative_error"] = abs(final_sur - final_net) / max(final_net, 1)
+    b0_net, b0_sur = counts["network_betti0"], counts["surrogate_betti0"]
+    result["spearman_network"] = topology.spearman(b0_net) if b0_net else None
+    result["spearman_surrogate"] = topology.spearman(b0_sur) if b0_sur else None
+    if b0_net and b0_sur:
+        result["final_betti0_relative_error"] = abs(b0_sur[-1] - b0_net[-1]) / max(b0_net[-1], 1)
     if labels is not None:
         result["per_class"] = {
             str(c): {"network": net.per_class[c], "surrogate": sur.per_class[c]} for c in net.per_class

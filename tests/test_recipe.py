@@ -102,3 +102,17 @@ def test_mnist_subset_loads_from_data_root():
 def test_missing_mnist_says_what_to_do(tmp_path):
     with pytest.raises(MissingDataError, match="KOOPMAN_HOOKS_DATA"):
         load_mnist(True, data_root=tmp_path)
+
+
+def test_probe_topology_per_class_on_knn_graphs(tiny_run):
+    _, probe = load_run(tiny_run / "seed0")
+    data = YinYangDataset(300, seed=7)
+    loader = [(data.inputs[i : i + 100], data.targets[i : i + 100]) for i in range(0, 300, 100)]
+    topo = probe.topology(loader, n_points=300, dims=(0,), per_class=True, metric="knn", n_neighbors=8)
+    assert topo["metric"] == "knn" and topo["epsilon"] == 1.0 and topo["count"] == "sum over classes"
+    for name in ("network", "surrogate"):
+        per_class = [topo["per_class"][c][name]["betti0"] for c in ("0", "1", "2")]
+        assert topo[f"{name}_betti0"] == [sum(v) for v in zip(*per_class)]
+        assert len(topo[f"{name}_betti0_pooled"]) == len(topo[f"{name}_betti0"])
+        assert all(b >= 3 for b in topo[f"{name}_betti0"])  # at least one component per class
+    assert topo["network_betti1"] is None

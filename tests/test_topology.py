@@ -17,6 +17,7 @@ from koopman_hooks.topology import (  # noqa: E402
     epsilon_from_reference,
     normalise,
     spearman,
+    knn_geodesic,
     subsample,
     subsample_indices,
 )
@@ -95,6 +96,37 @@ def test_essential_bars_count_at_large_scale() -> None:
     # beyond every death only the whole-cloud H0 bar (dropped by gtda by default) remains
     x = normalise(circle(60))
     assert betti_numbers(x, 10.0) == {0: 1, 1: 0}
+
+
+def test_knn_graph_counts_known_shapes_at_any_scale_or_density() -> None:
+    rng = np.random.default_rng(0)
+    ring = circle(200) + 0.01 * rng.normal(size=(200, 2))
+    assert betti_numbers(ring, 1, metric="knn", n_neighbors=6) == {0: 1, 1: 1}
+    # scale-free: scaling, or stretching one axis 20x, changes no neighbour relation that matters
+    assert betti_numbers(1e3 * ring, 1, metric="knn", n_neighbors=6) == {0: 1, 1: 1}
+    points, _ = blobs(4, 400)
+    assert betti_numbers(points, 1, dims=(0,), metric="knn") == {0: 4}
+    stretched = points * np.r_[20.0, np.ones(points.shape[1] - 1)]
+    assert betti_numbers(stretched, 1, dims=(0,), metric="knn") == {0: 4}
+    # two concentric circles: two components, two loops
+    rings = np.r_[circle(150, 1.0), circle(150, 2.5)]
+    assert betti_numbers(rings, 1, metric="knn", n_neighbors=4) == {0: 2, 1: 2}
+    # hop distances: inf between components, the graph's path lengths within one
+    hops = knn_geodesic(np.r_[np.zeros((3, 2)) + [0, 0], np.zeros((3, 2)) + [9, 9]] + 1e-3 * np.arange(6)[:, None], 2)
+    assert np.isinf(hops[0, 3]) and hops[0, 1] == 1
+    with pytest.raises(ValueError, match="metric must be one of"):
+        betti_numbers(ring, 1, metric="cosine")
+
+
+def test_knn_sequence_sums_classes_like_naitzat() -> None:
+    points, labels = blobs(3, 300)
+    # class 0 split in two far apart halves at "layer 0", joined at "layer 1"
+    split = points.copy()
+    split[(labels == 0) & (np.arange(300) % 2 == 0)] += 40.0
+    seq = betti_sequence([split, points], n_points=None, labels=labels, dims=(0,), metric="knn")
+    assert seq.epsilon == 1.0
+    assert [seq.per_class[c]["betti0"] for c in range(3)] == [[2, 1], [1, 1], [1, 1]]
+    assert seq.betti0 == [4, 3]  # pooled: class 0's far half is a fourth component
 
 
 def test_betti_curves_agree_with_betti_numbers() -> None:

@@ -42,6 +42,8 @@ def run_topology(context: Any) -> dict[str, Any]:
         dims=tuple(cfg.get("dims", (0, 1))),
         per_class=cfg.get("per_class", False),
         seed=context.seed,
+        metric=cfg.get("metric", "euclidean"),
+        n_neighbors=cfg.get("n_neighbors", 10),
     )
 
 
@@ -66,11 +68,17 @@ def topology_markdown(topo: dict[str, Any]) -> list[str]:
     def row(values: list[float] | None) -> str:
         return " → ".join(f"{v:g}" for v in values) if values else "–"
 
+    first = topo["per_seed"][0]
+    if first.get("metric") == "knn":
+        scale = (f"ε = {topo['epsilon']:.4g} hop on each cloud's own {first['epsilon_rule']['n_neighbors']}-nearest-"
+                 "neighbour graph (Naitzat et al.; scale-free, so β0 counts the graph's components)")
+    else:
+        scale = f"ε = {topo['epsilon']:.4g} for every cloud (each centred and scaled to unit RMS)"
+    counted = "counted per class and summed over classes" if first.get("count") == "sum over classes" else "pooled"
     return [
         "## Topology (Betti numbers at one scale)",
         "",
-        f"ε = {topo['epsilon']:.4g} for every cloud (each centred and scaled to unit RMS); "
-        f"{topo['per_seed'][0]['n_points']} samples. Means over seeds.",
+        f"{scale}; {first['n_points']} samples, {counted}. Means over seeds.",
         "",
         "| sequence | β0 | β1 | Spearman(step, β0) |",
         "|---|---|---|---|",
@@ -97,7 +105,8 @@ def topology_figure(topo: dict[str, Any], out: Path) -> Path:
             ax.plot(x, mean, "o-", color=color, label=name, ms=4)
             if len(topo["per_seed"]) > 1:
                 ax.fill_between(x, topo[f"{name}_betti{d}_min"], topo[f"{name}_betti{d}_max"], color=color, alpha=0.2)
-        ax.set(title=f"β{d} at ε = {topo['epsilon']:.3g}", xlabel="depth (first probed layer → last)", ylabel=f"β{d}")
+        unit = " hop (kNN graph)" if topo["per_seed"][0].get("metric") == "knn" else ""
+        ax.set(title=f"β{d} at ε = {topo['epsilon']:.3g}{unit}", xlabel="depth (first probed layer → last)", ylabel=f"β{d}")
         ax.set_xticks(net_x, topo["network_layers"], rotation=30, fontsize=7)
         ax.legend()
     fig.tight_layout()
