@@ -318,6 +318,20 @@ def check_order(expected: Sequence[str], recording: Recording) -> None:
 
 
 @contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Turn off ``requires_grad`` on every parameter of ``model`` (no graph is built through
+    its weights) and restore each flag on exit, even after an exception."""
+    flags = [(param, param.requires_grad) for param in model.parameters()]
+    try:
+        for param, _ in flags:
+            param.requires_grad_(False)
+        yield
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+
+
+@contextmanager
 def preserved_state(model: nn.Module) -> Iterator[None]:
     """Put ``model`` in eval mode and restore every submodule's train/eval flag on exit."""
     modes = [(module, module.training) for module in model.modules()]

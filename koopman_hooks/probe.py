@@ -478,19 +478,22 @@ class KoopmanProbe:
         dst: str | None = None,
         redirect: str = "runner_up",
         metric: str = "decoder",
+        refine_rows: int | None = None,
     ) -> LatentGroupStatistics:
         """Stream ``loader`` once and keep what :meth:`unlearn` needs, to reuse for many edits.
 
         ``probe.unlearn(c, stats)`` then skips the pass over the data: one pass serves every
         single-class edit (and any multi-class edit whose forgotten samples' runner-up classes
-        are retained; pass ``forget_class`` when they are not). Memory is ``O(groups · d²)``.
+        are retained; pass ``forget_class`` when they are not). Memory is ``O(groups · d²)``
+        plus ``refine_rows`` sampled rows (default: what :meth:`unlearn` refines on).
         """
         from koopman_hooks.unlearning.edits import DEFAULTS, _forget_list, latent_statistics
 
         empty = isinstance(forget_class, Sequence) and len(forget_class) == 0
         forget = [] if empty else _forget_list(forget_class)
+        rows = DEFAULTS["refine_rows"] if refine_rows is None else refine_rows
         return latent_statistics(self, loader, forget, labels, self.surrogate(src, dst), redirect, metric,
-                                 DEFAULTS["metric_rows"])
+                                 DEFAULTS["metric_rows"], refine_rows=rows)
 
     # ------------------------------------------------------------------ analysis
 

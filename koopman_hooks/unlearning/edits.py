@@ -50,6 +50,7 @@ from koopman_hooks.hooks import OutputSelector, preserved_state
 from koopman_hooks.stats import StreamingMoments
 from koopman_hooks.surrogate import KoopmanSurrogate, homogeneous
 from koopman_hooks.unlearning.baselines import LeaceStatistics
+from koopman_hooks.unlearning.refine import SampleReservoir, refine_readout
 
 METHODS = ("endpoint", "per_step", "leace")
 LABEL_SOURCES = ("loader", "model")
@@ -66,6 +67,10 @@ DEFAULTS: dict[str, Any] = {
     "metric": "decoder",  # "decoder" pull-back metric or "euclidean"
     "metric_eps": 0.1,  # ε added to the normalised pull-back metric
     "metric_rows": 64,  # rows per batch whose decoder Jacobian estimates the pull-back metric
+    "refine": 10,  # L-BFGS iterations refining the redirect on the patched model's outputs (0: off)
+    "refine_rows": 2048,  # seeded sample of the data the refinement sees
+    "proximal": 1e-2,  # pull of the refinement towards the least-squares redirect
+    "retain_weight": 0.8,  # share of the refinement loss on retained (vs forgotten) samples
     "redirect": "runner_up",  # target of a forgotten sample: the model's runner-up retained class
     "ridge": 1e-6,  # relative ridge towards the identity edit
     "iterations": 100,  # L-BFGS iterations of the per-step operator fit
@@ -105,6 +110,7 @@ class LatentGroupStatistics:
     src: str | None = None
     dst: str | None = None
     power: torch.Tensor | None = None  # E K^k of the surrogate the latents came from
+    reservoir: SampleReservoir | None = None  # a bounded sample of the rows, for the refinement
 
     @property
     def classes(self) -> list[int]:
@@ -207,6 +213,7 @@ def latent_statistics(
     metric: str = "decoder",
     metric_rows: int = 64,
     seed: int = 0,
+    refine_rows: int = 0,
 ) -> LatentGroupStatistics:
     """Stream ``loader`` once through ``probe``'s hooks and group the latent endpoints.
 
@@ -217,6 +224,8 @@ def latent_statistics(
     (flags restored afterwards); only the decoder is differentiated for ``metric="decoder"``.
     The full model runs when its output is needed (first batch, ``labels="model"``,
     ``redirect="runner_up"``); otherwise the pass stops after the last probed layer.
+    ``refine_rows > 0`` also keeps a seeded sample of that many rows (inputs, classes,
+    runner-ups, the model's predictions) for :func:`~koopman_hooks.unlearning.refine.refine_readout`.
     """
     if labels not in LABEL_SOURCES:
         raise ValueError(f"labels must be one of {LABEL_SOURCES}, got {labels!r}")
@@ -234,6 +243,8 @@ def latent_statistics(
     generator = torch.Generator().manual_seed(seed)
     if metric == "decoder":
         stats.metric = {}
+    if refine_rows > 0:
+        stats.reservoir = SampleReservoir(int(refine_rows), seed)
     # the latent the decoder reads: E K^k z_0 (E is the identity unless already edited)
     power = surrogate.readout.double() @ torch.linalg.matrix_power(surrogate.operator.double(), surrogate.steps)
     stats.power = power.detach().cpu()
@@ -272,6 +283,9 @@ def latent_statistics(
                 rows = torch.randperm(len(z), generator=generator)[:metric_rows].sort().values
                 jac = _decoder_jacobian(surrogate.decoder, z[rows.to(z.device)])
             stats.update(y, keys, z0, z, jac, rows)
+            if stats.reservoir is not None:
+                predictions = scores.argmax(-1).cpu() if scores is not None else None
+                stats.reservoir.update(captured.inputs, y, keys, predictions)
     if not stats.groups:
         raise ValueError("the loader yielded no batches")
     stats.seconds = time.perf_counter() - start
@@ -689,12 +703,21 @@ def unlearn(
         stats = replace(loader, forget=tuple(sorted(forget)))  # shares the moments, not copied
     else:
         stats = latent_statistics(probe, loader, forget, labels, surrogate, opts["redirect"], opts["metric"],
-                                  opts["metric_rows"])
+                                  opts["metric_rows"], refine_rows=opts["refine_rows"] if opts["refine"] else 0)
     retained = _check_classes(forget, stats, labels)
 
     start = time.perf_counter()
     endpoint = redirect_map(stats, retained, **opts)
     operator, readout, extra = None, None, {}
+    if opts["refine"]:
+        if stats.reservoir is None or not len(stats.reservoir):
+            raise ValueError("refine > 0 needs statistics with a sample of rows: collect them with "
+                             "probe.unlearning_statistics(loader, refine_rows=...) or pass refine=0")
+        base = surrogate.readout.double()
+        refined, extra = refine_readout(probe, surrogate, endpoint @ base, stats.reservoir, forget, retained,
+                                        iterations=int(opts["refine"]), proximal=float(opts["proximal"]),
+                                        retain_weight=float(opts["retain_weight"]))
+        endpoint = refined.double().cpu() @ torch.linalg.inv(base)
     if method == "endpoint":
         readout = endpoint @ surrogate.readout.double()
     elif method == "leace":
