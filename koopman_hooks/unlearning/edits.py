@@ -79,7 +79,7 @@ DEFAULTS: dict[str, Any] = {
 #: Per-method overrides of :data:`DEFAULTS`: LEACE spreads the forgotten samples over half the
 #: target class's (Gaussian optimal-transport) spread, so they blend in rather than collapse.
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"leace": {"match": 0.5}}
-_CG_TOLERANCE = 1e-6  # relative residual at which the conjugate-gradient solve stops (statistics are noisier)
+_CG_TOLERANCE = 1e-4  # relative residual at which the conjugate-gradient solve stops (the moments are noisier)
 NO_GROUP = -1  # the "runner-up" key when outputs are not per-class scores (redirect="nearest")
 
 
@@ -475,19 +475,23 @@ def _solve_metric_ls(terms: list, ridge: float, identity: torch.Tensor, solver: 
         # column-major vec: vec(G X M) = (Mᵀ ⊗ G) vec(X)
         return torch.linalg.solve(big, rhs.T.reshape(-1)).reshape(d1, d).T
     # preconditioned conjugate gradients on the same SPD operator, from the Euclidean solution;
-    # the preconditioner inverts the Kronecker average  X -> Ḡ X M̄
+    # the preconditioner inverts the Kronecker average  X -> Ḡ X M̄. The iterations run in
+    # float32 (twice as fast; the 1e-4 stopping residual is far above its precision).
+    parts = [(g.float(), m.float(), tm) for g, m, tm in parts]
+    rhs = rhs.float()
+
     def op(x: torch.Tensor) -> torch.Tensor:
         return sum(g @ x @ m for g, m, _ in parts) + ridge * x
 
     weight = sum(float(m[-1, -1]) for _, m, _ in parts)  # Σ w: the moments' constant entry is 1
-    m_bar = sum(m for _, m, _ in parts) + ridge * torch.eye(d1, dtype=torch.float64)
-    g_bar = sum(float(m[-1, -1]) * g for g, m, _ in parts) / weight
-    m_inv, g_inv = torch.linalg.inv(m_bar), torch.linalg.inv(g_bar)
+    m_bar = sum(m.double() for _, m, _ in parts) + ridge * torch.eye(d1, dtype=torch.float64)
+    g_bar = sum(float(m[-1, -1]) * g.double() for g, m, _ in parts) / weight
+    m_inv, g_inv = torch.linalg.inv(m_bar).float(), torch.linalg.inv(g_bar).float()
 
     def precondition(r: torch.Tensor) -> torch.Tensor:
         return g_inv @ r @ m_inv
 
-    x = torch.linalg.solve(m_bar.T, (sum(tm for _, _, tm in parts) + ridge * identity).T).T
+    x = torch.linalg.solve(m_bar.T, (sum(tm for _, _, tm in parts) + ridge * identity).T).T.float()
     r = rhs - op(x)
     z = precondition(r)
     p = z.clone()
@@ -504,7 +508,7 @@ def _solve_metric_ls(terms: list, ridge: float, identity: torch.Tensor, solver: 
         rz_new = (r * z).sum()
         p = z + (rz_new / rz) * p
         rz = rz_new
-    return x
+    return x.double()
 
 
 def _transformed_moments(
