@@ -510,6 +510,7 @@ class KoopmanProbe:
         seed: int = 0,
         metric: str = "euclidean",
         n_neighbors: int = 10,
+        variance: float | None = None,
     ) -> dict[str, Any]:
         """Betti numbers of the network's layers and of the surrogate's steps 0..k, at one ε.
 
@@ -519,12 +520,14 @@ class KoopmanProbe:
         given) is the ``quantile`` of ``k``-th-neighbour distances in the first network layer.
         ``metric="knn"`` counts on each cloud's ``n_neighbors``-NN graph instead (Naitzat et
         al.; ε in hops, default 1, so β0 counts its components). With ``per_class`` each class
-        is counted on its own and the headline counts are the sums over classes.
+        is counted on its own and the headline counts are the sums over classes. ``variance``
+        (e.g. 0.99) first reduces every cloud to the principal components holding that share
+        of its variance, the lens the probe's PCA adapters see layers through.
         """
         from koopman_hooks.topology_report import probe_topology
 
         return probe_topology(self, loader, n_points, layers, epsilon, quantile, k, dims, per_class, seed,
-                              metric, n_neighbors)
+                              metric, n_neighbors, variance)
 
     # ------------------------------------------------------------------ persistence
 

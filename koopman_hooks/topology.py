@@ -87,6 +87,24 @@ def normalise(points: ArrayLike, rows: np.ndarray | None = None) -> np.ndarray:
     return out / rms if rms > 0 else out
 
 
+def principal_projection(points: ArrayLike, variance: float) -> np.ndarray:
+    """Centre, keep the principal components holding ``variance`` of the variance, scale to
+    unit RMS: ``(n, r)`` float64. The lens the probe's PCA adapters see a layer through, so
+    that network layers and decoded surrogate states can be compared like for like (small,
+    noisy directions no longer split off isolated points)."""
+    if not 0.0 < variance <= 1.0:
+        raise ValueError(f"variance must be in (0, 1], got {variance}")
+    x = _as_2d(points).astype(np.float64)
+    x = x - x.mean(axis=0)
+    if x.shape[0] < 2 or not np.any(x):
+        return x
+    u, s, _ = np.linalg.svd(x, full_matrices=False)
+    energy = np.cumsum(s**2) / np.sum(s**2)
+    keep = int(np.searchsorted(energy, variance - 1e-12)) + 1
+    projected = u[:, :keep] * s[:keep]
+    return projected / np.sqrt(np.mean(np.sum(projected**2, axis=1)))
+
+
 def subsample_indices(n: int, n_points: int | None, seed: int) -> np.ndarray:
     """Sorted indices of a seeded subsample of ``n_points`` of ``range(n)``, no replacement.
 
@@ -271,6 +289,7 @@ def betti_sequence(
     dims: Sequence[int] = (0, 1),
     metric: str = "euclidean",
     n_neighbors: int = 10,
+    variance: float | None = None,
 ) -> BettiSequence:
     """Betti numbers of every cloud at one scale ε, the clouds treated identically.
 
@@ -283,6 +302,9 @@ def betti_sequence(
     With ``labels`` (one per sample), each class is also counted on its own, as Naitzat
     et al. do: up to ``n_points`` rows of that class (seeded, the same for every cloud),
     normalised with the whole cloud's statistics, at the same ε.
+
+    ``variance`` (e.g. 0.99) first reduces every cloud to the principal components holding
+    that share of its variance (:func:`principal_projection`).
 
     ``metric="knn"`` (Naitzat et al.) counts on each cloud's own ``n_neighbors``-NN graph,
     with ε in hops (default 1: β0 is the number of connected components); per class, the
@@ -297,6 +319,8 @@ def betti_sequence(
     if any(_as_2d(c).shape[0] != n for c in clouds):
         raise ValueError(f"all clouds must hold the same {n} samples: got {[len(c) for c in clouds]}")
 
+    if variance is not None:
+        clouds = [principal_projection(c, variance) for c in clouds]
     rows = subsample_indices(n, n_points, seed)
     if epsilon is None:
         epsilon = 1.0 if metric == "knn" else epsilon_from_reference(normalise(clouds[0], rows=rows), quantile=quantile, k=k)

@@ -28,6 +28,7 @@ def probe_topology(
     seed: int = 0,
     metric: str = "euclidean",
     n_neighbors: int = 10,
+    variance: float | None = None,
 ) -> dict[str, Any]:
     """See :meth:`KoopmanProbe.topology`."""
     start = time.perf_counter()
@@ -35,6 +36,9 @@ def probe_topology(
     names = list(traj.network)
     network_clouds = [traj.network[name].numpy() for name in names]
     surrogate_clouds = [step.numpy() for step in traj.surrogate]
+    if variance is not None:  # the same principal-component lens for every cloud, before ε
+        network_clouds = [topology.principal_projection(c, variance) for c in network_clouds]
+        surrogate_clouds = [topology.principal_projection(c, variance) for c in surrogate_clouds]
     labels = traj.labels.numpy() if per_class and traj.labels is not None else None
     rule: dict[str, Any] | str
     if epsilon is not None:
@@ -61,6 +65,7 @@ def probe_topology(
         "epsilon": net.epsilon,
         "epsilon_rule": rule,
         "metric": metric,
+        "variance": variance,
         "count": "sum over classes" if labels is not None else "pooled",
         "n_points": len(net.indices),
         "network_layers": names,

@@ -18,6 +18,7 @@ from koopman_hooks.topology import (  # noqa: E402
     normalise,
     spearman,
     knn_geodesic,
+    principal_projection,
     subsample,
     subsample_indices,
 )
@@ -65,6 +66,22 @@ def test_subsample_indices_are_seeded_unique_and_capped() -> None:
     np.testing.assert_array_equal(subsample_indices(50, None, seed=0), np.arange(50))
     x = np.arange(2000.0).reshape(1000, 2)
     np.testing.assert_array_equal(subsample(x, 100, seed=3), x[a])
+
+
+def test_principal_projection_keeps_the_large_directions() -> None:
+    rng = np.random.default_rng(0)
+    signal = rng.normal(size=(500, 3)) * [5.0, 3.0, 2.0]
+    x = np.c_[signal, 0.01 * rng.normal(size=(500, 40))] @ random_rotation(43)
+    y = principal_projection(x, 0.99)
+    assert y.shape == (500, 3)
+    assert np.mean(np.sum(y**2, axis=1)) == pytest.approx(1.0)
+    # distances are the signal's, up to one scale: the projection is (nearly) an isometry on it
+    d_sig = np.linalg.norm(signal[:50, None] - signal[None, :50], axis=-1)
+    d_y = np.linalg.norm(y[:50, None] - y[None, :50], axis=-1)
+    np.testing.assert_allclose(d_y / d_y.mean(), d_sig / d_sig.mean(), atol=0.01)
+    assert principal_projection(x, 1.0).shape[1] == 43
+    with pytest.raises(ValueError, match="variance"):
+        principal_projection(x, 0.0)
 
 
 # --------------------------------------------------------------------------- Betti numbers

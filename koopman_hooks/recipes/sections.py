@@ -44,6 +44,7 @@ def run_topology(context: Any) -> dict[str, Any]:
         seed=context.seed,
         metric=cfg.get("metric", "euclidean"),
         n_neighbors=cfg.get("n_neighbors", 10),
+        variance=cfg.get("variance"),
     )
 
 
@@ -74,6 +75,9 @@ def topology_markdown(topo: dict[str, Any]) -> list[str]:
                  "neighbour graph (Naitzat et al.; scale-free, so β0 counts the graph's components)")
     else:
         scale = f"ε = {topo['epsilon']:.4g} for every cloud (each centred and scaled to unit RMS)"
+    if first.get("variance"):
+        scale = (f"each cloud reduced to the principal components holding {100 * first['variance']:g}% of its "
+                 f"variance, then {scale}")
     counted = "counted per class and summed over classes" if first.get("count") == "sum over classes" else "pooled"
     return [
         "## Topology (Betti numbers at one scale)",

@@ -23,6 +23,13 @@ groups' homogeneous second moments ``M_g = E_g[z̃ z̃ᵀ]``::
   conjugate gradients over one term per class; with Euclidean ``G`` it is
   ``R = (Σ w T M)(Σ w M)⁻¹``.
 
+With ``refine > 0`` (the default) ``R`` is then refined on the patched model's own outputs
+(:mod:`koopman_hooks.unlearning.refine`): a few L-BFGS steps on the cross-entropy of a seeded
+sample of ``refine_rows`` rows, forgotten ones towards their runner-up class and retained ones
+towards the model's prediction. One affine map cannot always collapse a class that another one
+wraps around (Yin-Yang's yin and yang) by moments alone; the outputs say where it must.
+Each step runs the whole network on the sample, so large models set ``refine=0``.
+
 Methods:
 
 - ``"endpoint"``: ``E' = R E``.
