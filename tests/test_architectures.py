@@ -128,6 +128,22 @@ def test_conv_net_patch_at_inner_pair(conv_fitted, blob_data):
     assert _hooks(model) == 0
 
 
+def test_conv_net_unlearning_at_an_inner_pair(conv_fitted, blob_data):
+    probe, model = conv_fitted
+    x, y, x_test, y_test = blob_data
+    edited = probe.unlearn(1, TensorLoader(x, y, batch_size=250), src="stage1", dst="stage2")
+    assert (edited.src_layer, edited.dst_layer) == ("stage1", "stage2")
+    patched = probe.patch(edited)
+    assert (patched.src_layer, patched.dst_layer) == ("stage1", "stage2")
+    with torch.no_grad():
+        pred = patched(x_test).argmax(1)
+        original = model(x_test).argmax(1)
+    forget = y_test == 1
+    assert (pred[forget] == 1).float().mean() <= 0.05
+    assert (pred[~forget] == original[~forget]).float().mean() >= 0.9
+    assert _hooks(model) == 0
+
+
 def test_lossy_pool_at_an_inner_dst_is_exactly_right_inverse(blob_data):
     """``pool`` at a patched layer: the patched map pools to the surrogate's prediction, for
     sizes that do not divide the map too (3x3 of 8x8; 4x4 maps at 3x3)."""

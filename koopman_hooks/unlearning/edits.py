@@ -140,8 +140,24 @@ class LatentGroupStatistics:
         assert self.metric is not None
         if self.metric_n.get(key):
             return self.metric[key] * (self.groups[key].n / self.metric_n[key])
-        pooled = sum(self.metric.values()) / max(sum(self.metric_n.values()), 1)  # never sampled: the average
-        return pooled * self.groups[key].n
+        return self._pooled_metric() * self.groups[key].n  # never sampled: the average
+
+    def _pooled_metric(self) -> torch.Tensor:
+        assert self.metric is not None
+        return sum(self.metric.values()) / max(sum(self.metric_n.values()), 1)
+
+    def metric_trace_total(self) -> float:
+        """``Σ_g trace(metric_total(g))`` without forming the matrices."""
+        assert self.metric is not None
+        pooled = None
+        out = 0.0
+        for key, m in self.groups.items():
+            if self.metric_n.get(key):
+                out += float(self.metric[key].trace()) * m.n / self.metric_n[key]
+            else:
+                pooled = float(self._pooled_metric().trace()) if pooled is None else pooled
+                out += pooled * m.n
+        return out
 
     def update(
         self,
@@ -576,7 +592,7 @@ def _metric_terms(stats: LatentGroupStatistics, opts: dict[str, Any], targets: d
     use_metric = opts["metric"] == "decoder" and stats.metric is not None
     scale = 1.0
     if use_metric:
-        scale = float(sum(stats.metric_total(g).trace() for g in stats.groups) / (total * d)) or 1.0
+        scale = stats.metric_trace_total() / (total * d) or 1.0
     metrics: dict[int, torch.Tensor] = {}  # one per class: its samples' mean pull-back metric
 
     def class_metric(c: int) -> torch.Tensor:
