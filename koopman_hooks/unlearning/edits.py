@@ -702,7 +702,9 @@ def unlearn(
             :data:`DEFAULTS`: ``strength``, ``contract``, ``spread``, ``match``, ``metric``
             (``"decoder"``/``"euclidean"``), ``metric_eps``, ``redirect`` (``"runner_up"``, or
             ``"nearest"`` class mean, which also lets loader-labelled passes stop after the
-            last probed layer), ``ridge``, ``iterations``, ``solver``.
+            last probed layer), ``ridge``, ``iterations``, ``solver``, and the refinement on
+            the patched outputs: ``refine`` (L-BFGS iterations, 0 turns it off),
+            ``refine_rows``, ``proximal``, ``retain_weight``.
 
     Returns:
         ``probe.surrogate(src, dst).edited(...)``: a new surrogate, saved/loaded like any
