@@ -103,8 +103,10 @@ def run_unlearning(context: Any) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     original_outputs: dict[int, tuple] = {}
 
-    def add(method: str, kind: str, c: int, module: nn.Module, layer: str, seconds: float, **extra: Any) -> None:
-        row = {"method": method, "kind": kind, "forget_class": c, **score(module, layer, context, c, train_eval, test_eval)}
+    def add(method: str, kind: str, c: int, module: nn.Module, layer: str, seconds: float,
+            cache: dict[int, tuple] | None = None, **extra: Any) -> None:
+        row = {"method": method, "kind": kind, "forget_class": c,
+               **score(module, layer, context, c, train_eval, test_eval, cache)}
         row.update(seconds=seconds, **extra)
         rows.append(row)
 
@@ -137,9 +139,8 @@ def run_unlearning(context: Any) -> dict[str, Any]:
         retain_loader = _loader(context, retain_set, batch)
         forget_loader = _loader(context, forget_set, batch)
         for name in baselines:
-            if name == "original":  # the same model for every class: scored once
-                rows.append({"method": "original", "kind": "baseline", "forget_class": c, "seconds": 0.0,
-                             **score(context.model, last, context, c, train_eval, test_eval, original_outputs)})
+            if name == "original":  # the same model for every class: its outputs are computed once
+                add("original", "baseline", c, context.model, last, 0.0, cache=original_outputs)
             elif name == "retrain":
                 model, seconds = retrain(context.new_model, retain_loader, train_cfg.get("epochs", 30),
                                          lr=train_cfg.get("lr", 1e-3), weight_decay=train_cfg.get("weight_decay", 0.0))

@@ -177,14 +177,11 @@ def _captured(module: nn.Module) -> Iterator[list[torch.Tensor]]:
         handle.remove()
 
 
-def layer_batches(
-    model: nn.Module, module: str | nn.Module, loader: Iterable, device: str | torch.device = "cpu"
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(features, labels)`` per batch: the layer's flattened output (its first call) on CPU.
-
-    Runs in eval mode under ``no_grad``; the hook is removed and the mode restored when the
-    iteration ends or is closed.
-    """
+def _layer_and_output_batches(
+    model: nn.Module, module: str | nn.Module, loader: Iterable, device: str | torch.device, caller: str
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, Any]]:
+    """Yield ``(features, labels, output)`` per batch, in eval mode under ``no_grad``; the hook
+    is removed and the mode restored when the iteration ends or is closed."""
     target = resolve_module(model, module)
     was_training = model.training
     model.eval()
@@ -193,14 +190,26 @@ def layer_batches(
             for batch in loader:
                 x, y = split_batch(batch)
                 if y is None:
-                    raise ValueError("layer_batches needs labelled batches")
+                    raise ValueError(f"{caller} needs labelled batches")
                 store.clear()
-                call_model(model, move_inputs(x, device))
+                output = call_model(model, move_inputs(x, device))
                 if not store:
                     raise RuntimeError("the layer was not called in the model's forward pass")
-                yield store[0].reshape(len(store[0]), -1).float().cpu(), y.reshape(-1).cpu()
+                yield store[0].reshape(len(store[0]), -1).float().cpu(), y.reshape(-1).cpu(), output
     finally:
         model.train(was_training)
+
+
+def layer_batches(
+    model: nn.Module, module: str | nn.Module, loader: Iterable, device: str | torch.device = "cpu"
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(features, labels)`` per batch: the layer's flattened output (its first call) on CPU.
+
+    Runs in eval mode under ``no_grad``; the hook is removed and the mode restored when the
+    iteration ends or is closed.
+    """
+    for features, labels, _ in _layer_and_output_batches(model, module, loader, device, "layer_batches"):
+        yield features, labels
 
 
 def collect_features(
@@ -221,25 +230,11 @@ def predict_with_features(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits ``(n, C)``, labels ``(n,)`` and a layer's flattened features ``(n, d)`` in one pass
     (eval mode, ``no_grad``; hook removed and mode restored afterwards)."""
-    target = resolve_module(model, module)
     logits, labels, feats = [], [], []
-    was_training = model.training
-    model.eval()
-    try:
-        with _captured(target) as store, torch.no_grad():
-            for batch in loader:
-                x, y = split_batch(batch)
-                if y is None:
-                    raise ValueError("predict_with_features needs labelled batches")
-                store.clear()
-                out = call_model(model, move_inputs(x, device))
-                if not store:
-                    raise RuntimeError("the layer was not called in the model's forward pass")
-                logits.append(out.float().cpu())
-                labels.append(y.reshape(-1).cpu())
-                feats.append(store[0].reshape(len(store[0]), -1).float().cpu())
-    finally:
-        model.train(was_training)
+    for f, y, out in _layer_and_output_batches(model, module, loader, device, "predict_with_features"):
+        logits.append(out.float().cpu())
+        labels.append(y)
+        feats.append(f)
     if not logits:
         raise ValueError("the loader yielded no batches")
     return torch.cat(logits), torch.cat(labels), torch.cat(feats)
