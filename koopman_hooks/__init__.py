@@ -1,11 +1,25 @@
 """koopman_hooks: read and edit any PyTorch model as a linear dynamical system."""
 
-__version__ = "0.1.0"
+from koopman_hooks._version import __version__
+from koopman_hooks.core.patching import PatchedModel
+from koopman_hooks.errors import ConfigError, IncompatibleFileError, LayerError, NotFittedError, ShapeError
+from koopman_hooks.fitting.config import ProbeConfig
+from koopman_hooks.fitting.fitted import FittedProbe
+from koopman_hooks.koopman.losses import LossWeights
+from koopman_hooks.koopman.surrogate import KoopmanSurrogate
+from koopman_hooks.probe import KoopmanProbe
 
-from koopman_hooks.autoencoder import LossWeights  # noqa: E402
-from koopman_hooks.hooks import LayerError  # noqa: E402
-from koopman_hooks.patching import PatchedModel  # noqa: E402
-from koopman_hooks.probe import KoopmanProbe, NotFittedError  # noqa: E402
-from koopman_hooks.surrogate import KoopmanSurrogate  # noqa: E402
-
-__all__ = ["KoopmanProbe", "KoopmanSurrogate", "LayerError", "LossWeights", "NotFittedError", "PatchedModel", "__version__"]
+__all__ = [
+    "ConfigError",
+    "FittedProbe",
+    "IncompatibleFileError",
+    "KoopmanProbe",
+    "KoopmanSurrogate",
+    "LayerError",
+    "LossWeights",
+    "NotFittedError",
+    "PatchedModel",
+    "ProbeConfig",
+    "ShapeError",
+    "__version__",
+]

@@ -1,4 +1,8 @@
-"""Command line: ``koopman-hooks run RECIPE --out DIR [--seeds N]``."""
+"""Command line: ``koopman-hooks run RECIPE --out DIR`` and ``koopman-hooks validate RECIPE``.
+
+A user mistake (a bad recipe, option, path or data root) prints one line
+``koopman-hooks: ...`` and exits with status 2, before any model is trained.
+"""
 
 from __future__ import annotations
 
@@ -6,40 +10,55 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from koopman_hooks.data import DATA_ENV_VAR
+from koopman_hooks.data import DATA_ENV_VAR, MissingDataError
+from koopman_hooks.errors import ConfigError, IncompatibleFileError, LayerError
+
+USER_ERRORS = (ConfigError, LayerError, IncompatibleFileError, MissingDataError, FileNotFoundError, NotADirectoryError)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="koopman-hooks", description="Koopman autoencoder probes for PyTorch models.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a recipe end to end and write report.json, report.md and plots")
-    run.add_argument("recipe", help="a recipe TOML file (e.g. recipes/yinyang.toml) or a bundled name (yinyang)")
-    run.add_argument("--out", default=None, help="output folder (default: runs/<recipe name>)")
+    validate = sub.add_parser("validate", help="check a recipe and print it resolved, or its errors")
+    for command in (run, validate):
+        command.add_argument("recipe", help="a recipe TOML file or a packaged recipe's name (yinyang, mnist, ...)")
+        command.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                             help="override a recipe value, e.g. --set probe.epochs=5 (repeatable)")
+    run.add_argument("--out", default=None, help="output folder, created if missing (default: runs/<recipe name>)")
     run.add_argument("--seeds", type=int, default=1, help="repeat the whole recipe with seeds 0..N-1 (default 1)")
     run.add_argument("--data-root", default=None, help=f"folder holding datasets (default: ${DATA_ENV_VAR} or ./data)")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                     help="override a recipe value, e.g. --set probe.epochs=5 (repeatable)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
+def _fail(message: str) -> int:
+    print(f"koopman-hooks: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from koopman_hooks.data import MissingDataError
-    from koopman_hooks.recipes import load_recipe, run_recipe
+    from koopman_hooks.core.schema import to_mapping
+    from koopman_hooks.recipes import check_recipe, load_recipe, run_recipe
 
-    if args.seeds < 1:
-        print("koopman-hooks: --seeds must be at least 1", file=sys.stderr)
-        return 2
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-        out = args.out or f"runs/{recipe['name']}"
+        if args.command == "validate":
+            check_recipe(recipe)
+            print(json.dumps(to_mapping(recipe), indent=2))
+            return 0
+        if args.seeds < 1:
+            return _fail("--seeds must be at least 1")
+        out = Path(args.out or f"runs/{recipe.name}")
+        if out.exists() and not out.is_dir():
+            return _fail(f"--out {str(out)!r} is a file; give a folder (it is created if missing)")
         report = run_recipe(recipe, out, seeds=range(args.seeds), data_root=args.data_root, verbose=not args.quiet)
-    except (FileNotFoundError, MissingDataError, ValueError) as err:
-        print(f"koopman-hooks: {err}", file=sys.stderr)
-        return 2
-    summary = {k: report[k] for k in ("model", "surrogate", "linear_baseline")}
+    except USER_ERRORS as err:
+        return _fail(str(err))
+    summary = {k: dict(report[k]) for k in ("model", "surrogate", "linear_baseline")}
     for section in summary.values():
         for key in [k for k in section if isinstance(section[k], (list, dict))]:
             section.pop(key)

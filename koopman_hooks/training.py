@@ -9,7 +9,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from koopman_hooks.batches import call_model, move_inputs, split_batch
+from koopman_hooks.core.batches import call_model, move_inputs, split_batch
+from koopman_hooks.core.hooks import preserved_state
+from koopman_hooks.core.select import MODEL_OUTPUT
+from koopman_hooks.errors import EmptyLoaderError
 
 
 def train_classifier(
@@ -51,17 +54,16 @@ def train_classifier(
 
 @torch.no_grad()
 def predict(model: nn.Module, loader: Iterable, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels of ``model`` over a labelled loader, in eval mode (mode restored)."""
-    was_training = model.training
-    model.eval()
-    try:
-        logits, labels = [], []
+    """Logits and labels of ``model`` over a labelled loader, in eval mode (every submodule's
+    mode restored afterwards)."""
+    logits, labels = [], []
+    with preserved_state(model):
         for batch in loader:
             x, y = split_batch(batch)
             if y is None:
                 raise ValueError("predict needs labelled batches")
-            logits.append(call_model(model, move_inputs(x, device)).float().cpu())
+            logits.append(MODEL_OUTPUT.get(call_model(model, move_inputs(x, device))).float().cpu())
             labels.append(y.cpu())
-        return torch.cat(logits), torch.cat(labels)
-    finally:
-        model.train(was_training)
+    if not logits:
+        raise EmptyLoaderError()
+    return torch.cat(logits), torch.cat(labels)

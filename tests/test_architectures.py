@@ -1,29 +1,17 @@
-"""KoopmanProbe across architectures: conv nets, timm ViTs, tuple/dict layers, known dynamics."""
+"""Tests of koopman_hooks/architectures.py."""
 
 from __future__ import annotations
-
-import copy
-import math
 
 import pytest
 import torch
 from torch import nn
 
 from koopman_hooks import KoopmanProbe
-from koopman_hooks.adapters import (
-    LayerAdapter,
-    adapter_from_moments,
-    default_reduce,
-    reduce_activation,
-    reduced_dim,
-)
+from koopman_hooks.core.hooks import record
+from koopman_hooks.core.select import make_selectors
 from koopman_hooks.data import TensorLoader
-from koopman_hooks.hooks import make_selectors, record
-from koopman_hooks.stats import StreamingMoments
+from koopman_hooks.koopman.reduce import reduce_activation
 from koopman_hooks.training import train_classifier
-
-timm = pytest.importorskip("timm")
-
 
 # match outputs through the patched forward; a weak latent-consistency term (at the default
 # weight 1 it can pull every latent onto one point when the layers are wide)
@@ -60,9 +48,6 @@ def blob_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
     return x, y, x_test, y_test
 
 
-# ----------------------------------------------------------------------------- conv net
-
-
 class ConvNet(nn.Module):
     """Three conv stages of 4, 8 and 16 channels at 8x8, 4x4 and 2x2, then a linear head."""
 
@@ -90,84 +75,6 @@ def conv_fitted(blob_data):
     return probe, model
 
 
-def test_conv_net_layers_of_different_widths(conv_fitted, blob_data):
-    probe, model = conv_fitted
-    _, _, x_test, y_test = blob_data
-    assert {name: a.shape for name, a in probe.adapters.items()} == {
-        "stem": (4, 8, 8), "stage1": (8, 4, 4), "stage2": (16, 2, 2)
-    }
-    assert {a.reduce for a in probe.adapters.values()} == {"flatten"}  # small maps: exact
-    assert probe.autoencoder.offsets == [0, 2, 5]
-    metrics = probe.evaluate(TensorLoader(x_test, y_test, batch_size=250))
-    assert metrics["model_accuracy"] >= 0.95
-    assert set(metrics["state_fvu_per_layer"]) == {"stage1", "stage2"}
-    assert metrics["state_fvu"] == metrics["state_fvu_per_layer"]["stage2"]
-    assert all(0.0 <= v <= 0.15 for v in metrics["state_fvu_per_layer"].values()), metrics["state_fvu_per_layer"]
-    assert metrics["agreement"] >= 0.98
-
-
-def test_conv_net_patch_at_inner_pair(conv_fitted, blob_data):
-    probe, model = conv_fitted
-    _, _, x_test, _ = blob_data
-    x = x_test[:200]
-    reference = model(x)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    patched = probe.patch(src="stage1", dst="stage2")
-    assert (patched.src_layer, patched.dst_layer) == ("stage1", "stage2")
-    assert patched.surrogate.steps == 3  # the one segment stage1 -> stage2
-    out = patched(x)
-    assert out.shape == reference.shape
-    assert not torch.equal(out, reference)
-    assert (out.argmax(1) == reference.argmax(1)).float().mean() >= 0.95
-    assert torch.equal(model(x), reference)
-    assert _hooks(model) == 0
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    # an inner src with the last dst, and a dst that is not last, both run
-    assert probe.patch(src="stem", dst="stage1")(x).shape == reference.shape
-    assert probe.patch(src="stage1")(x).shape == reference.shape
-    assert _hooks(model) == 0
-
-
-def test_conv_net_unlearning_at_an_inner_pair(conv_fitted, blob_data):
-    probe, model = conv_fitted
-    x, y, x_test, y_test = blob_data
-    edited = probe.unlearn(1, TensorLoader(x, y, batch_size=250), src="stage1", dst="stage2")
-    assert (edited.src_layer, edited.dst_layer) == ("stage1", "stage2")
-    patched = probe.patch(edited)
-    assert (patched.src_layer, patched.dst_layer) == ("stage1", "stage2")
-    with torch.no_grad():
-        pred = patched(x_test).argmax(1)
-        original = model(x_test).argmax(1)
-    forget = y_test == 1
-    assert (pred[forget] == 1).float().mean() <= 0.05
-    assert (pred[~forget] == original[~forget]).float().mean() >= 0.9
-    assert _hooks(model) == 0
-
-
-def test_lossy_pool_at_an_inner_dst_is_exactly_right_inverse(blob_data):
-    """``pool`` at a patched layer: the patched map pools to the surrogate's prediction, for
-    sizes that do not divide the map too (3x3 of 8x8; 4x4 maps at 3x3)."""
-    x, y, x_test, _ = blob_data
-    torch.manual_seed(0)
-    model = ConvNet()
-    probe = KoopmanProbe(model, ["stem", "stage1", "stage2"], latent_dim=8, steps=1, hidden=(32,),
-                         reduce={"stem": "pool:3x3", "stage1": "pool:3x3", "stage2": "flatten"}, verbose=False)
-    probe.fit(TensorLoader(x[:256], batch_size=128), epochs=1)
-    surrogate = probe.surrogate("stem", "stage1")
-    captured = {}
-    with torch.no_grad():
-        with record(model, probe.selectors) as rec:
-            model(x_test[:50])
-        predicted = surrogate(rec.activations["stem"], like=rec.activations["stage1"])
-        adapter = probe.adapters["stage1"]
-        captured["decoded"] = adapter.decode_features(surrogate.decoder(surrogate.final_latent(rec.activations["stem"])))
-    assert predicted.shape == rec.activations["stage1"].shape
-    torch.testing.assert_close(reduce_activation(predicted, "pool:3x3"), captured["decoded"], rtol=0, atol=1e-4)
-
-
-# ----------------------------------------------------------------------------- timm ViT
-
-
 def tiny_vit(depth: int = 2, **kwargs) -> nn.Module:
     from timm.models.vision_transformer import VisionTransformer
 
@@ -182,56 +89,6 @@ def vit_trained(blob_data):
     model = tiny_vit()
     train_classifier(model, TensorLoader(x, y, batch_size=64, shuffle=True), epochs=6, lr=5e-3, verbose=False)
     return model
-
-
-def test_timm_vit_blocks(vit_trained, blob_data):
-    x, y, x_test, y_test = blob_data
-    model = vit_trained
-    probe = KoopmanProbe(model, "blocks.*", latent_dim=64, steps=2, operator="dense", hidden=(128,), lr=5e-3,
-                         loss_weights=WEIGHTS, verbose=False)
-    assert probe.layers == ["blocks.0", "blocks.1"]
-    probe.fit(TensorLoader(x, y, batch_size=64, shuffle=True), epochs=10)
-    assert probe.adapters["blocks.1"].shape == (5, 16)  # CLS + 4 patch tokens, width 16
-    assert probe.adapters["blocks.1"].reduce == "flatten"  # (N, D) small enough: exact
-    metrics = probe.evaluate(TensorLoader(x_test, y_test, batch_size=250))
-    assert metrics["model_accuracy"] >= 0.9
-    assert metrics["agreement"] >= 0.95
-    assert set(metrics["state_fvu_per_layer"]) == {"blocks.1"}
-    assert metrics["state_fvu"] <= 0.1
-    reference = model(x_test[:64])
-    assert probe.patch()(x_test[:64]).shape == reference.shape
-    assert torch.equal(model(x_test[:64]), reference) and _hooks(model) == 0
-
-
-def test_vit_cls_reduction_is_honest_only_at_the_last_block(vit_trained, blob_data):
-    """``cls`` keeps the real patch tokens (``like=``). A CLS-token head never reads them
-    after the last block, so patching there is honest; at an inner block the later blocks
-    attend to them, so they would leak the real model's computation into the patched one."""
-    model = vit_trained
-    x = blob_data[2][:64]
-
-    class ScrambleTokens(nn.Module):
-        """Keeps token 0 of the real output and replaces every other token with noise."""
-
-        def __init__(self, src: str, dst: str) -> None:
-            super().__init__()
-            self.src_layer, self.dst_layer = src, dst
-
-        def forward(self, x: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
-            out = torch.randn_like(like) * like.std()
-            out[:, 0] = like[:, 0]
-            return out
-
-    probe = KoopmanProbe(model, "blocks.*", verbose=False)
-    reference = model(x)
-    last = probe.patch(ScrambleTokens("blocks.0", "blocks.1"))(x)
-    torch.testing.assert_close(last, reference, rtol=1e-5, atol=1e-5)
-    tiny = tiny_vit(depth=3)
-    inner = probe.__class__(tiny, "blocks.*", verbose=False)
-    assert not torch.allclose(inner.patch(ScrambleTokens("blocks.0", "blocks.1"))(x), tiny(x), atol=1e-3)
-
-
-# ----------------------------------------------------------------------------- tuple / dict outputs
 
 
 class TupleBlock(nn.Module):
@@ -272,6 +129,135 @@ class StructuredNet(nn.Module):
         return self.head(h) + 0.0 * aux[:, None]
 
 
+
+def test_conv_net_layers_of_different_widths(conv_fitted, blob_data):
+    probe, model = conv_fitted
+    _, _, x_test, y_test = blob_data
+    assert {name: a.shape for name, a in probe.adapters.items()} == {
+        "stem": (4, 8, 8), "stage1": (8, 4, 4), "stage2": (16, 2, 2)
+    }
+    assert {a.reduce for a in probe.adapters.values()} == {"flatten"}  # small maps: exact
+    assert probe.autoencoder.offsets == [0, 2, 5]
+    metrics = probe.evaluate(TensorLoader(x_test, y_test, batch_size=250))
+    assert metrics["model_accuracy"] >= 0.95
+    assert set(metrics["state_fvu_per_layer"]) == {"stage1", "stage2"}
+    assert metrics["state_fvu"] == metrics["state_fvu_per_layer"]["stage2"]
+    assert all(0.0 <= v <= 0.15 for v in metrics["state_fvu_per_layer"].values()), metrics["state_fvu_per_layer"]
+    assert metrics["agreement"] >= 0.98
+
+
+
+def test_conv_net_patch_at_inner_pair(conv_fitted, blob_data):
+    probe, model = conv_fitted
+    _, _, x_test, _ = blob_data
+    x = x_test[:200]
+    reference = model(x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    patched = probe.patch(src="stage1", dst="stage2")
+    assert (patched.src_layer, patched.dst_layer) == ("stage1", "stage2")
+    assert patched.surrogate.steps == 3  # the one segment stage1 -> stage2
+    out = patched(x)
+    assert out.shape == reference.shape
+    assert not torch.equal(out, reference)
+    assert (out.argmax(1) == reference.argmax(1)).float().mean() >= 0.95
+    assert torch.equal(model(x), reference)
+    assert _hooks(model) == 0
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    # an inner src with the last dst, and a dst that is not last, both run
+    assert probe.patch(src="stem", dst="stage1")(x).shape == reference.shape
+    assert probe.patch(src="stage1")(x).shape == reference.shape
+    assert _hooks(model) == 0
+
+
+
+def test_conv_net_unlearning_at_an_inner_pair(conv_fitted, blob_data):
+    probe, model = conv_fitted
+    x, y, x_test, y_test = blob_data
+    edited = probe.unlearn(1, TensorLoader(x, y, batch_size=250), src="stage1", dst="stage2")
+    assert (edited.src_layer, edited.dst_layer) == ("stage1", "stage2")
+    patched = probe.patch(edited)
+    assert (patched.src_layer, patched.dst_layer) == ("stage1", "stage2")
+    with torch.no_grad():
+        pred = patched(x_test).argmax(1)
+        original = model(x_test).argmax(1)
+    forget = y_test == 1
+    assert (pred[forget] == 1).float().mean() <= 0.05
+    assert (pred[~forget] == original[~forget]).float().mean() >= 0.9
+    assert _hooks(model) == 0
+
+
+
+def test_lossy_pool_at_an_inner_dst_is_exactly_right_inverse(blob_data):
+    """``pool`` at a patched layer: the patched map pools to the surrogate's prediction, for
+    sizes that do not divide the map too (3x3 of 8x8; 4x4 maps at 3x3)."""
+    x, y, x_test, _ = blob_data
+    torch.manual_seed(0)
+    model = ConvNet()
+    probe = KoopmanProbe(model, ["stem", "stage1", "stage2"], latent_dim=8, steps=1, hidden=(32,),
+                         reduce={"stem": "pool:3x3", "stage1": "pool:3x3", "stage2": "flatten"}, verbose=False)
+    probe.fit(TensorLoader(x[:256], batch_size=128), epochs=1)
+    surrogate = probe.surrogate("stem", "stage1")
+    captured = {}
+    with torch.no_grad():
+        with record(model, probe.selectors) as rec:
+            model(x_test[:50])
+        predicted = surrogate(rec.activations["stem"], like=rec.activations["stage1"])
+        adapter = probe.adapters["stage1"]
+        captured["decoded"] = adapter.decode_features(surrogate.decoder(surrogate.final_latent(rec.activations["stem"])))
+    assert predicted.shape == rec.activations["stage1"].shape
+    torch.testing.assert_close(reduce_activation(predicted, "pool:3x3"), captured["decoded"], rtol=0, atol=1e-4)
+
+
+
+def test_timm_vit_blocks(vit_trained, blob_data):
+    x, y, x_test, y_test = blob_data
+    model = vit_trained
+    probe = KoopmanProbe(model, "blocks.*", latent_dim=64, steps=2, operator="dense", hidden=(128,), lr=5e-3,
+                         loss_weights=WEIGHTS, verbose=False)
+    assert probe.layers == ["blocks.0", "blocks.1"]
+    probe.fit(TensorLoader(x, y, batch_size=64, shuffle=True), epochs=10)
+    assert probe.adapters["blocks.1"].shape == (5, 16)  # CLS + 4 patch tokens, width 16
+    assert probe.adapters["blocks.1"].reduce == "flatten"  # (N, D) small enough: exact
+    metrics = probe.evaluate(TensorLoader(x_test, y_test, batch_size=250))
+    assert metrics["model_accuracy"] >= 0.9
+    assert metrics["agreement"] >= 0.95
+    assert set(metrics["state_fvu_per_layer"]) == {"blocks.1"}
+    assert metrics["state_fvu"] <= 0.1
+    reference = model(x_test[:64])
+    assert probe.patch()(x_test[:64]).shape == reference.shape
+    assert torch.equal(model(x_test[:64]), reference) and _hooks(model) == 0
+
+
+
+def test_vit_cls_reduction_is_honest_only_at_the_last_block(vit_trained, blob_data):
+    """``cls`` keeps the real patch tokens (``like=``). A CLS-token head never reads them
+    after the last block, so patching there is honest; at an inner block the later blocks
+    attend to them, so they would leak the real model's computation into the patched one."""
+    model = vit_trained
+    x = blob_data[2][:64]
+
+    class ScrambleTokens(nn.Module):
+        """Keeps token 0 of the real output and replaces every other token with noise."""
+
+        def __init__(self, src: str, dst: str) -> None:
+            super().__init__()
+            self.src_layer, self.dst_layer = src, dst
+
+        def forward(self, x: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+            out = torch.randn_like(like) * like.std()
+            out[:, 0] = like[:, 0]
+            return out
+
+    probe = KoopmanProbe(model, "blocks.*", verbose=False)
+    reference = model(x)
+    last = probe.patch(ScrambleTokens("blocks.0", "blocks.1"))(x)
+    torch.testing.assert_close(last, reference, rtol=1e-5, atol=1e-5)
+    tiny = tiny_vit(depth=3)
+    inner = probe.__class__(tiny, "blocks.*", verbose=False)
+    assert not torch.allclose(inner.patch(ScrambleTokens("blocks.0", "blocks.1"))(x), tiny(x), atol=1e-3)
+
+
+
 def test_tuple_and_dict_outputs():
     torch.manual_seed(0)
     model = StructuredNet()
@@ -299,141 +285,3 @@ def test_tuple_and_dict_outputs():
         KoopmanProbe(model, ["a", "b"], select={"b": "missing"}, verbose=False).fit(TensorLoader(x[:10]), epochs=1)
 
 
-# ----------------------------------------------------------------------------- known dynamics
-
-
-def damped_rotation_system(d: int = 4, depth: int = 5, r: float = 0.9, n: int = 2048):
-    """``depth`` identical bias-free layers ``x -> A x`` with ``A = r C^½ Q C^-½`` (Q: two
-    rotations, by 0.5 and 1.2 rad), on inputs whose sample covariance is exactly ``C``.
-
-    Then every layer's covariance is ``r^{2l} C``: the PCA adapters of all layers share one
-    basis and their unit-RMS scales shrink by ``r`` per layer, so one latent K fits every
-    segment, and in adapted coordinates K's eigenvalues are A's divided by ``r``."""
-    c = torch.tensor([4.0, 1.0, 0.25, 0.0625], dtype=torch.float64)[:d]
-
-    def rot(t: float) -> torch.Tensor:
-        return torch.tensor([[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]], dtype=torch.float64)
-
-    q = torch.block_diag(rot(0.5), rot(1.2))[:d, :d]
-    a = r * torch.diag(c.sqrt()) @ q @ torch.diag(c.rsqrt())
-    z = torch.randn(n, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    z -= z.mean(0)
-    evals, evecs = torch.linalg.eigh(z.T @ z / n)
-    x = (z @ evecs @ torch.diag(evals.rsqrt()) @ evecs.T * c.sqrt()).float()
-    model = nn.Sequential(*[nn.Linear(d, d, bias=False) for _ in range(depth)])
-    with torch.no_grad():
-        for layer in model:
-            layer.weight.copy_(a.float())
-    return model, a, x
-
-
-def _sorted_eigs(m: torch.Tensor) -> torch.Tensor:
-    e = torch.linalg.eigvals(m.double())
-    return e[torch.argsort(e.real * 10 + e.imag)]
-
-
-def test_known_linear_dynamics_are_recovered():
-    model, a, x = damped_rotation_system()
-    probe = KoopmanProbe(model, "*", latent_dim=4, steps=1, operator="dense", operator_fit="ridge", hidden=(),
-                         lr=2e-2, verbose=False)
-    assert probe.layers == ["0", "1", "2", "3", "4"]
-    probe.fit(TensorLoader(x, batch_size=128, shuffle=True), epochs=30)
-    metrics = probe.evaluate(TensorLoader(x[:512], batch_size=256))
-    assert set(metrics["state_fvu_per_layer"]) == {"1", "2", "3", "4"}
-    assert max(metrics["state_fvu_per_layer"].values()) < 1e-3, metrics["state_fvu_per_layer"]
-    assert metrics["linear_baseline"]["state_fvu"] < 1e-6
-    assert metrics["agreement"] == 1.0
-    # the closed-form K, in the unit-RMS latent space: A's eigenvalues without the damping r
-    k = probe.autoencoder.operator.matrix().detach()
-    torch.testing.assert_close(_sorted_eigs(k), _sorted_eigs(a / 0.9), rtol=0, atol=1e-2)
-
-    def raw_jacobian(module: nn.Module) -> torch.Tensor:
-        return torch.autograd.functional.jacobian(lambda v: module(v[None])[0], torch.zeros(4)).double()
-
-    # in the layers' own coordinates every one-segment surrogate is A itself (damping included)
-    for i in range(4):
-        jac = raw_jacobian(probe.surrogate(probe.layers[i], probe.layers[i + 1]))
-        torch.testing.assert_close(jac, a, rtol=0, atol=2e-2)
-    torch.testing.assert_close(_sorted_eigs(raw_jacobian(probe.surrogate())), _sorted_eigs(torch.linalg.matrix_power(a, 4)),
-                               rtol=0, atol=1e-2)
-    # the linear baseline to layers[1] is A too: the data are exactly linear
-    torch.testing.assert_close(raw_jacobian(probe.linear_baseline("1")), a, rtol=0, atol=1e-3)
-
-
-# ----------------------------------------------------------------------------- adapters on maps and tokens
-
-
-CONV = (3, 7, 7)
-TOKENS = (5, 4)
-
-
-@pytest.mark.parametrize(
-    "shape, reduce",
-    [(CONV, "flatten"), (CONV, "pool:2x2"), (CONV, "pool:3x5"), (CONV, "pool:7x7"), (CONV, "pool:1x1"),
-     (TOKENS, "flatten"), (TOKENS, "cls"), (TOKENS, "mean")],
-)
-def test_reduce_round_trips(shape, reduce):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(300, *shape, generator=g) * 2 + 0.5
-    features = reduced_dim(shape, reduce)
-    flat = reduce_activation(x, reduce).double()
-    moments = StreamingMoments(features).update(flat)
-    adapter = adapter_from_moments(shape, reduce, moments, features)  # full width: lossless PCA
-    a = adapter(x)
-    assert a.shape == (300, features)
-    back = adapter.inverse(a, like=x)
-    assert back.shape == x.shape
-    torch.testing.assert_close(back, x, rtol=0, atol=1e-4)
-    # another latent: the decoded map reduces exactly to the decoded features (right inverse)
-    a2 = a + torch.randn(a.shape, generator=g)
-    back2 = adapter.inverse(a2, like=x)
-    torch.testing.assert_close(adapter.features(back2), adapter.decode_features(a2), rtol=0, atol=1e-4)
-    if reduce == "flatten":
-        torch.testing.assert_close(adapter.inverse(a2), back2)
-    else:
-        with pytest.raises(ValueError, match="lossy"):
-            adapter.inverse(a2)
-    saved = LayerAdapter(shape, reduce, adapter.mean, adapter.basis, adapter.scale)
-    torch.testing.assert_close(saved.inverse(a2, like=x), back2)
-
-
-def test_reductions_refuse_the_wrong_kind_of_activation():
-    with pytest.raises(ValueError, match="pool"):
-        reduce_activation(torch.zeros(2, *TOKENS), "pool:2x2")
-    for mode in ("cls", "mean"):
-        with pytest.raises(ValueError, match=mode):
-            reduce_activation(torch.zeros(2, *CONV), mode)
-
-
-# ----------------------------------------------------------------------------- the MNIST builders
-
-
-def test_mnist_builders_and_default_reductions():
-    from koopman_hooks.recipes.builders import MODEL_BUILDERS, model_factory
-
-    assert {"mnist_resnet18", "mnist_vit"} <= set(MODEL_BUILDERS)
-    x = torch.randn(2, 1, 28, 28)
-    resnet = model_factory({"kind": "mnist_resnet18"}, 10)().eval()
-    assert resnet.conv1.in_channels == 1 and resnet(x).shape == (2, 10)
-    layers = ["layer1", "layer2", "layer3", "layer4"]
-    shapes = _shapes(resnet, layers, x)
-    assert shapes == {"layer1": (64, 14, 14), "layer2": (128, 7, 7), "layer3": (256, 4, 4), "layer4": (512, 2, 2)}
-    fast = model_factory({"kind": "mnist_resnet18", "stem_stride": 2, "channels_last": True}, 10)().eval()
-    assert _shapes(fast, layers, x) == {"layer1": (64, 7, 7), "layer2": (128, 4, 4), "layer3": (256, 2, 2),
-                                        "layer4": (512, 1, 1)}
-    full = model_factory({"kind": "mnist_resnet18", "maxpool": False}, 10)().eval()
-    shapes_full = _shapes(full, layers, x)
-    assert shapes_full["layer1"] == (64, 28, 28)
-    expected = {(64, 28, 28): "pool:8x8", (64, 14, 14): "pool:8x8", (128, 14, 14): "pool:5x5",
-                (128, 7, 7): "pool:5x5", (256, 7, 7): "pool:4x4", (256, 4, 4): "flatten", (512, 2, 2): "flatten",
-                (512, 4, 4): "pool:2x2"}
-    for shape in {*shapes.values(), *shapes_full.values()}:
-        spec = default_reduce(shape)
-        assert spec == expected[shape]
-        assert reduced_dim(shape, spec) <= 4096  # a CPU-sized covariance, never 64*28*28
-    vit = model_factory({"kind": "mnist_vit", "depth": 3}, 10)().eval()
-    assert vit(x).shape == (2, 10)
-    probe = KoopmanProbe(vit, "blocks.*", verbose=False)
-    assert probe.layers == ["blocks.0", "blocks.1", "blocks.2"]
-    assert set(_shapes(vit, probe.layers, x).values()) == {(50, 64)}  # CLS + 7x7 patches
-    assert default_reduce((50, 64)) == "flatten"

@@ -175,7 +175,6 @@ def test_operator_options_fit(model_copy, yinyang_small, operator, fit, steps):
 
 def test_ridge_operator_is_the_streamed_closed_form(model_copy, yinyang_small):
     """After a ridge fit, K equals the ridge solution over the whole loader's latent pairs."""
-    from koopman_hooks.stats import StreamingMoments, ridge_regression
 
     train, _ = yinyang_small
     probe = KoopmanProbe(model_copy, ["blocks.0", "blocks.2"], latent_dim=8, steps=1, operator="dense",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+from torch.utils.data import Subset
 
 
 class TensorLoader:
@@ -22,11 +23,15 @@ class TensorLoader:
         self._generator = torch.Generator().manual_seed(seed)
 
     @classmethod
-    def from_dataset(cls, dataset: object, batch_size: int = 256, shuffle: bool = False, seed: int = 0) -> TensorLoader:
-        """From a dataset exposing ``tensors`` (TensorDataset) or ``inputs``/``targets``."""
-        if hasattr(dataset, "tensors"):
-            return cls(*dataset.tensors, batch_size=batch_size, shuffle=shuffle, seed=seed)
-        return cls(dataset.inputs, dataset.targets, batch_size=batch_size, shuffle=shuffle, seed=seed)
+    def from_dataset(
+        cls, dataset: object, batch_size: int = 256, shuffle: bool = False, seed: int = 0, limit: int | None = None
+    ) -> TensorLoader:
+        """From a dataset exposing ``tensors`` (TensorDataset) or ``inputs``/``targets``, or a
+        ``Subset`` of one; ``limit`` keeps the first ``limit`` samples."""
+        tensors = _tensors_of(dataset)
+        if limit is not None:
+            tensors = tuple(t[:limit] for t in tensors)
+        return cls(*tensors, batch_size=batch_size, shuffle=shuffle, seed=seed)
 
     def __len__(self) -> int:
         return -(-len(self.tensors[0]) // self.batch_size)
@@ -40,3 +45,14 @@ class TensorLoader:
             else:
                 idx = order[start : start + self.batch_size]
                 yield tuple(t[idx] for t in self.tensors)
+
+
+def _tensors_of(dataset: object) -> tuple[torch.Tensor, ...]:
+    if isinstance(dataset, Subset):
+        indices = torch.as_tensor(dataset.indices, dtype=torch.long)
+        return tuple(t[indices] for t in _tensors_of(dataset.dataset))
+    if hasattr(dataset, "tensors"):
+        return tuple(dataset.tensors)
+    if hasattr(dataset, "inputs") and hasattr(dataset, "targets"):
+        return (dataset.inputs, dataset.targets)
+    raise TypeError(f"TensorLoader needs a dataset of tensors, got {type(dataset).__name__}")

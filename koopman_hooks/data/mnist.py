@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
 from torch.utils.data import TensorDataset
 
 DATA_ENV_VAR = "KOOPMAN_HOOKS_DATA"

@@ -1,70 +1,101 @@
-"""Datasets and models named in recipes."""
+"""Datasets and models named in recipes, each ``[model]`` kind with its own checked options."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
 
-import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from koopman_hooks.core.schema import closest, from_mapping
 from koopman_hooks.data import YinYangDataset, load_mnist
+from koopman_hooks.errors import ConfigError
 from koopman_hooks.models import ResMLP
 
 
-def build_datasets(cfg: dict[str, Any], seed: int, data_root: str | None) -> tuple[Dataset, Dataset, int]:
-    """``(train, test, num_classes)`` for the ``[data]`` section."""
-    name = cfg.get("dataset")
-    if name == "yinyang":
-        train = YinYangDataset(cfg.get("train_size", 10000), seed=cfg.get("data_seed", 0) + 2 * seed)
-        test = YinYangDataset(cfg.get("test_size", 2000), seed=cfg.get("data_seed", 0) + 2 * seed + 1)
-        return train, test, 3
-    if name == "mnist":
-        flatten = bool(cfg.get("flatten", False))
-        root = data_root or cfg.get("data_root")
-        train = load_mnist(True, root, limit=cfg.get("train_size"), flatten=flatten)
-        test = load_mnist(False, root, limit=cfg.get("test_size"), flatten=flatten)
-        return train, test, 10
-    raise ValueError(f"unknown dataset {name!r}; recipes know 'yinyang' and 'mnist'")
+@dataclass(frozen=True)
+class ResMLPModel:
+    """``kind = "resmlp"``: :class:`~koopman_hooks.models.ResMLP`."""
+
+    kind: Literal["resmlp"]
+    in_features: int
+    width: int = 10
+    depth: int = 5
+    batch_norm: bool = False
+
+    def build(self, num_classes: int) -> nn.Module:
+        return ResMLP(self.in_features, num_classes, self.width, self.depth, self.batch_norm)
 
 
-def _resmlp(cfg: dict[str, Any], num_classes: int) -> nn.Module:
-    return ResMLP(cfg["in_features"], num_classes, cfg.get("width", 10), cfg.get("depth", 5), cfg.get("batch_norm", False))
+@dataclass(frozen=True)
+class ResNetModel:
+    """``kind = "mnist_resnet18"``: :func:`~koopman_hooks.vision.mnist_resnet18`."""
+
+    kind: Literal["mnist_resnet18"]
+    in_chans: int = 1
+    stem_stride: int = 1
+    maxpool: bool = True
+    channels_last: bool = False
+
+    def build(self, num_classes: int) -> nn.Module:
+        from koopman_hooks.vision import mnist_resnet18
+
+        return mnist_resnet18(num_classes, self.in_chans, self.stem_stride, self.maxpool, self.channels_last)
 
 
-def _mnist_resnet18(cfg: dict[str, Any], num_classes: int) -> nn.Module:
-    from koopman_hooks.vision import mnist_resnet18
+@dataclass(frozen=True)
+class ViTModel:
+    """``kind = "mnist_vit"``: :func:`~koopman_hooks.vision.mnist_vit`."""
 
-    return mnist_resnet18(num_classes, **{k: v for k, v in cfg.items() if k != "kind"})
+    kind: Literal["mnist_vit"]
+    depth: int = 6
+    embed_dim: int = 64
+    patch_size: int = 4
+    num_heads: int = 4
+    mlp_ratio: float = 2.0
+    img_size: int = 28
+    in_chans: int = 1
+    global_pool: Literal["token", "avg"] = "token"
+    class_token: bool = True
+
+    def build(self, num_classes: int) -> nn.Module:
+        from koopman_hooks.vision import mnist_vit
+
+        options = {k: v for k, v in asdict(self).items() if k != "kind"}
+        return mnist_vit(num_classes, **options)
 
 
-def _mnist_vit(cfg: dict[str, Any], num_classes: int) -> nn.Module:
-    from koopman_hooks.vision import mnist_vit
-
-    return mnist_vit(num_classes, **{k: v for k, v in cfg.items() if k != "kind"})
-
-
-MODEL_BUILDERS: dict[str, Callable[[dict[str, Any], int], nn.Module]] = {
-    "resmlp": _resmlp,
-    "mnist_resnet18": _mnist_resnet18,  # [model] keys: in_chans, stem_stride, maxpool
-    "mnist_vit": _mnist_vit,  # [model] keys: depth, embed_dim, patch_size, num_heads, ... (timm kwargs)
+ModelSection = ResMLPModel | ResNetModel | ViTModel
+MODEL_KINDS: dict[str, type[ResMLPModel] | type[ResNetModel] | type[ViTModel]] = {
+    "resmlp": ResMLPModel, "mnist_resnet18": ResNetModel, "mnist_vit": ViTModel,
 }
 
 
-def model_factory(cfg: dict[str, Any], num_classes: int) -> Callable[[], nn.Module]:
+def check_model_section(raw: Any) -> ModelSection:
+    """The typed ``[model]`` section (``kind`` defaults to ``"resmlp"``)."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"model: expected a table, got {type(raw).__name__}")
+    kind = raw.get("kind", "resmlp")
+    if kind not in MODEL_KINDS:
+        raise ConfigError(f"model.kind: unknown model kind {kind!r}{closest(str(kind), list(MODEL_KINDS))} "
+                          f"(recipes know {', '.join(MODEL_KINDS)})")
+    return from_mapping(MODEL_KINDS[kind], {**raw, "kind": kind}, "model")
+
+
+def build_datasets(data: Any, seed: int, data_root: str | None) -> tuple[Dataset, Dataset, int]:  # type: ignore[type-arg]
+    """``(train, test, num_classes)`` for the ``[data]`` section."""
+    if data.dataset == "yinyang":
+        train = YinYangDataset(data.train_size or 10000, seed=data.data_seed + 2 * seed)
+        test = YinYangDataset(data.test_size or 2000, seed=data.data_seed + 2 * seed + 1)
+        return train, test, 3
+    root = data_root or data.data_root
+    train_set = load_mnist(True, root, limit=data.train_size, flatten=data.flatten)
+    test_set = load_mnist(False, root, limit=data.test_size, flatten=data.flatten)
+    return train_set, test_set, 10
+
+
+def model_factory(model: ModelSection, num_classes: int) -> Callable[[], nn.Module]:
     """A function building a fresh, untrained model for the ``[model]`` section."""
-    kind = cfg.get("kind", "resmlp")
-    if kind not in MODEL_BUILDERS:
-        raise ValueError(f"unknown model kind {kind!r}; recipes know {sorted(MODEL_BUILDERS)}")
-    return lambda: MODEL_BUILDERS[kind](cfg, num_classes)
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    return lambda: model.build(num_classes)

@@ -1,38 +1,233 @@
-"""Recipes are TOML files: data, model, training, probe and report sections."""
+"""Recipes are TOML files checked against one schema before any work is done.
+
+Sections: ``[data]``, ``[model]`` (per ``kind``), ``[train]``, ``[probe]`` (the
+:class:`~koopman_hooks.KoopmanProbe` options plus ``epochs``/``batch_size``), ``[report]`` and
+the optional ``[topology]``, ``[unlearning]`` and ``[targets]``. Unknown sections or keys are
+refused naming the closest valid one; wrong types name the key, what was expected and what
+was given (:class:`~koopman_hooks.errors.ConfigError`).
+"""
 
 from __future__ import annotations
 
 import ast
-import copy
+import inspect
 import os
-import tomllib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-PACKAGED_RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+import tomllib
+
+from koopman_hooks.core.schema import check, closest, from_mapping
+from koopman_hooks.errors import ConfigError
+from koopman_hooks.recipes.builders import ModelSection, check_model_section
+from koopman_hooks.unlearning.options import EditOptions, Method
+
+Baseline = Literal["original", "retrain", "finetune", "neggrad_plus", "leace_baseline"]
 
 
-def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Read a recipe file (or a bare name from ``recipes/``) and apply ``key.sub=value`` overrides."""
+@dataclass(frozen=True)
+class DataSection:
+    dataset: Literal["yinyang", "mnist"]
+    train_size: int | None = None
+    test_size: int | None = None
+    data_seed: int = 0
+    flatten: bool = False
+    data_root: str | None = None
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class ReportSection:
+    pca_layers: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class TopologySection:
+    n_points: int = 2000
+    layers: tuple[str, ...] | None = None
+    epsilon: float | None = None
+    quantile: float = 0.99
+    k: int = 1
+    dims: tuple[int, ...] = (0, 1)
+    per_class: bool = False
+    metric: Literal["euclidean", "knn"] = "euclidean"
+    n_neighbors: int = 10
+    variance: float | None = None
+
+
+@dataclass(frozen=True)
+class UnlearningSection:
+    methods: tuple[Method, ...] = ("endpoint", "per_step", "leace")
+    classes: Literal["all"] | tuple[int, ...] = "all"
+    baselines: tuple[Baseline, ...] = ("original", "retrain", "finetune", "neggrad_plus", "leace_baseline")
+    baseline_classes: Literal["all"] | tuple[int, ...] = "all"
+    batch_size: int | None = None
+    eval_train_samples: int = 10000
+    stats_samples: int | None = None
+    finetune_epochs: int = 3
+    finetune_lr: float | None = None
+    neggrad_epochs: int = 3
+    neggrad_lr: float | None = None
+    neggrad_alpha: float = 0.99
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from_mapping(EditOptions, self.options, "unlearning.options")
+
+
+@dataclass(frozen=True)
+class ProbeSection:
+    """``[probe]``: ``layers``, any :class:`~koopman_hooks.KoopmanProbe` option, and the fit's
+    ``epochs`` and ``batch_size``."""
+
+    layers: tuple[str, ...]
+    epochs: int = 30
+    batch_size: int = 256
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A whole recipe, validated."""
+
+    name: str
+    data: DataSection
+    model: ModelSection
+    train: TrainSection = field(default_factory=TrainSection)
+    probe: ProbeSection | None = None
+    report: ReportSection = field(default_factory=ReportSection)
+    topology: TopologySection | None = None
+    unlearning: UnlearningSection | None = None
+    targets: dict[str, str] = field(default_factory=dict)
+    threads: int | None = None
+
+
+SECTIONS = {"data": DataSection, "train": TrainSection, "report": ReportSection, "topology": TopologySection,
+            "unlearning": UnlearningSection}
+TOP_LEVEL = ("name", "threads", "data", "model", "train", "probe", "report", "topology", "unlearning", "targets")
+# KoopmanProbe options a recipe may set (the model, device, seed and verbosity come from the run)
+_RUN_OWNED = ("model", "device", "seed", "verbose", "select")
+
+
+def probe_options() -> list[str]:
+    from koopman_hooks.probe import KoopmanProbe
+
+    names = list(inspect.signature(KoopmanProbe.__init__).parameters)[1:]
+    return [n for n in names if n not in _RUN_OWNED]
+
+
+def parse_recipe(raw: Mapping[str, Any], default_name: str = "recipe") -> Recipe:
+    """Check a recipe's plain data (a parsed TOML file) and build the typed :class:`Recipe`."""
+    raw = dict(raw)
+    for key in raw:
+        if key not in TOP_LEVEL:
+            raise ConfigError(f"unknown section or key {key!r}{closest(key, list(TOP_LEVEL))} "
+                              f"(recipes have: {', '.join(TOP_LEVEL)})")
+    for key in ("data", "model"):
+        if key not in raw:
+            raise ConfigError(f"the recipe has no [{key}] section")
+    values: dict[str, Any] = {"name": check(raw.get("name", default_name), str, "name")}
+    if "threads" in raw:
+        values["threads"] = check(raw["threads"], int | None, "threads")
+    for key, cls in SECTIONS.items():
+        if key in raw:
+            values[key] = from_mapping(cls, raw[key], key)
+    values["model"] = check_model_section(raw["model"])
+    if "probe" in raw:
+        values["probe"] = _probe_section(raw["probe"])
+    targets = check(raw.get("targets", {}), dict[str, str], "targets")
+    for path, rule in targets.items():
+        parse_target(path, rule)
+    values["targets"] = targets
+    return Recipe(**values)
+
+
+def _probe_section(raw: Any) -> ProbeSection:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"probe: expected a table, got {type(raw).__name__}")
+    raw = dict(raw)
+    if "layers" not in raw:
+        raise ConfigError("[probe] needs layers = [...]")
+    valid = [*probe_options(), "epochs", "batch_size"]
+    for key in raw:
+        if key not in valid:
+            raise ConfigError(f"unknown key 'probe.{key}'{closest(key, valid)} (valid: {', '.join(valid)})")
+    layers = raw.pop("layers")
+    layers = check([layers] if isinstance(layers, str) else layers, tuple[str, ...], "probe.layers")
+    epochs = check(raw.pop("epochs", 30), int, "probe.epochs")
+    batch_size = check(raw.pop("batch_size", 256), int, "probe.batch_size")
+    for key in ("epochs", "batch_size"):
+        if locals()[key] < 1:
+            raise ConfigError(f"probe.{key} must be >= 1")
+    return ProbeSection(layers, epochs, batch_size, raw)
+
+
+_COMPARE_OPS = (">=", "<=", ">", "<")
+
+
+def parse_target(path: str, rule: str) -> tuple[str, float]:
+    """``">= 0.99"`` as ``(">=", 0.99)`` (:class:`ConfigError` naming the target otherwise)."""
+    op, _, threshold = rule.strip().partition(" ")
+    try:
+        limit = float(threshold)
+    except ValueError:
+        limit = float("nan")
+    if op not in _COMPARE_OPS or limit != limit:
+        raise ConfigError(f"target {path!r}: rule {rule!r} must be '<op> <number>' with op one of {list(_COMPARE_OPS)}")
+    return op, limit
+
+
+def packaged_recipe(name: str) -> Path | None:
+    """The recipe file shipped with the package under ``name`` (e.g. ``"yinyang"``), if any."""
+    candidate = resources.files("koopman_hooks.recipes") / "library" / f"{name}.toml"
+    return Path(str(candidate)) if candidate.is_file() else None
+
+
+def packaged_names() -> list[str]:
+    folder = resources.files("koopman_hooks.recipes") / "library"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def read_recipe(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The plain data of a recipe file (or a packaged recipe's name) with overrides applied."""
     file = Path(path)
-    if not file.exists() and not file.suffix and (PACKAGED_RECIPES / f"{path}.toml").exists():
-        file = PACKAGED_RECIPES / f"{path}.toml"
-    if not file.exists():
-        raise FileNotFoundError(f"no recipe file {path!r}")
-    with file.open("rb") as f:
-        recipe = tomllib.load(f)
-    recipe.setdefault("name", file.stem)
+    if not file.exists() and not file.suffix:
+        file = packaged_recipe(str(path)) or file
+    if not file.is_file():
+        raise FileNotFoundError(f"no recipe file {str(path)!r} (packaged recipes: {', '.join(packaged_names())})")
+    try:
+        with file.open("rb") as f:
+            raw = tomllib.load(f)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{file}: not valid TOML: {err}") from None
+    raw.setdefault("name", file.stem)
     for item in overrides:
-        set_by_path(recipe, item)
-    return recipe
+        set_by_path(raw, item)
+    return raw
+
+
+def load_recipe(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Recipe:
+    """Read and check a recipe file (or a packaged recipe's name, e.g. ``"yinyang"``) with
+    ``section.key=value`` overrides applied."""
+    raw = read_recipe(path, overrides)
+    return parse_recipe(raw, str(raw.get("name")))
 
 
 def set_by_path(recipe: dict[str, Any], assignment: str) -> None:
     """Apply ``"probe.epochs=5"``; the value is a Python/TOML literal, else a string."""
     key, sep, raw = assignment.partition("=")
-    if not sep:
-        raise ValueError(f"override {assignment!r} is not of the form section.key=value")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {assignment!r} is not of the form section.key=value")
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
@@ -42,10 +237,5 @@ def set_by_path(recipe: dict[str, Any], assignment: str) -> None:
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ValueError(f"override {assignment!r}: {part!r} is not a section")
+            raise ConfigError(f"override {assignment!r}: {part!r} is not a section")
     node[parts[-1]] = value
-
-
-def section(recipe: Mapping[str, Any], name: str) -> dict[str, Any]:
-    """A copy of one section (empty when absent)."""
-    return copy.deepcopy(dict(recipe.get(name, {})))

@@ -7,31 +7,32 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import matplotlib
+import numpy as np
+import torch
+
+from koopman_hooks.analysis.trajectories import collect_trajectories
+from koopman_hooks.fitting.fitted import FittedProbe
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from koopman_hooks.representations import collect_trajectories  # noqa: E402
 
 if TYPE_CHECKING:
-    from koopman_hooks.recipes.runner import RunContext
+    from koopman_hooks.recipes.sections.base import RunContext
 
 
-def seed_plots(context: RunContext, test_loader: Iterable) -> dict[str, str]:
+def seed_plots(context: RunContext, model_loss: Sequence[float], test_loader: Iterable[Any]) -> dict[str, Path]:
     """Training curves, eigenvalues of K, and 3-D PCA of network layers vs surrogate steps."""
     out = context.out_dir
-    paths = {
-        "training_curves": training_curves(context.results["model"]["train_loss"], context.probe.history, out / "training_curves.png"),
-        "eigenvalues": eigenvalue_plot(context.probe, out / "eigenvalues.png"),
-        "pca": pca_plot(context, test_loader, out / "pca_3d.png"),
+    fitted = context.probe.fetch_model()
+    layers = context.recipe.report.pca_layers or fitted.layers
+    return {
+        "training_curves": training_curves(model_loss, fitted.history, out / "training_curves.png"),
+        "eigenvalues": eigenvalue_plot(fitted, out / "eigenvalues.png"),
+        "pca": pca_plot(fitted, layers, test_loader, out / "pca_3d.png"),
     }
-    context.results["plots"] = {k: str(Path(v).relative_to(out.parent)) for k, v in paths.items()}
-    return paths
 
 
-def training_curves(model_loss: Sequence[float], history: Sequence[dict[str, float]], path: Path) -> Path:
+def training_curves(model_loss: Sequence[float], history: Sequence[dict[str, Any]], path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     axes[0].plot(range(1, len(model_loss) + 1), model_loss)
     axes[0].set(title="model training", xlabel="epoch", ylabel="cross-entropy", yscale="log")
@@ -46,14 +47,14 @@ def training_curves(model_loss: Sequence[float], history: Sequence[dict[str, flo
     return path
 
 
-def eigenvalue_plot(probe: Any, path: Path) -> Path:
+def eigenvalue_plot(probe: FittedProbe, path: Path) -> Path:
     k = probe.autoencoder.operator.matrix().detach().double().cpu()
     eig = torch.linalg.eigvals(k).numpy()
     fig, ax = plt.subplots(figsize=(4.2, 4.2))
     theta = np.linspace(0, 2 * np.pi, 400)
     ax.plot(np.cos(theta), np.sin(theta), color="0.6", lw=1)
     ax.scatter(eig.real, eig.imag, s=18, color="C3", zorder=3)
-    ax.set(title=f"eigenvalues of K ({probe.operator}, {k.shape[0]}-D)", xlabel="Re", ylabel="Im", aspect="equal")
+    ax.set(title=f"eigenvalues of K ({probe.config.operator}, {k.shape[0]}-D)", xlabel="Re", ylabel="Im", aspect="equal")
     ax.axhline(0, color="0.85", lw=0.8)
     ax.axvline(0, color="0.85", lw=0.8)
     fig.tight_layout()
@@ -68,10 +69,9 @@ def _pca3(x: np.ndarray) -> np.ndarray:
     return x @ vt[:3].T if vt.shape[0] >= 3 else np.pad(x @ vt.T, ((0, 0), (0, 3 - vt.shape[0])))
 
 
-def pca_plot(context: RunContext, loader: Iterable, path: Path) -> Path:
+def pca_plot(probe: FittedProbe, layers: Sequence[str], loader: Iterable[Any], path: Path) -> Path:
     """Top row: the network's layers; bottom row: the surrogate's steps, each in 3-D PCA."""
-    layers = context.recipe.get("report", {}).get("pca_layers") or context.probe.layers
-    traj = collect_trajectories(context.probe, loader, layers, n_samples=2000)
+    traj = collect_trajectories(probe, loader, layers, n_samples=2000)
     net = [cloud.numpy() for cloud in traj.network.values()]
     steps = [cloud.numpy() for cloud in traj.surrogate]
     labels = traj.labels.numpy() if traj.labels is not None else np.zeros(len(net[0]))

@@ -1,144 +1,99 @@
-"""Run a recipe end to end: data, model, probe, evaluation, optional sections, report."""
+"""Run a recipe end to end: data, model, probe, then every enabled section; write the report."""
 
 from __future__ import annotations
 
-import resource
+import random
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
+from koopman_hooks.core.schema import to_mapping
+from koopman_hooks.core.serialization import load_tensors, save_tensors
 from koopman_hooks.data import TensorLoader
+from koopman_hooks.errors import ConfigError
 from koopman_hooks.probe import KoopmanProbe
-from koopman_hooks.recipes.builders import build_datasets, model_factory, seed_everything
-from koopman_hooks.recipes.config import section
-from koopman_hooks.serialization import load_tensors, save_tensors
-from koopman_hooks.training import predict, train_classifier
+from koopman_hooks.recipes.builders import build_datasets, check_model_section, model_factory
+from koopman_hooks.recipes.config import Recipe
+from koopman_hooks.recipes.report import build_report, write_report
+from koopman_hooks.recipes.sections import SECTIONS, RunContext
+from koopman_hooks.recipes.sections.fidelity import peak_rss_mb
+from koopman_hooks.training import train_classifier
 
 
-@dataclass
-class RunContext:
-    """Everything a recipe section needs about one seed's run."""
-
-    recipe: dict[str, Any]
-    seed: int
-    out_dir: Path
-    train_set: Dataset
-    test_set: Dataset
-    num_classes: int
-    new_model: Callable[[], nn.Module]
-    model: nn.Module
-    probe: KoopmanProbe
-    verbose: bool
-    results: dict[str, Any] = field(default_factory=dict)
-
-    def loader(self, dataset: Dataset, batch_size: int = 512, shuffle: bool = False) -> TensorLoader:
-        return TensorLoader.from_dataset(dataset, batch_size=batch_size, shuffle=shuffle, seed=self.seed)
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch for a recipe run (the recipe owns its process)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def make_probe(recipe: Recipe, model: nn.Module, seed: int, verbose: bool) -> KoopmanProbe:
+    """The recipe's probe on ``model``; option errors name the ``probe.`` key."""
+    if recipe.probe is None:
+        raise ConfigError("the recipe has no [probe] section")
+    try:
+        return KoopmanProbe(model, list(recipe.probe.layers), seed=seed, verbose=verbose, **recipe.probe.options)
+    except ConfigError as err:
+        raise ConfigError(f"probe.{err}") from None
+    except TypeError as err:  # a KoopmanProbe option given a value it cannot take
+        raise ConfigError(f"[probe]: {err}") from None
 
 
-def _per_class_list(per_class: dict[int, float], num_classes: int) -> list[float | None]:
-    return [per_class.get(c) for c in range(num_classes)]
+def check_recipe(recipe: Recipe) -> None:
+    """Everything that can be checked before training: the probe's options and layers on an
+    untrained model of the recipe's kind."""
+    model = recipe.model.build(3 if recipe.data.dataset == "yinyang" else 10)
+    make_probe(recipe, model, 0, verbose=False)
 
 
-def run_seed(recipe: dict[str, Any], seed: int, out_dir: Path, data_root: str | None = None, verbose: bool = True) -> dict[str, Any]:
+def run_seed(recipe: Recipe, seed: int, out_dir: Path, data_root: str | None = None, verbose: bool = True) -> dict[str, Any]:
     """Run one seed of ``recipe`` and return its results; artefacts go to ``out_dir``."""
     start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(seed)
-    data_cfg, model_cfg = section(recipe, "data"), section(recipe, "model")
-    train_cfg, probe_cfg = section(recipe, "train"), section(recipe, "probe")
-    train_set, test_set, num_classes = build_datasets(data_cfg, seed, data_root)
-    new_model = model_factory(model_cfg, num_classes)
+    train_set, test_set, num_classes = build_datasets(recipe.data, seed, data_root)
+    new_model = model_factory(recipe.model, num_classes)
     model = new_model()
-    train_loader = TensorLoader.from_dataset(train_set, train_cfg.get("batch_size", 64), shuffle=True, seed=seed)
-    test_loader = TensorLoader.from_dataset(test_set, 1000)
+    train = recipe.train
     t0 = time.perf_counter()
-    train_history = train_classifier(
-        model, train_loader, train_cfg.get("epochs", 30), lr=train_cfg.get("lr", 1e-3),
-        weight_decay=train_cfg.get("weight_decay", 0.0), verbose=verbose, desc=f"train model (seed {seed})",
+    train_loss = train_classifier(
+        model, TensorLoader.from_dataset(train_set, train.batch_size, shuffle=True, seed=seed), train.epochs,
+        lr=train.lr, weight_decay=train.weight_decay, verbose=verbose, desc=f"train model (seed {seed})",
     )
     train_seconds = time.perf_counter() - t0
-    # the trained model, so the run's probe can be reloaded: KoopmanProbe.load(path, model)
+    # the trained model, so the run's probe can be reloaded: load_run(out_dir)
     save_tensors(out_dir / "model.safetensors", model.state_dict(), "model",
-                 {"recipe": recipe.get("name"), "model": model_cfg, "num_classes": num_classes, "seed": seed})
-
-    fit_epochs = probe_cfg.pop("epochs", 30)
-    fit_batch = probe_cfg.pop("batch_size", 256)
-    probe = KoopmanProbe(model, probe_cfg.pop("layers"), verbose=verbose, seed=seed, **probe_cfg)
-    probe.fit(TensorLoader.from_dataset(train_set, fit_batch, shuffle=True, seed=seed), epochs=fit_epochs)
-    peak_rss = _peak_rss_mb()
-    metrics = probe.evaluate(test_loader)
+                 {"recipe": recipe.name, "model": to_mapping(recipe.model), "num_classes": num_classes, "seed": seed})
+    assert recipe.probe is not None
+    probe = make_probe(recipe, model, seed, verbose)
+    probe.fit(TensorLoader.from_dataset(train_set, recipe.probe.batch_size, shuffle=True, seed=seed), epochs=recipe.probe.epochs)
     probe.save(out_dir / "probe.safetensors")
-
-    results: dict[str, Any] = {
-        "seed": seed,
-        "model": {
-            "test_accuracy": metrics["model_accuracy"],
-            "per_class_accuracy": _per_class_list(metrics["model_per_class_accuracy"], num_classes),
-            "train_seconds": train_seconds,
-            "train_loss": train_history,
-        },
-        "surrogate": {
-            "test_accuracy": metrics["surrogate_accuracy"],
-            "agreement": metrics["agreement"],
-            "accuracy_drop": metrics["model_accuracy"] - metrics["surrogate_accuracy"],
-            "per_class_accuracy": _per_class_list(metrics["surrogate_per_class_accuracy"], num_classes),
-            "state_fvu": metrics["state_fvu"],
-            "state_fvu_per_layer": metrics["state_fvu_per_layer"],
-            "latent_fvu": metrics["latent_fvu"],
-            "fit_seconds": probe.fit_seconds,
-            "peak_rss_mb": peak_rss,
-            "layers": probe.layers,
-            "steps": probe.steps,
-            "latent_dim": probe.latent_dim,
-            "operator": probe.operator,
-        },
-        "linear_baseline": {
-            "test_accuracy": metrics["linear_baseline"]["accuracy"],
-            "agreement": metrics["linear_baseline"]["agreement"],
-            "state_fvu": metrics["linear_baseline"]["state_fvu"],
-        },
-        "history": probe.history,
-    }
-    context = RunContext(recipe, seed, out_dir, train_set, test_set, num_classes, new_model, model, probe, verbose, results)
-    from koopman_hooks.recipes import plots
-
-    plots.seed_plots(context, test_loader)
-    for name, run_section in _sections().items():
-        if name in recipe:
-            results[name] = run_section(context)
-    results["seconds"] = time.perf_counter() - start
-    return results
+    context = RunContext(recipe, seed, out_dir, train_set, test_set, num_classes, new_model, model, probe,
+                         train_seconds, train_loss, verbose, {"seed": seed, "peak_rss_mb": peak_rss_mb()})
+    for section in SECTIONS:
+        if section.enabled(recipe):
+            context.results.update(section.run(context))
+    context.results["seconds"] = time.perf_counter() - start
+    return context.results
 
 
-def _sections() -> dict[str, Callable[[RunContext], Any]]:
-    """Optional recipe sections, each a function of the run context."""
-    from koopman_hooks.recipes import sections
-
-    return sections.SECTIONS
-
-
-def run_recipe(
-    recipe: dict[str, Any], out_dir: str | Path, seeds: Sequence[int] = (0,), data_root: str | None = None, verbose: bool = True
-) -> dict[str, Any]:
-    """Run every seed, then write ``report.json``, ``report.md`` and plots to ``out_dir``."""
-    from koopman_hooks.recipes.report import build_report, write_report
-
-    if recipe.get("threads"):
-        torch.set_num_threads(int(recipe["threads"]))
+def run_recipe(recipe: Recipe, out_dir: str | Path, seeds: Sequence[int] = (0,), data_root: str | None = None,
+               verbose: bool = True) -> dict[str, Any]:
+    """Check the recipe, run every seed, then write ``report.json``, ``report.md`` and plots to ``out_dir``."""
+    check_recipe(recipe)
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file; give a folder (it is created if missing)")
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
     runs = [run_seed(recipe, seed, out / f"seed{seed}", data_root, verbose) for seed in seeds]
     report = build_report(recipe, runs)
-    write_report(report, runs, out)
+    write_report(recipe, report, runs, out)
     return report
 
 
@@ -147,7 +102,7 @@ def load_run(seed_dir: str | Path, verbose: bool = False) -> tuple[nn.Module, Ko
     e.g. ``load_run("runs/mnist/seed0")``, to analyse or edit without re-running the recipe."""
     seed_dir = Path(seed_dir)
     weights, config = load_tensors(seed_dir / "model.safetensors", "model")
-    model = model_factory(dict(config["model"]), config["num_classes"])()
+    model = model_factory(check_model_section(config["model"]), config["num_classes"])()
     model.load_state_dict(weights)
     model.eval()
     return model, KoopmanProbe.load(seed_dir / "probe.safetensors", model, verbose=verbose)

@@ -1,66 +1,46 @@
-"""Class unlearning: metrics (accuracy split, MIA efficacy, probe recall) and baselines."""
+"""Class unlearning: Koopman edits of the latent linear dynamics, the standard baselines, metrics."""
 
-from koopman_hooks.unlearning.baselines import (
-    LeaceErasedModel,
-    LeaceEraser,
-    LeaceStatistics,
-    class_loaders,
-    class_subsets,
-    dataset_targets,
-    finetune,
-    fit_leace,
-    leace_erasure,
-    neggrad_plus,
-    retrain,
-)
+from koopman_hooks.unlearning.baselines import finetune, neggrad_plus, retrain
+from koopman_hooks.unlearning.edit import unlearn, unlearning_statistics
+from koopman_hooks.unlearning.leace import LeaceErasedModel, LeaceFitter, fit_leace, latent_leace_map, leace_erasure
 from koopman_hooks.unlearning.metrics import (
-    collect_features,
     forget_retain_accuracy,
     layer_batches,
     mia_efficacy,
     mia_features,
     predict_with_features,
     probe_recall,
-    split_by_class,
 )
+from koopman_hooks.unlearning.options import EditOptions
+from koopman_hooks.unlearning.per_step import per_step_operator
+from koopman_hooks.unlearning.redirect import redirect_map
+from koopman_hooks.unlearning.splits import class_loaders, class_subsets, dataset_targets, split_by_class
+from koopman_hooks.unlearning.statistics import LatentGroupStatistics, collect_statistics
 
 __all__ = [
+    "EditOptions",
+    "LatentGroupStatistics",
     "LeaceErasedModel",
-    "LeaceEraser",
-    "LeaceStatistics",
+    "LeaceFitter",
     "class_loaders",
     "class_subsets",
-    "collect_features",
+    "collect_statistics",
     "dataset_targets",
     "finetune",
     "fit_leace",
     "forget_retain_accuracy",
+    "latent_leace_map",
     "layer_batches",
     "leace_erasure",
     "mia_efficacy",
     "mia_features",
     "neggrad_plus",
+    "per_step_operator",
     "predict_with_features",
     "probe_recall",
+    "redirect_map",
     "retrain",
     "split_by_class",
-]
-
-# Unlearning by editing the surrogate's latent linear dynamics (the model is never changed).
-from koopman_hooks.unlearning.edits import (  # noqa: E402
-    LatentGroupStatistics,
-    latent_statistics,
-    leace_map,
-    per_step_operator,
-    redirect_map,
-    unlearn,
-)
-
-__all__ += [
-    "LatentGroupStatistics",
-    "latent_statistics",
-    "leace_map",
-    "per_step_operator",
-    "redirect_map",
     "unlearn",
+    "unlearning_statistics",
 ]

@@ -5,18 +5,17 @@ scikit-learn (the ``unlearning`` extra) is imported only by the functions that n
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from koopman_hooks.batches import call_model, move_inputs, split_batch
-
-ArrayLike = torch.Tensor | np.ndarray | Sequence[int]
-Classes = int | Iterable[int]
+from koopman_hooks.core.capture import iter_captures
+from koopman_hooks.core.hooks import preserved_state
+from koopman_hooks.core.select import MODEL_OUTPUT, OutputSelector, Select
+from koopman_hooks.unlearning.splits import ArrayLike, Classes, split_by_class
 
 #: Most members (and as many non-members) the MIA's SVC is trained on.
 MIA_MAX_PER_SIDE = 1500
@@ -28,23 +27,6 @@ def _sklearn() -> Any:
     except ImportError as err:  # pragma: no cover - depends on the install
         raise ImportError("unlearning metrics need scikit-learn: pip install 'koopman_hooks[unlearning]'") from err
     return sklearn
-
-
-def class_list(classes: Classes) -> list[int]:
-    """``forget_classes`` as a list of ints (a single int is one class)."""
-    if isinstance(classes, (int, np.integer)):
-        return [int(classes)]
-    out = [int(c) for c in classes]
-    if not out:
-        raise ValueError("forget_classes is empty")
-    return out
-
-
-def split_by_class(labels: ArrayLike, forget_classes: Classes) -> tuple[torch.Tensor, torch.Tensor]:
-    """Boolean masks ``(forget_mask, retain_mask)`` over ``labels``."""
-    labels = torch.as_tensor(labels).reshape(-1)
-    forget = torch.isin(labels, torch.tensor(class_list(forget_classes), dtype=labels.dtype))
-    return forget, ~forget
 
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -145,96 +127,30 @@ def probe_recall(
     return float(recall_score(y_test, probe.predict(x_test), pos_label=1, zero_division=0))
 
 
-def resolve_module(model: nn.Module, module: str | nn.Module) -> nn.Module:
-    """``model``'s submodule called ``module`` (``""`` is the model), or ``module`` itself."""
-    if isinstance(module, nn.Module):
-        return module
-    modules = dict(model.named_modules())
-    if module not in modules:
-        raise KeyError(f"no module {module!r} in the model; some names: {list(modules)[:12]}")
-    return modules[module]
-
-
-def first_tensor(output: Any) -> torch.Tensor:
-    """A module's output tensor: the output itself, or the first tensor of a tuple/list."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)):
-        for item in output:
-            if isinstance(item, torch.Tensor):
-                return item
-    raise TypeError(f"cannot find a tensor in a module output of type {type(output).__name__}")
-
-
-@contextmanager
-def _captured(module: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Record ``module``'s output tensors in a list while the context is open."""
-    store: list[torch.Tensor] = []
-    handle = module.register_forward_hook(lambda _m, _i, out: store.append(first_tensor(out).detach()))
-    try:
-        yield store
-    finally:
-        handle.remove()
-
-
-def _layer_and_output_batches(
-    model: nn.Module, module: str | nn.Module, loader: Iterable, device: str | torch.device, caller: str
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, Any]]:
-    """Yield ``(features, labels, output)`` per batch, in eval mode under ``no_grad``; the hook
-    is removed and the mode restored when the iteration ends or is closed."""
-    target = resolve_module(model, module)
-    was_training = model.training
-    model.eval()
-    try:
-        with _captured(target) as store, torch.no_grad():
-            for batch in loader:
-                x, y = split_batch(batch)
-                if y is None:
-                    raise ValueError(f"{caller} needs labelled batches")
-                store.clear()
-                output = call_model(model, move_inputs(x, device))
-                if not store:
-                    raise RuntimeError("the layer was not called in the model's forward pass")
-                yield store[0].reshape(len(store[0]), -1).float().cpu(), y.reshape(-1).cpu(), output
-    finally:
-        model.train(was_training)
-
-
 def layer_batches(
-    model: nn.Module, module: str | nn.Module, loader: Iterable, device: str | torch.device = "cpu"
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(features, labels)`` per batch: the layer's flattened output (its first call) on CPU.
-
-    Runs in eval mode under ``no_grad``; the hook is removed and the mode restored when the
-    iteration ends or is closed.
-    """
-    for features, labels, _ in _layer_and_output_batches(model, module, loader, device, "layer_batches"):
-        yield features, labels
-
-
-def collect_features(
-    model: nn.Module, module_name_or_module: str | nn.Module, loader: Iterable, device: str | torch.device = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A layer's flattened outputs ``(n, d)`` and the labels ``(n,)`` over a labelled loader."""
-    feats, labels = [], []
-    for f, y in layer_batches(model, module_name_or_module, loader, device):
-        feats.append(f)
-        labels.append(y)
-    if not feats:
-        raise ValueError("the loader yielded no batches")
-    return torch.cat(feats), torch.cat(labels)
+    model: nn.Module, layer: str, loader: Iterable[Any], select: Select = None, hook_on: nn.Module | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, Any]]:
+    """Yield ``(features, labels, output)`` per labelled batch: ``layer``'s flattened output on
+    the CPU and the model's output, in eval mode under ``no_grad`` (modes restored afterwards).
+    For a wrapper around a shared model (a patched or LEACE-erased model), pass that model as
+    ``hook_on``: ``layer`` is then read there, after the wrapper's own edit."""
+    selectors = {layer: OutputSelector(select, layer)}
+    with preserved_state(model):
+        for captured in iter_captures(model, selectors, loader, hook_on=hook_on):
+            if captured.labels is None:
+                raise ValueError("unlearning metrics need labelled batches")
+            features = captured.activations[layer]
+            yield features.reshape(len(features), -1).float().cpu(), captured.labels.reshape(-1).cpu(), captured.output
 
 
 def predict_with_features(
-    model: nn.Module, module: str | nn.Module, loader: Iterable, device: str | torch.device = "cpu"
+    model: nn.Module, layer: str, loader: Iterable[Any], select: Select = None, hook_on: nn.Module | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits ``(n, C)``, labels ``(n,)`` and a layer's flattened features ``(n, d)`` in one pass
-    (eval mode, ``no_grad``; hook removed and mode restored afterwards)."""
+    """Logits ``(n, C)``, labels ``(n,)`` and ``layer``'s flattened features ``(n, d)`` in one pass
+    (see :func:`layer_batches`)."""
     logits, labels, feats = [], [], []
-    for f, y, out in _layer_and_output_batches(model, module, loader, device, "predict_with_features"):
-        logits.append(out.float().cpu())
+    for f, y, out in layer_batches(model, layer, loader, select, hook_on):
+        logits.append(MODEL_OUTPUT.get(out).float().cpu())
         labels.append(y)
         feats.append(f)
-    if not logits:
-        raise ValueError("the loader yielded no batches")
     return torch.cat(logits), torch.cat(labels), torch.cat(feats)

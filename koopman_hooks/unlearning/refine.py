@@ -1,6 +1,6 @@
 """Refine a readout edit on the model's own outputs, still as one affine latent map.
 
-The least-squares redirect (:func:`~koopman_hooks.unlearning.edits.redirect_map`) moves
+The least-squares redirect (:func:`~koopman_hooks.unlearning.redirect.redirect_map`) moves
 latent *moments*: where one affine map cannot both collapse a forgotten class onto another
 class's mean and hold every retained class in place, some forgotten samples keep their class
 after decoding. :func:`refine_readout` starts from that redirect and minimises what the edit
@@ -13,59 +13,102 @@ is still one homogeneous affine map of the latent state.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
-from koopman_hooks.batches import call_model
-from koopman_hooks.hooks import OutputSelector, frozen_parameters, preserved_state
+from koopman_hooks.core.batches import Inputs, batch_size_of, call_model, move_inputs, select_rows
+from koopman_hooks.core.hooks import frozen_parameters, preserved_state
+from koopman_hooks.core.select import MODEL_OUTPUT
+from koopman_hooks.koopman.surrogate import KoopmanSurrogate
+
+
+def _cat(parts: Sequence[Inputs]) -> Inputs:
+    """Concatenate batches of inputs; dict entries of different lengths (dynamic padding) are
+    right-padded with zeros (an attention mask of 0 hides the padding)."""
+    if len({isinstance(p, torch.Tensor) for p in parts}) > 1:
+        raise TypeError("the batches mix tensor inputs and dict inputs; give the model one kind of batch")
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(list(parts))  # type: ignore[arg-type]
+    out: dict[str, Any] = {}
+    for key, value in parts[0].items():  # type: ignore[union-attr]
+        if not isinstance(value, torch.Tensor):
+            out[key] = value
+            continue
+        tensors = [p[key] for p in parts]  # type: ignore[index]
+        if value.ndim > 1:
+            length = max(t.shape[1] for t in tensors)
+            tensors = [F.pad(t, (0, 0) * (t.ndim - 2) + (0, length - t.shape[1])) for t in tensors]
+        out[key] = torch.cat(tensors)
+    return out
 
 
 @dataclass
 class SampleReservoir:
     """A seeded uniform sample of at most ``size`` rows of a stream of batches.
 
-    Keeps model ``inputs`` (tensors), class ``labels``, runner-up ``keys`` and the model's
-    ``predictions`` (``-1`` when unknown). Memory: ``size`` rows, whatever the stream length.
+    Keeps model ``inputs`` (a tensor or a dict of tensors), class ``labels``, runner-up
+    ``keys`` and the model's ``predictions`` (``-1`` when unknown). Memory: ``size`` rows,
+    whatever the stream length. Rows survive with equal probability (smallest random
+    priorities), so :meth:`merge` of two reservoirs is a uniform sample of the union.
     """
 
     size: int
     seed: int = 0
-    inputs: torch.Tensor | None = None
+    inputs: Inputs | None = None
     labels: torch.Tensor | None = None
     keys: torch.Tensor | None = None
     predictions: torch.Tensor | None = None
-    _priority: torch.Tensor | None = field(default=None, repr=False)
+    priority: torch.Tensor | None = field(default=None, repr=False)
     _generator: torch.Generator | None = field(default=None, repr=False)
 
-    def update(self, inputs: Any, labels: torch.Tensor, keys: torch.Tensor, predictions: torch.Tensor | None) -> None:
-        """Fold in a batch; rows survive with equal probability (smallest random priorities)."""
-        if not isinstance(inputs, torch.Tensor):
-            raise TypeError(
-                f"refinement samples model inputs, which must be one tensor per batch, got {type(inputs).__name__}; "
-                "pass refine=0 to skip the refinement"
-            )
+    def update(self, inputs: Inputs, labels: torch.Tensor, keys: torch.Tensor, predictions: torch.Tensor | None) -> SampleReservoir:
+        """Fold in a batch of rows."""
         if self._generator is None:
             self._generator = torch.Generator().manual_seed(self.seed)
         n = len(labels)
+        if batch_size_of(inputs) != n:
+            raise ValueError(f"got {batch_size_of(inputs)} input rows for {n} labels")
         preds = predictions if predictions is not None else torch.full((n,), -1, dtype=torch.long)
-        batch = [inputs.detach().cpu(), labels.reshape(-1).long().cpu(), keys.reshape(-1).long().cpu(),
-                 preds.reshape(-1).long().cpu(), torch.rand(n, generator=self._generator)]
-        if self.inputs is None:
-            kept = batch
+        batch = SampleReservoir(self.size, self.seed, move_inputs(_detached(inputs), "cpu"), labels.reshape(-1).long().cpu(),
+                                keys.reshape(-1).long().cpu(), preds.reshape(-1).long().cpu(),
+                                torch.rand(n, generator=self._generator))
+        return self.merge(batch)
+
+    def merge(self, other: SampleReservoir) -> SampleReservoir:
+        """Keep the ``size`` rows of smallest priority among both reservoirs; returns ``self``."""
+        if other.labels is None:
+            return self
+        if self.labels is None:
+            self.inputs, self.labels, self.keys = other.inputs, other.labels, other.keys
+            self.predictions, self.priority = other.predictions, other.priority
         else:
-            assert self.labels is not None and self.keys is not None and self.predictions is not None
-            kept = [torch.cat([old, new]) for old, new in
-                    zip((self.inputs, self.labels, self.keys, self.predictions, self._priority), batch)]
-        if len(kept[-1]) > self.size:
-            rows = torch.topk(kept[-1], self.size, largest=False).indices.sort().values
-            kept = [t[rows] for t in kept]
-        self.inputs, self.labels, self.keys, self.predictions, self._priority = kept
+            assert self.inputs is not None and other.inputs is not None
+            self.inputs = _cat([self.inputs, other.inputs])
+            self.labels = torch.cat([self.labels, other.labels])
+            self.keys = torch.cat([self.keys, other.keys])  # type: ignore[list-item]
+            self.predictions = torch.cat([self.predictions, other.predictions])  # type: ignore[list-item]
+            self.priority = torch.cat([self.priority, other.priority])  # type: ignore[list-item]
+        assert self.priority is not None
+        if len(self.priority) > self.size:
+            rows = torch.topk(self.priority, self.size, largest=False).indices.sort().values
+            self.inputs = select_rows(self.inputs, rows)  # type: ignore[arg-type]
+            self.labels, self.keys = self.labels[rows], self.keys[rows]  # type: ignore[index]
+            self.predictions, self.priority = self.predictions[rows], self.priority[rows]  # type: ignore[index]
+        return self
 
     def __len__(self) -> int:
         return 0 if self.labels is None else len(self.labels)
+
+
+def _detached(inputs: Inputs) -> Inputs:
+    if isinstance(inputs, torch.Tensor):
+        return inputs.detach()
+    return {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
 
 
 def refinement_targets(reservoir: SampleReservoir, forget: list[int], retained: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,8 +123,9 @@ def refinement_targets(reservoir: SampleReservoir, forget: list[int], retained: 
 
 
 def refine_readout(
-    probe: Any,
-    surrogate: Any,
+    patch: Any,
+    model: nn.Module,
+    surrogate: KoopmanSurrogate,
     readout: torch.Tensor,
     reservoir: SampleReservoir,
     forget: list[int],
@@ -92,29 +136,30 @@ def refine_readout(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Minimise the patched model's cross-entropy over ``readout``'s top ``d`` rows, from ``readout``.
 
-    The forgotten and the retained rows' mean losses are weighted ``1 - retain_weight`` and
-    ``retain_weight``. Returns the refined homogeneous ``(d+1, d+1)`` readout and the loss
-    before and after.
+    ``patch(surrogate)`` must return the model patched with ``surrogate``. The forgotten and
+    the retained rows' mean losses are weighted ``1 - retain_weight`` and ``retain_weight``.
+    Returns the refined homogeneous ``(d+1, d+1)`` readout and the loss before and after.
     """
     targets, forgotten = refinement_targets(reservoir, forget, retained)
     keep = targets >= 0
     if not keep.any() or not forgotten[keep].any():
         return readout, {"refine_loss_before": float("nan"), "refine_loss_after": float("nan")}
     device = surrogate.operator.device
-    inputs = reservoir.inputs[keep].to(device)  # type: ignore[index]
+    assert reservoir.inputs is not None
+    rows = keep.nonzero().squeeze(1)
+    inputs = move_inputs(select_rows(reservoir.inputs, rows), device)
     targets, forgotten = targets[keep].to(device), forgotten[keep].to(device)
     start = readout.float().to(device)
     d = start.shape[0] - 1
     top = start[:d].clone().requires_grad_(True)
     scale = float(start[:d].pow(2).sum().clamp_min(1e-12))
     editable = surrogate.edited()
-    patched = probe.patch(editable)
-    select = OutputSelector(None, "model output")
+    patched = patch(editable)
     weights = torch.where(forgotten, (1.0 - retain_weight) / forgotten.sum(), retain_weight / (~forgotten).sum().clamp_min(1))
 
     def loss_fn() -> torch.Tensor:
         editable.readout = torch.cat([top, start[d:]])  # differentiable buffer: gradients reach `top` only
-        logits = select.get(call_model(patched, inputs)).float()
+        logits = MODEL_OUTPUT.get(call_model(patched, inputs)).float()
         ce = F.cross_entropy(logits, targets, reduction="none")
         return (weights * ce).sum() + proximal * (top - start[:d]).pow(2).sum() / scale
 
@@ -127,10 +172,10 @@ def refine_readout(
         top.grad = grad
         return loss
 
-    with preserved_state(probe.model), frozen_parameters(probe.model):
+    with preserved_state(model), frozen_parameters(model):
         with torch.no_grad():
             before = float(loss_fn())
-        optimiser.step(closure)
+        optimiser.step(closure)  # type: ignore[no-untyped-call]
         with torch.no_grad():
             after = float(loss_fn())
     out = readout.clone()

@@ -1,0 +1,69 @@
+"""How faithful a fitted probe is on held-out data: accuracies, agreement, state and latent FVU."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from koopman_hooks.core.batches import call_model
+from koopman_hooks.core.hooks import preserved_state
+from koopman_hooks.core.select import MODEL_OUTPUT
+from koopman_hooks.fitting.fitted import FittedProbe
+from koopman_hooks.maths.scores import ClassificationCounts, StreamingFVU
+
+
+@torch.no_grad()
+def evaluate(probe: FittedProbe, loader: Iterable[Any], baseline: bool = True) -> dict[str, Any]:
+    """Fidelity on held-out data.
+
+    Returns ``n_samples``, ``agreement`` (patched model's argmax equals the model's) and its
+    per-class values, ``state_fvu`` (last layer) and ``state_fvu_per_layer``, ``latent_fvu``,
+    with labels ``model_accuracy``/``surrogate_accuracy`` (and per class), and with
+    ``baseline`` the same for the linear (DMD) baseline under ``linear_baseline``. Surrogate
+    figures go through :meth:`FittedProbe.patch`, i.e. through the model's real head.
+    """
+    ae = probe.autoencoder
+    layers = probe.layers
+    patched = {"surrogate": probe.patch()}
+    if baseline and probe.baselines:
+        patched["linear_baseline"] = probe.patch(probe.linear_baseline())
+    counts = ClassificationCounts(reference="model")
+    state_fvu = {name: StreamingFVU() for name in layers[1:]}
+    baseline_fvu = StreamingFVU()
+    latent_fvu = StreamingFVU()
+    with preserved_state(probe.model):
+        for captured in probe.captures(loader):
+            acts = captured.activations
+            states = probe.adapted(acts)
+            z0 = ae.encoder(states[0])
+            for name, offset in zip(layers[1:], ae.offsets[1:]):
+                adapter = probe.adapters[name]
+                z = ae.operator.step(z0, offset)
+                state_fvu[name].update(adapter.decode_features(ae.decoder(z)), adapter.reduced(acts[name]))
+            latent_fvu.update(ae.operator.step(z0, ae.offsets[-1]), ae.encoder(states[-1]))
+            if "linear_baseline" in patched:
+                lin = patched["linear_baseline"].surrogate
+                adapter = probe.adapters[layers[-1]]
+                pred = adapter.decode_features(lin.decoder(lin.final_latent(acts[layers[0]])))
+                baseline_fvu.update(pred, adapter.reduced(acts[layers[-1]]))
+            scores = {"model": MODEL_OUTPUT.get(captured.output)}
+            for key, module in patched.items():
+                scores[key] = MODEL_OUTPUT.get(call_model(module, captured.inputs))
+            counts.update(captured.labels, **scores)
+    result: dict[str, Any] = {"n_samples": counts.n}
+    if counts.has_labels:
+        result["model_accuracy"], result["model_per_class_accuracy"] = counts.accuracy("model")
+        result["surrogate_accuracy"], result["surrogate_per_class_accuracy"] = counts.accuracy("surrogate")
+    result["agreement"], result["agreement_per_class"] = counts.agreement("surrogate")
+    result["state_fvu"] = state_fvu[layers[-1]].compute()
+    result["state_fvu_per_layer"] = {name: fvu.compute() for name, fvu in state_fvu.items()}
+    result["latent_fvu"] = latent_fvu.compute()
+    if "linear_baseline" in patched:
+        base: dict[str, Any] = {"state_fvu": baseline_fvu.compute()}
+        base["agreement"], _ = counts.agreement("linear_baseline")
+        if counts.has_labels:
+            base["accuracy"], base["per_class_accuracy"] = counts.accuracy("linear_baseline")
+        result["linear_baseline"] = base
+    return result

@@ -1,0 +1,120 @@
+"""Read model inputs and labels out of whatever a DataLoader yields, the way the model takes them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from koopman_hooks.errors import ConfigError
+
+Inputs = torch.Tensor | dict[str, Any]
+
+LABEL_KEYS = ("labels", "label", "targets", "target", "y")
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """How to split a batch into the model's inputs and the labels.
+
+    - a tensor is all inputs;
+    - an ``(x, y, ...)`` tuple or list gives ``x`` and ``y`` (a 1-tuple has no labels);
+    - a dict goes to the model as keyword arguments, every key but the label's
+      (``label_key``, else the first of ``labels/label/targets/target/y`` present) and
+      ``ignore_keys``. With ``input_key``, ``batch[input_key]`` is the one positional input;
+      any other key left over is then an error, so that no input is dropped silently.
+    """
+
+    input_key: str | None = None
+    label_key: str | None = None
+    ignore_keys: tuple[str, ...] = ()
+
+    def split(self, batch: Any) -> tuple[Inputs, torch.Tensor | None]:
+        """``(inputs, labels)``; labels are ``None`` when the batch has none."""
+        if isinstance(batch, torch.Tensor):
+            return batch, None
+        if isinstance(batch, Mapping):
+            return self._split_mapping(batch)
+        if isinstance(batch, Sequence) and not isinstance(batch, str):
+            if len(batch) == 0:
+                raise ValueError("got an empty tuple/list as a batch")
+            return batch[0], (batch[1] if len(batch) > 1 else None)
+        raise TypeError(
+            f"cannot read a batch of type {type(batch).__name__}: expected a tensor, an (x, y, ...) tuple/list or a dict"
+        )
+
+    def _split_mapping(self, batch: Mapping[str, Any]) -> tuple[Inputs, torch.Tensor | None]:
+        if self.label_key is not None and self.label_key not in batch:
+            raise ConfigError(f"label_key {self.label_key!r} is not a key of the batch; keys: {sorted(batch)}")
+        key = self.label_key if self.label_key is not None else next((k for k in LABEL_KEYS if k in batch), None)
+        labels = batch[key] if key is not None else None
+        rest = {k: v for k, v in batch.items() if k != key and k not in self.ignore_keys}
+        if self.input_key is None:
+            return rest, labels
+        if self.input_key not in batch:
+            raise ConfigError(f"input_key {self.input_key!r} is not a key of the batch; keys: {sorted(batch)}")
+        dropped = sorted(k for k in rest if k != self.input_key)
+        if dropped:
+            raise ConfigError(
+                f"the batch has keys {dropped} besides input_key={self.input_key!r} and the label; they would not "
+                "reach the model. Pass input_key=None to call model(**batch) with every key, or list the keys the "
+                "model must not see in ignore_keys"
+            )
+        return batch[self.input_key], labels
+
+
+def split_batch(batch: Any, input_key: str | None = None, label_key: str | None = None) -> tuple[Inputs, torch.Tensor | None]:
+    """``BatchSpec(input_key, label_key).split(batch)``."""
+    return BatchSpec(input_key, label_key).split(batch)
+
+
+def move_inputs(inputs: Inputs, device: torch.device | str | None) -> Inputs:
+    """Move a tensor or a dict of tensors to ``device`` (``None`` leaves it)."""
+    if device is None:
+        return inputs
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device)
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+
+
+def call_model(model: nn.Module, inputs: Inputs) -> Any:
+    """``model(x)`` for a tensor, ``model(**inputs)`` for a dict."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    return model(inputs)
+
+
+def batch_size_of(inputs: Inputs) -> int:
+    """Number of samples in a batch of inputs."""
+    if isinstance(inputs, torch.Tensor):
+        return int(inputs.shape[0])
+    for value in inputs.values():
+        if isinstance(value, torch.Tensor):
+            return int(value.shape[0])
+    raise ValueError("cannot tell the batch size: the input dict holds no tensor")
+
+
+def select_rows(inputs: Inputs, rows: torch.Tensor) -> Inputs:
+    """The rows ``rows`` of a batch of inputs (every tensor of a dict with the batch's length)."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs[rows.to(inputs.device)]
+    n = batch_size_of(inputs)
+    return {k: (v[rows.to(v.device)] if isinstance(v, torch.Tensor) and v.ndim and len(v) == n else v)
+            for k, v in inputs.items()}
+
+
+def concat_inputs(parts: Sequence[Inputs]) -> Inputs:
+    """Concatenate batches of inputs along the batch dimension (tensors or dicts of tensors)."""
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(list(parts))  # type: ignore[arg-type]
+    first = parts[0]
+    out: dict[str, Any] = {}
+    for key, value in first.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = torch.cat([p[key] for p in parts])  # type: ignore[index]
+        else:
+            out[key] = value
+    return out

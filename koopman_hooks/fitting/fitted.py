@@ -1,0 +1,238 @@
+"""``FittedProbe``: the artifact a fit returns -- adapters, autoencoder, baselines, history.
+
+It is what analysis (:mod:`koopman_hooks.analysis`) and editing (:mod:`koopman_hooks.unlearning`)
+work on, through its public attributes and methods only. It hands out independent frozen
+:class:`~koopman_hooks.koopman.surrogate.KoopmanSurrogate` s and
+:class:`~koopman_hooks.core.patching.PatchedModel` s, and saves to one safetensors file.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from koopman_hooks.core.batches import BatchSpec
+from koopman_hooks.core.capture import Captured, capture_batch, iter_captures
+from koopman_hooks.core.layers import get_module, module_device, unwrap_model
+from koopman_hooks.core.patching import PatchedModel
+from koopman_hooks.core.schema import check
+from koopman_hooks.core.select import OutputSelector, Select, make_selectors
+from koopman_hooks.core.serialization import load_tensors, prefixed, save_tensors, unprefixed
+from koopman_hooks.errors import ConfigError, IncompatibleFileError, LayerError
+from koopman_hooks.fitting.config import ProbeConfig
+from koopman_hooks.koopman.adapters import LayerAdapter
+from koopman_hooks.koopman.autoencoder import AutoencoderConfig, KoopmanAutoencoder
+from koopman_hooks.koopman.surrogate import KoopmanSurrogate
+from koopman_hooks.maths.linalg import homogeneous
+
+
+class FittedProbe:
+    """A fitted probe of ``model``: read-only after the fit.
+
+    Attributes:
+        model: the probed model (shared, never modified).
+        config: the :class:`~koopman_hooks.fitting.config.ProbeConfig` it was fitted with.
+        selectors: one :class:`~koopman_hooks.core.select.OutputSelector` per probed layer.
+        adapters: one fitted :class:`~koopman_hooks.koopman.adapters.LayerAdapter` per layer.
+        autoencoder: the trained :class:`~koopman_hooks.koopman.autoencoder.KoopmanAutoencoder`.
+        baselines: ``{layer: (W, b)}``, the ridge DMD from ``layers[0]`` to each later layer.
+        history: one record of mean losses per epoch.
+        fit_seconds: wall time of the fit.
+        device: where the autoencoder and adapters live.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: ProbeConfig,
+        selectors: Mapping[str, OutputSelector],
+        adapters: Mapping[str, LayerAdapter],
+        autoencoder: KoopmanAutoencoder,
+        baselines: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+        history: Sequence[Mapping[str, Any]] = (),
+        fit_seconds: float | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.selectors = dict(selectors)
+        self.adapters = dict(adapters)
+        self.autoencoder = autoencoder.eval()
+        self.baselines = dict(baselines)
+        self.history = [dict(h) for h in history]
+        self.fit_seconds = fit_seconds
+        self.device = torch.device(device) if device is not None else module_device(autoencoder)
+
+    # ------------------------------------------------------------------ layers and data
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.config.layers)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-sample activation shape of every probed layer (the shape contract)."""
+        return {name: adapter.shape for name, adapter in self.adapters.items()}
+
+    @property
+    def batch_spec(self) -> BatchSpec:
+        return BatchSpec(self.config.input_key, self.config.label_key, self.config.ignore_keys)
+
+    def layer_index(self, layer: str | None, default: int) -> int:
+        """Position of ``layer`` among the probed layers (``default`` when ``None``)."""
+        if layer is None:
+            return default % len(self.layers)
+        if layer not in self.layers:
+            raise LayerError(f"{layer!r} is not a probed layer; probed: {self.layers}")
+        return self.layers.index(layer)
+
+    def selector(self, name: str) -> OutputSelector:
+        return self.selectors.get(name) or OutputSelector(None, name)
+
+    def captures(self, loader: Iterable[Any], stop_early: bool = False) -> Iterator[Captured]:
+        """One hooked pass per batch of ``loader`` at the probed layers, checked against the
+        fitted shapes (the caller sets the model's mode, e.g. with ``preserved_state``)."""
+        selectors = {name: self.selector(name) for name in self.layers}
+        return iter_captures(self.model, selectors, loader, self.batch_spec, stop_early=stop_early, shapes=self.shapes)
+
+    def capture(self, batch: Any, stop_early: bool = False) -> Captured:
+        """One hooked pass on one batch (see :meth:`captures`)."""
+        selectors = {name: self.selector(name) for name in self.layers}
+        return capture_batch(self.model, selectors, batch, self.batch_spec, stop_early=stop_early, shapes=self.shapes)
+
+    def adapted(self, activations: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Every probed layer's adapted state ``(B, width)``, in layer order."""
+        return [self.adapters[name](activations[name].to(self.device, torch.float32)) for name in self.layers]
+
+    # ------------------------------------------------------------------ artifacts
+
+    def surrogate(self, src: str | None = None, dst: str | None = None) -> KoopmanSurrogate:
+        """A frozen, independent surrogate from ``src`` (default layers[0]) to ``dst`` (layers[-1])."""
+        i, j = self.layer_index(src, 0), self.layer_index(dst, -1)
+        if j <= i:
+            raise LayerError(f"dst must come after src in forward order, got {self.layers[i]!r} -> {self.layers[j]!r}")
+        ae = self.autoencoder
+        with torch.no_grad():
+            k = ae.operator.matrix().detach().cpu()
+        return KoopmanSurrogate(
+            copy.deepcopy(self.adapters[self.layers[i]]).cpu(),
+            copy.deepcopy(self.adapters[self.layers[j]]).cpu(),
+            copy.deepcopy(ae.encoder).cpu(),
+            copy.deepcopy(ae.decoder).cpu(),
+            homogeneous(k),
+            ae.offsets[j] - ae.offsets[i],
+            self.layers[i],
+            self.layers[j],
+            info={"kind": "koopman", "operator": self.config.operator},
+        ).to(self.device)
+
+    def linear_baseline(self, dst: str | None = None) -> KoopmanSurrogate:
+        """The "linear surrogate without lifting": ridge DMD from layers[0]'s adapted state to ``dst``'s."""
+        j = self.layer_index(dst, -1)
+        if j == 0:
+            raise LayerError("the linear baseline maps layers[0] to a later layer")
+        weight, bias = self.baselines[self.layers[j]]
+        return KoopmanSurrogate(
+            copy.deepcopy(self.adapters[self.layers[0]]).cpu(),
+            copy.deepcopy(self.adapters[self.layers[j]]).cpu(),
+            nn.Identity(),
+            nn.Identity(),
+            homogeneous(weight.T.cpu(), bias.cpu()),
+            1,
+            self.layers[0],
+            self.layers[j],
+            info={"kind": "linear_baseline"},
+        ).to(self.device)
+
+    def patch(self, surrogate: nn.Module | None = None, src: str | None = None, dst: str | None = None) -> PatchedModel:
+        """A new module: the model with ``dst``'s output replaced by the surrogate's prediction.
+
+        ``surrogate`` defaults to :meth:`surrogate` (``src``/``dst`` choose the layers); an
+        edited surrogate patches the same way. The model is shared.
+        """
+        if surrogate is None:
+            surrogate = self.surrogate(src, dst)
+        src_layer = getattr(surrogate, "src_layer", None) or self.layers[self.layer_index(src, 0)]
+        dst_layer = getattr(surrogate, "dst_layer", None) or self.layers[self.layer_index(dst, -1)]
+        return PatchedModel(self.model, surrogate, src_layer, dst_layer, self.selector(src_layer), self.selector(dst_layer))
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Save adapters, autoencoder, baselines, the config and the history to one safetensors file."""
+        ae = self.autoencoder
+        tensors: dict[str, torch.Tensor] = {}
+        for i, name in enumerate(self.layers):
+            tensors.update(prefixed(f"adapter.{i}", self.adapters[name].state_dict()))
+        tensors.update(prefixed("autoencoder", ae.state_dict()))
+        for name, (weight, bias) in self.baselines.items():
+            i = self.layers.index(name)
+            tensors[f"baseline.{i}.weight"], tensors[f"baseline.{i}.bias"] = weight, bias
+        header = {
+            "config": self.config.to_dict(),
+            "shapes": [list(self.adapters[name].shape) for name in self.layers],
+            "reduce": [self.adapters[name].reduce for name in self.layers],
+            "autoencoder": {**ae.config.__dict__, "hidden": list(ae.config.hidden),
+                            "segment_steps": list(ae.config.segment_steps)},
+            "history": self.history,
+            "fit_seconds": self.fit_seconds,
+        }
+        save_tensors(path, tensors, "probe", header)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        model: nn.Module,
+        select: Select | Sequence[Select] | Mapping[str, Select] | None = None,
+        device: str | torch.device | None = None,
+    ) -> FittedProbe:
+        """A probe saved by :meth:`save`, on ``model`` (which must have the same layers).
+
+        Callable ``select`` functions are not saved: pass them again as ``select``. A file that
+        is corrupt or made by another version raises
+        :class:`~koopman_hooks.errors.IncompatibleFileError`.
+        """
+        tensors, header = load_tensors(path, "probe")
+        try:
+            config = ProbeConfig.from_dict(header["config"])
+            shapes = check(header["shapes"], tuple[tuple[int, ...], ...], "shapes")
+            reduce = check(header["reduce"], tuple[str, ...], "reduce")
+            ae_config = AutoencoderConfig(**check(header["autoencoder"], dict[str, Any], "autoencoder"))
+            ae_config = AutoencoderConfig(**{**ae_config.__dict__, "hidden": tuple(ae_config.hidden),
+                                             "segment_steps": tuple(ae_config.segment_steps)})
+            history = check(header.get("history", []), tuple[dict[str, Any], ...], "history")
+            fit_seconds = check(header.get("fit_seconds"), float | None, "fit_seconds")
+        except (ConfigError, KeyError, TypeError) as err:
+            raise IncompatibleFileError(f"{path} is not a valid probe file: {err}") from None
+        inner = unwrap_model(model)
+        for name in config.layers:
+            get_module(inner, name)  # a clear LayerError with suggestions when missing
+        if config.callable_select and select is None:
+            raise ConfigError(f"layers {list(config.callable_select)} were probed with a callable select; pass select=")
+        selectors = make_selectors(config.layers, select if select is not None else list(config.select))
+        device = torch.device(device) if device is not None else module_device(inner)
+        try:
+            adapters = {}
+            for i, name in enumerate(config.layers):
+                t = unprefixed(f"adapter.{i}", tensors)
+                adapters[name] = LayerAdapter(shapes[i], reduce[i], t["mean"], t["basis"], t["scale"], t.get("template")).to(device)
+            autoencoder = KoopmanAutoencoder(ae_config)
+            autoencoder.load_state_dict(unprefixed("autoencoder", tensors))
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise IncompatibleFileError(f"{path} is not a valid probe file: {err}") from None
+        baselines = {
+            name: (tensors[f"baseline.{i}.weight"].to(device), tensors[f"baseline.{i}.bias"].to(device))
+            for i, name in enumerate(config.layers) if f"baseline.{i}.weight" in tensors
+        }
+        return cls(model, config, selectors, adapters, autoencoder.to(device), baselines, history, fit_seconds, device)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"FittedProbe(layers={list(c.layers)}, width={next(iter(self.adapters.values())).width}, "
+                f"latent_dim={c.latent_dim}, steps={list(c.steps)}, operator={c.operator!r})")

@@ -1,0 +1,224 @@
+"""Per-layer adapters: raw activation -> reduce -> centre -> PCA -> unit RMS (-> rotation).
+
+An adapter maps one layer's activations of any shape to a vector of the common ``width`` and
+back. :class:`AdapterFitter` streams the reduced activations' moments batch by batch (and
+merges exactly across processes); its :meth:`~AdapterFitter.finalize` returns the frozen
+:class:`LayerAdapter` of every layer, whose inverse is exact up to the dropped components
+(and up to what a lossy reduction ignores).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from koopman_hooks.koopman.reduce import (
+    check_reduce,
+    default_reduce,
+    expand_activation,
+    is_lossy,
+    reduce_activation,
+    reduced_dim,
+)
+from koopman_hooks.maths.stats import StreamingMoments
+
+
+class LayerAdapter(nn.Module):
+    """A fitted, frozen map between one layer's activations and the common width.
+
+    ``forward(x) = ((reduce(x) - mean) @ basis) / scale`` and ``inverse`` undoes it. The
+    ``basis`` has orthonormal (or zero, when the layer is narrower than ``width``) columns.
+    ``template`` (optional) is the layer's mean activation, used to decode a lossy reduction
+    when the real output is not at hand (strict mode).
+    """
+
+    mean: torch.Tensor
+    basis: torch.Tensor
+    scale: torch.Tensor
+    template: torch.Tensor | None
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        reduce: str,
+        mean: torch.Tensor,
+        basis: torch.Tensor,
+        scale: float | torch.Tensor,
+        template: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.shape = tuple(int(s) for s in shape)
+        self.reduce = reduce
+        self.register_buffer("mean", mean.float().clone())
+        self.register_buffer("basis", basis.float().clone())
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32).clone())
+        self.register_buffer("template", None if template is None else template.float().clone())
+
+    @property
+    def width(self) -> int:
+        return int(self.basis.shape[1])
+
+    @property
+    def features(self) -> int:
+        """Number of reduced features the PCA acts on."""
+        return int(self.basis.shape[0])
+
+    def reduced(self, x: torch.Tensor) -> torch.Tensor:
+        """The reduced features ``(B, F)`` the PCA acts on."""
+        return reduce_activation(x.float(), self.reduce)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.reduced(x) - self.mean) @ self.basis / self.scale
+
+    def decode_features(self, a: torch.Tensor) -> torch.Tensor:
+        """Adapted vectors back to reduced features ``(B, F)``."""
+        return a @ self.basis.T * self.scale + self.mean
+
+    def inverse(self, a: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+        """Adapted vectors back to the layer's own shape; a lossy reduction keeps what it
+        ignores from ``like`` (the real output) or, without it, from ``template``."""
+        return expand_activation(self.decode_features(a), self.reduce, self.shape, like if like is not None else self.template)
+
+    def rotated(self, rotation: torch.Tensor) -> LayerAdapter:
+        """A copy whose output is multiplied by the orthogonal ``rotation`` (width x width)."""
+        return LayerAdapter(self.shape, self.reduce, self.mean, self.basis @ rotation.to(self.basis), self.scale, self.template)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, reduce={self.reduce!r}, width={self.width}"
+
+
+def pca_basis(cov: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``width`` eigenvectors of ``cov`` (zero-padded if fewer), with a fixed sign.
+
+    Returns ``(basis, eigenvalues)`` sorted by decreasing variance.
+    """
+    evals, evecs = torch.linalg.eigh(cov)
+    evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+    keep = min(width, cov.shape[0])
+    evecs = evecs[:, :keep]
+    # sign convention: the largest-magnitude entry of each component is positive
+    idx = evecs.abs().argmax(0)
+    evecs = evecs * torch.sign(evecs[idx, torch.arange(keep)]).unsqueeze(0)
+    basis = torch.zeros(cov.shape[0], width, dtype=cov.dtype, device=cov.device)
+    basis[:, :keep] = evecs
+    return basis, evals
+
+
+def adapter_from_moments(
+    shape: Sequence[int], reduce: str, moments: StreamingMoments, width: int, template: torch.Tensor | None = None
+) -> LayerAdapter:
+    """Fit a :class:`LayerAdapter` from streamed moments of the reduced activations."""
+    basis, evals = pca_basis(moments.cov_xx, width)
+    kept = evals[: min(width, len(evals))].sum()
+    scale = torch.sqrt(kept / width).clamp_min(1e-12)
+    return LayerAdapter(shape, reduce, moments.mean_x, basis, scale, template)
+
+
+def components_for_variance(moments: StreamingMoments, fraction: float) -> int:
+    """Smallest number of principal components explaining ``fraction`` of the variance."""
+    evals = torch.linalg.eigvalsh(moments.cov_xx).flip(0).clamp_min(0)
+    cumulative = torch.cumsum(evals, 0) / evals.sum().clamp_min(1e-30)
+    return int(torch.searchsorted(cumulative, torch.tensor(fraction, dtype=cumulative.dtype)).item()) + 1
+
+
+def procrustes_rotation(cross_cov: torch.Tensor) -> torch.Tensor:
+    """Orthogonal ``R`` minimising ``‖A R − B‖`` given ``cross_cov = Aᵀ B``."""
+    u, _, vh = torch.linalg.svd(cross_cov)
+    return u @ vh
+
+
+class AdapterFitter:
+    """Streams every probed layer's reduced activations; finalises into :class:`LayerAdapter` s.
+
+    Args:
+        layers: probed layer names, in forward order.
+        reduce: per-layer reduction (``None``: chosen from the first batch's shapes).
+        procrustes: also stream each layer's cross-covariance with the last layer, to rotate
+            its PCA coordinates onto the last layer's.
+        device: where the float64 moments live.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[str],
+        reduce: Mapping[str, str | None],
+        procrustes: bool = False,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.layers = list(layers)
+        self.reduce: dict[str, str | None] = {name: reduce.get(name) for name in self.layers}
+        self.procrustes = procrustes
+        self.device = torch.device(device)
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.moments: dict[str, StreamingMoments] = {}
+        self.sums: dict[str, torch.Tensor] = {}  # per-layer sum of raw activations, for the strict-mode template
+        self.n = 0
+
+    def _start(self, activations: Mapping[str, torch.Tensor]) -> None:
+        last = self.layers[-1]
+        for name in self.layers:
+            self.shapes[name] = tuple(activations[name].shape[1:])
+            spec = self.reduce[name] or default_reduce(self.shapes[name])
+            check_reduce(spec, self.shapes[name], name)
+            self.reduce[name] = spec
+        dims = {name: reduced_dim(self.shapes[name], self.reduce[name] or "flatten") for name in self.layers}
+        for name in self.layers:
+            cross = dims[last] if self.procrustes and name != last else None
+            self.moments[name] = StreamingMoments(dims[name], cross, device=self.device)
+
+    @torch.no_grad()
+    def update(self, activations: Mapping[str, torch.Tensor]) -> AdapterFitter:
+        """Fold in one batch of raw activations ``{layer: (B, ...)}``."""
+        if not self.moments:
+            self._start(activations)
+        last = self.layers[-1]
+        flat = {n: reduce_activation(activations[n].to(self.device, torch.float32), self.reduce[n] or "flatten")
+                for n in self.layers}
+        for name in self.layers:
+            cross = flat[last] if self.moments[name].cross_dim is not None else None
+            self.moments[name].update(flat[name], cross)
+            total = activations[name].to(self.device, torch.float64).sum(0)
+            self.sums[name] = total if name not in self.sums else self.sums[name] + total
+        self.n += len(next(iter(activations.values())))
+        return self
+
+    def merge(self, other: AdapterFitter) -> AdapterFitter:
+        """Fold in another fitter's statistics (of disjoint samples); returns ``self``."""
+        if not other.moments:
+            return self
+        if not self.moments:
+            self.shapes, self.reduce = dict(other.shapes), dict(other.reduce)
+            self.moments = {n: StreamingMoments(m.dim, m.cross_dim, device=self.device) for n, m in other.moments.items()}
+        if other.shapes != self.shapes or other.reduce != self.reduce:
+            raise ValueError(f"cannot merge adapter statistics of shapes {other.shapes} into {self.shapes}")
+        for name in self.layers:
+            self.moments[name].merge(other.moments[name].to(self.device))
+            add = other.sums[name].to(self.device)
+            self.sums[name] = add.clone() if name not in self.sums else self.sums[name] + add
+        self.n += other.n
+        return self
+
+    def width_for(self, variance: float, max_width: int) -> int:
+        """The common width: enough components for ``variance`` of every layer, at most ``max_width``."""
+        return min(max_width, max(components_for_variance(m, variance) for m in self.moments.values()))
+
+    def finalize(self, width: int) -> dict[str, LayerAdapter]:
+        """The frozen adapter of every layer at the common ``width``."""
+        if not self.moments or self.n == 0:
+            raise ValueError("no activations seen yet")
+        adapters = {}
+        for name in self.layers:
+            spec = self.reduce[name] or "flatten"
+            template = (self.sums[name] / self.n).float() if is_lossy(spec, self.shapes[name]) else None
+            adapters[name] = adapter_from_moments(self.shapes[name], spec, self.moments[name], width, template)
+        if self.procrustes:
+            last = self.layers[-1]
+            target = adapters[last]
+            for name in self.layers[:-1]:
+                source = adapters[name]
+                cross = source.basis.double().T @ self.moments[name].cov_xy @ target.basis.double()
+                cross /= float(source.scale) * float(target.scale)
+                adapters[name] = source.rotated(procrustes_rotation(cross))
+        return adapters

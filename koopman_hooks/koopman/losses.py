@@ -1,0 +1,176 @@
+"""Training losses of the Koopman autoencoder, and the output-matching loss."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from koopman_hooks.core.schema import check_fields
+from koopman_hooks.core.select import MODEL_OUTPUT
+from koopman_hooks.koopman.autoencoder import KoopmanAutoencoder
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Weights of the training losses (0 switches a term off).
+
+    ``output`` matches the model's own outputs when ``layers[-1]`` is replaced by the
+    prediction (KL divergence of the softmax: for classifiers); it needs a full forward pass.
+    """
+
+    reconstruction: float = 1.0
+    state: float = 1.0
+    latent: float = 1.0
+    isometry: float = 0.1
+    topological: float = 0.0
+    output: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def relative_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``mean((pred − target)²) / mean(target²)`` (the target is not differentiated)."""
+    return (pred - target).pow(2).mean() / target.detach().pow(2).mean().clamp_min(1e-8)
+
+
+def isometry_loss(a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Mismatch of pairwise distances in and out of the latent space (relative)."""
+    da = torch.cdist(a, a)
+    dz = torch.cdist(z, z)
+    return (dz - da).pow(2).mean() / da.pow(2).mean().clamp_min(1e-8)
+
+
+def batch_ridge_operator(z_in: torch.Tensor, z_out: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``K`` minimising ``‖z_out − z_in Kᵀ‖² + ridge·mean(diag)·‖K‖²`` (differentiable)."""
+    gram = z_in.T @ z_in / len(z_in)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    scale = gram.diagonal().mean().detach().clamp_min(1e-8)
+    return torch.linalg.solve(gram + ridge * scale * eye, z_in.T @ z_out / len(z_in)).T
+
+
+def koopman_losses(
+    model: KoopmanAutoencoder,
+    states: Sequence[torch.Tensor],
+    weights: LossWeights,
+    topological: nn.Module | None = None,
+    closed_form_ridge: float | None = None,
+) -> dict[str, torch.Tensor]:
+    """The weighted training losses on a batch of adapted states, one per probed layer.
+
+    - reconstruction: ``ψ(φ(a_l)) ≈ a_l`` for every layer;
+    - state: ``ψ(K^s φ(a_i)) ≈ a_j`` for consecutive pairs and for every ``j`` from layers[0];
+    - latent: the same in latent space, ``K^s φ(a_i) ≈ φ(a_j)``;
+    - isometry: pairwise distances kept by φ; topological: the persistence-pair loss.
+
+    With ``closed_form_ridge``, K is not the operator's parameter but the ridge least-squares
+    solution over this batch's consecutive latent pairs (one step each), differentiable, so the
+    encoder learns a latent space in which the closed form fits well.
+    """
+    latents = [model.encoder(a) for a in states]
+    step: Callable[[torch.Tensor, int], torch.Tensor]
+    if closed_form_ridge is None:
+        step = model.operator.step
+    else:
+        k = batch_ridge_operator(torch.cat(latents[:-1]), torch.cat(latents[1:]), closed_form_ridge)
+
+        def step(z: torch.Tensor, steps: int) -> torch.Tensor:
+            return z @ torch.linalg.matrix_power(k, steps).T
+
+    losses: dict[str, torch.Tensor] = {}
+    losses["reconstruction"] = torch.stack([relative_mse(model.decoder(z), a) for z, a in zip(latents, states)]).mean()
+    pairs = [(0, j) for j in range(1, len(states))]
+    pairs += [(i, i + 1) for i in range(1, len(states) - 1)]
+    offsets = model.offsets
+    state_terms, latent_terms = [], []
+    for i, j in pairs:
+        advanced = step(latents[i], offsets[j] - offsets[i])
+        state_terms.append(relative_mse(model.decoder(advanced), states[j]))
+        latent_terms.append(relative_mse(advanced, latents[j]))
+    losses["state"] = torch.stack(state_terms).mean()
+    losses["latent"] = torch.stack(latent_terms).mean()
+    if weights.isometry:
+        losses["isometry"] = torch.stack([isometry_loss(a, z) for a, z in zip(states, latents)]).mean()
+    if weights.topological and topological is not None:
+        losses["topological"] = torch.stack([topological(a, z) for a, z in zip(states, latents)]).mean()
+    total = torch.zeros((), device=states[0].device)
+    for name, value in losses.items():
+        total = total + getattr(weights, name) * value
+    losses["total"] = total
+    return losses
+
+
+def output_matching_loss(patched_output: Any, model_output: Any) -> torch.Tensor:
+    """KL divergence from the model's softmax output to the patched model's."""
+    student = torch.log_softmax(MODEL_OUTPUT.get(patched_output).float(), dim=-1)
+    teacher = torch.log_softmax(MODEL_OUTPUT.get(model_output).float().detach(), dim=-1)
+    return torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
+
+
+def _mst_edges(distances: np.ndarray) -> np.ndarray:
+    """``(n-1, 2)`` index pairs of a minimum spanning tree = the 0-dim persistence pairs (scipy)."""
+    from scipy.sparse.csgraph import minimum_spanning_tree
+
+    d = distances.astype(np.float64, copy=True)
+    # scipy reads zero entries as "no edge": keep coincident points connected.
+    off_diagonal = ~np.eye(d.shape[0], dtype=bool)
+    d[(d <= 0) & off_diagonal] = np.finfo(np.float64).tiny
+    tree = minimum_spanning_tree(d).tocoo()
+    return np.stack([tree.row, tree.col], axis=1).astype(np.int64)
+
+
+def _pair_distances(points: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(points[pairs[:, 0]] - points[pairs[:, 1]], dim=1)
+
+
+class TopologicalLoss(nn.Module):
+    """Persistent-homology loss of topological autoencoders (Moor et al., ICML 2020).
+
+    For a batch ``x`` (input space) and ``z`` (latent), the 0-dim persistence pairs of the
+    Vietoris-Rips filtration of each are the edges π of its minimum spanning tree (found on
+    detached distances; the selection is not differentiable, the selected distances are)::
+
+        loss = 0.5 * mean_{π_X} (D_X - D_Z)² + 0.5 * mean_{π_Z} (D_Z - D_X)²
+
+    With ``normalise=True`` (default) each space's distances are divided by its mean pairwise
+    distance, so spaces of different scale or dimension compare. Needs scipy.
+    """
+
+    def __init__(self, normalise: bool = True) -> None:
+        super().__init__()
+        self.normalise = normalise
+
+    def _prepare(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        flat = points.reshape(points.shape[0], -1)
+        scale = nn.functional.pdist(flat).mean() if self.normalise else flat.new_ones(())
+        if self.normalise:
+            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        dist = torch.cdist(flat.detach().double(), flat.detach().double())
+        pairs = torch.from_numpy(_mst_edges(dist.cpu().numpy())).to(flat.device)
+        return flat, scale, pairs
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Scalar loss for a batch; ``x`` and ``z`` hold the same ``n`` samples, any shape."""
+        if x.shape[0] != z.shape[0]:
+            raise ValueError(f"x and z must hold the same samples: {x.shape[0]} vs {z.shape[0]}")
+        if x.shape[0] < 2:
+            return z.sum() * 0.0
+        x_flat, x_scale, x_pairs = self._prepare(x)
+        z_flat, z_scale, z_pairs = self._prepare(z)
+        x_flat = x_flat.to(z_flat.dtype)
+        x_scale = x_scale.to(z_flat.dtype)
+
+        def term(pairs: torch.Tensor) -> torch.Tensor:
+            dx = _pair_distances(x_flat, pairs) / x_scale
+            dz = _pair_distances(z_flat, pairs) / z_scale
+            return 0.5 * ((dx - dz) ** 2).mean()
+
+        return term(x_pairs) + term(z_pairs)

@@ -1,0 +1,75 @@
+"""The latent Koopman operator ``K`` and its parametrizations.
+
+- ``dense``: ``K`` is a free matrix (initialised at the identity);
+- ``exp``: ``K = exp(M / k)`` with ``k`` the total number of steps (the paper's default),
+  so ``K^s = exp(s M / k)`` is computed without repeated products;
+- ``lowrank``: ``K = U V^T`` of rank ``rank``.
+
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import torch
+from torch import nn
+
+Parametrization = Literal["dense", "exp", "lowrank"]
+PARAMETRIZATIONS: tuple[str, ...] = get_args(Parametrization)
+
+
+class KoopmanOperator(nn.Module):
+    """A linear map of the latent space, applied ``steps`` times with :meth:`power`."""
+
+    def __init__(self, dim: int, parametrization: Parametrization = "exp", total_steps: int = 1, rank: int | None = None) -> None:
+        super().__init__()
+        if parametrization not in PARAMETRIZATIONS:
+            raise ValueError(f"unknown operator {parametrization!r}; choose from {PARAMETRIZATIONS}")
+        self.dim = dim
+        self.parametrization = parametrization
+        self.total_steps = max(int(total_steps), 1)
+        if parametrization == "dense":
+            self.weight = nn.Parameter(torch.eye(dim))
+        elif parametrization == "exp":
+            self.generator = nn.Parameter(torch.zeros(dim, dim))
+        else:
+            self.rank = int(rank or max(dim // 2, 1))
+            if not 1 <= self.rank <= dim:
+                raise ValueError(f"rank must be in 1..{dim}, got {self.rank}")
+            generator = torch.Generator().manual_seed(0)  # never the global RNG
+            basis = torch.linalg.qr(torch.randn(dim, self.rank, generator=generator))[0]
+            self.u = nn.Parameter(basis.clone())
+            self.v = nn.Parameter(basis.clone())
+
+    def matrix(self) -> torch.Tensor:
+        """``K`` itself (one step)."""
+        return self.power(1)
+
+    def power(self, steps: int) -> torch.Tensor:
+        """``K^steps``, acting on row vectors as ``z @ K^steps.T``."""
+        if steps == 0:
+            return torch.eye(self.dim, device=self._device(), dtype=self._dtype())
+        if self.parametrization == "exp":
+            return torch.linalg.matrix_exp(self.generator * (steps / self.total_steps))
+        if self.parametrization == "dense":
+            return torch.linalg.matrix_power(self.weight, steps)
+        # (U V^T)^s = U (V^T U)^(s-1) V^T keeps the product at rank r
+        inner = torch.linalg.matrix_power(self.v.T @ self.u, steps - 1)
+        return self.u @ inner @ self.v.T
+
+    def step(self, z: torch.Tensor, steps: int = 1) -> torch.Tensor:
+        """Advance latent row vectors ``z`` by ``steps``."""
+        return z @ self.power(steps).T
+
+    @torch.no_grad()
+    def set_matrix(self, k: torch.Tensor) -> None:
+        """Overwrite ``K`` (closed-form fits); only the dense parametrization stores it as is."""
+        if self.parametrization != "dense":
+            raise ValueError("a closed-form K needs operator='dense'")
+        self.weight.copy_(k.to(self.weight))
+
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def _dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype

@@ -1,0 +1,164 @@
+"""The frozen surrogate artifact: activation of one layer -> predicted activation of another.
+
+``x_dst ≈ adapter_dst⁻¹(ψ(E · K^k · φ(adapter_src(x_src))))`` where ``K`` and the endpoint map
+``E`` act on homogeneous latent coordinates ``[z, 1]``, so affine edits stay linear.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from koopman_hooks.core.serialization import load_tensors, prefixed, save_tensors, unprefixed
+from koopman_hooks.errors import IncompatibleFileError
+from koopman_hooks.koopman.adapters import LayerAdapter
+from koopman_hooks.koopman.autoencoder import mlp
+from koopman_hooks.maths.linalg import apply_homogeneous
+
+
+def _mlp_dims(module: nn.Module, fallback: int) -> list[int]:
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        return [fallback]
+    return [linears[0].in_features, *(m.out_features for m in linears)]
+
+
+class KoopmanSurrogate(nn.Module):
+    """A standalone, frozen ``nn.Module`` from ``src_layer``'s activation to ``dst_layer``'s.
+
+    ``operator`` and ``readout`` are ``(d+1, d+1)`` homogeneous matrices; edits replace them
+    with :meth:`edited`, which returns a new surrogate and leaves this one unchanged.
+    """
+
+    def __init__(
+        self,
+        in_adapter: LayerAdapter,
+        out_adapter: LayerAdapter,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        operator: torch.Tensor,
+        steps: int,
+        src_layer: str,
+        dst_layer: str,
+        readout: torch.Tensor | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_adapter = in_adapter
+        self.out_adapter = out_adapter
+        self.encoder = encoder
+        self.decoder = decoder
+        self.steps = int(steps)
+        self.src_layer = src_layer
+        self.dst_layer = dst_layer
+        self.info = dict(info or {})
+        d = operator.shape[0] - 1
+        self.register_buffer("operator", operator.float().clone())
+        self.register_buffer("readout", (readout if readout is not None else torch.eye(d + 1)).float().clone())
+        self.requires_grad_(False)
+        self.eval()
+
+    @property
+    def latent_dim(self) -> int:
+        return self.operator.shape[0] - 1
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latent state ``φ(adapter(x))`` of a batch of source activations."""
+        return self.encoder(self.in_adapter(x))
+
+    def advance(self, z: torch.Tensor, steps: int | None = None) -> torch.Tensor:
+        """Apply ``K`` ``steps`` times (default: all) to latent rows, in homogeneous form."""
+        steps = self.steps if steps is None else steps
+        return apply_homogeneous(torch.linalg.matrix_power(self.operator, steps), z)
+
+    def read_out(self, z: torch.Tensor) -> torch.Tensor:
+        """Apply the endpoint map ``E`` (identity unless edited)."""
+        return apply_homogeneous(self.readout, z)
+
+    def endpoint_map(self) -> torch.Tensor:
+        """``E K^k`` in float64: the homogeneous map from ``z_0`` to the latent the decoder reads."""
+        return self.readout.double() @ torch.linalg.matrix_power(self.operator.double(), self.steps)
+
+    def latent_trajectory(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Latent states after 0, 1, ..., ``steps`` applications of K (before the readout)."""
+        z = self.encode(x)
+        states = [z]
+        for _ in range(self.steps):
+            states.append(self.advance(states[-1], 1))
+        return states
+
+    def final_latent(self, x: torch.Tensor) -> torch.Tensor:
+        """The latent state fed to the decoder: ``E K^k φ(adapter(x))``."""
+        return self.read_out(self.advance(self.encode(x)))
+
+    def forward(self, x: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict ``dst_layer``'s activation (``like``, its real output, for lossy adapters)."""
+        x = x.to(self.operator.device)
+        out = self.out_adapter.inverse(self.decoder(self.final_latent(x)), like)
+        return out
+
+    def edited(self, operator: torch.Tensor | None = None, readout: torch.Tensor | None = None, **info: Any) -> KoopmanSurrogate:
+        """A new surrogate with the operator and/or endpoint map replaced."""
+        new = copy.deepcopy(self)
+        if operator is not None:
+            new.operator = operator.to(self.operator).clone()
+        if readout is not None:
+            new.readout = readout.to(self.readout).clone()
+        new.info.update(info)
+        return new
+
+    # ------------------------------------------------------------------ persistence
+
+    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {"operator": self.operator, "readout": self.readout}
+        tensors.update(prefixed("encoder", self.encoder.state_dict()))
+        tensors.update(prefixed("decoder", self.decoder.state_dict()))
+        config: dict[str, Any] = {
+            "steps": self.steps,
+            "src_layer": self.src_layer,
+            "dst_layer": self.dst_layer,
+            "encoder_dims": _mlp_dims(self.encoder, self.in_adapter.width),
+            "decoder_dims": _mlp_dims(self.decoder, self.latent_dim),
+            "info": self.info,
+        }
+        for name, adapter in (("in_adapter", self.in_adapter), ("out_adapter", self.out_adapter)):
+            tensors.update(prefixed(name, adapter.state_dict()))
+            config[name] = {"shape": list(adapter.shape), "reduce": adapter.reduce}
+        return tensors, config
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Save to a safetensors file; :meth:`load` restores an identical surrogate."""
+        tensors, config = self.state_tensors()
+        save_tensors(path, tensors, "surrogate", config)
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> KoopmanSurrogate:
+        adapters = {}
+        for name in ("in_adapter", "out_adapter"):
+            t = unprefixed(name, tensors)
+            adapters[name] = LayerAdapter(config[name]["shape"], config[name]["reduce"], t["mean"], t["basis"], t["scale"],
+                                          t.get("template"))
+        encoder, decoder = mlp(config["encoder_dims"]), mlp(config["decoder_dims"])
+        encoder.load_state_dict(unprefixed("encoder", tensors))
+        decoder.load_state_dict(unprefixed("decoder", tensors))
+        return cls(
+            adapters["in_adapter"], adapters["out_adapter"], encoder, decoder, tensors["operator"],
+            config["steps"], config["src_layer"], config["dst_layer"], tensors["readout"], config.get("info"),
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> KoopmanSurrogate:
+        """A surrogate saved by :meth:`save` (:class:`~koopman_hooks.errors.IncompatibleFileError`
+        if the file is not one, or is corrupt)."""
+        tensors, config = load_tensors(path, "surrogate")
+        try:
+            return cls.from_state(tensors, config)
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise IncompatibleFileError(f"{path} is not a valid surrogate file: {err}") from None
+
+    def extra_repr(self) -> str:
+        return f"{self.src_layer!r} -> {self.dst_layer!r}, steps={self.steps}, latent_dim={self.latent_dim}"

@@ -1,0 +1,29 @@
+"""Streaming statistics, fidelity scores and small linear algebra, each checked against a closed form."""
+
+from koopman_hooks.maths.linalg import (
+    apply_homogeneous,
+    gaussian_ot_map,
+    homogeneous,
+    polar,
+    psd_power,
+    psd_sqrt,
+    real_matrix_root,
+    solve_spd,
+)
+from koopman_hooks.maths.scores import ClassificationCounts, StreamingFVU
+from koopman_hooks.maths.stats import StreamingMoments, ridge_regression
+
+__all__ = [
+    "ClassificationCounts",
+    "StreamingFVU",
+    "StreamingMoments",
+    "apply_homogeneous",
+    "gaussian_ot_map",
+    "homogeneous",
+    "polar",
+    "psd_power",
+    "psd_sqrt",
+    "real_matrix_root",
+    "ridge_regression",
+    "solve_spd",
+]

@@ -1,0 +1,131 @@
+"""Streaming fidelity scores: fraction of variance unexplained and classification counts.
+
+Both keep sums only (``O(features)`` and ``O(classes²)``), so they merge exactly across
+batches and processes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class StreamingFVU:
+    """``Σ‖pred − target‖² / Σ‖target − mean(target)‖²`` accumulated over batches (float64)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.sq_error = torch.zeros((), dtype=torch.float64)
+        self.sq_sum = torch.zeros((), dtype=torch.float64)
+        self.sum: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> StreamingFVU:
+        """Fold in a batch; sums stay on the batch's device (no host synchronisation)."""
+        pred = pred.reshape(len(pred), -1).double()
+        target = target.reshape(len(target), -1).double()
+        if pred.shape != target.shape:
+            raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+        self.sq_error = self.sq_error.to(target.device) + (pred - target).pow(2).sum()
+        self.sq_sum = self.sq_sum.to(target.device) + target.pow(2).sum()
+        batch_sum = target.sum(0)
+        self.sum = batch_sum if self.sum is None else self.sum.to(target.device) + batch_sum
+        self.n += len(target)
+        return self
+
+    def merge(self, other: StreamingFVU) -> StreamingFVU:
+        """Fold in the sums of another, disjoint set of samples; returns ``self``."""
+        if other.n == 0:
+            return self
+        assert other.sum is not None
+        device = other.sq_error.device if self.sum is None else self.sq_error.device
+        self.sq_error = self.sq_error.to(device) + other.sq_error.to(device)
+        self.sq_sum = self.sq_sum.to(device) + other.sq_sum.to(device)
+        self.sum = other.sum.to(device).clone() if self.sum is None else self.sum + other.sum.to(device)
+        self.n += other.n
+        return self
+
+    def compute(self) -> float:
+        if self.n == 0 or self.sum is None:
+            return float("nan")
+        total_var = float(self.sq_sum) - float(self.sum.pow(2).sum()) / self.n
+        return float(self.sq_error) / max(total_var, 1e-30)
+
+
+class ClassificationCounts:
+    """Accuracy of predictors against labels, and agreement with a ``reference`` predictor.
+
+    Keeps confusion matrices only: ``(label, prediction)`` per predictor and
+    ``(reference prediction, prediction)`` per predictor, grown as new classes appear.
+    """
+
+    def __init__(self, reference: str = "model") -> None:
+        self.reference = reference
+        self.vs_labels: dict[str, torch.Tensor] = {}
+        self.vs_reference: dict[str, torch.Tensor] = {}
+        self.n = 0
+
+    @staticmethod
+    def _add(table: dict[str, torch.Tensor], name: str, rows: torch.Tensor, cols: torch.Tensor) -> None:
+        size = int(max(int(rows.max()), int(cols.max()))) + 1 if len(rows) else 0
+        counts = _grown(None, size)
+        counts.index_put_((rows, cols), torch.ones_like(rows), accumulate=True)
+        table[name] = _summed(table.get(name), counts)
+
+    def update(self, labels: torch.Tensor | None, **logits: torch.Tensor) -> ClassificationCounts:
+        """Fold in a batch: ``labels`` (or ``None``) and each predictor's ``(batch, classes)`` scores."""
+        if self.reference not in logits:
+            raise ValueError(f"the reference predictor {self.reference!r} is missing from {sorted(logits)}")
+        preds = {name: value.detach().argmax(-1).reshape(-1).long().cpu() for name, value in logits.items()}
+        ref = preds[self.reference]
+        if labels is not None:
+            labels = labels.detach().reshape(-1).long().cpu()
+            if len(labels) != len(ref):
+                raise ValueError(f"got {len(labels)} labels for {len(ref)} predictions")
+            if len(labels) and int(labels.min()) < 0:
+                raise ValueError("labels must be class indices >= 0")
+        for name, pred in preds.items():
+            if labels is not None:
+                self._add(self.vs_labels, name, labels, pred)
+            self._add(self.vs_reference, name, ref, pred)
+        self.n += len(ref)
+        return self
+
+    def merge(self, other: ClassificationCounts) -> ClassificationCounts:
+        """Fold in the counts of another, disjoint set of samples; returns ``self``."""
+        for mine, theirs in ((self.vs_labels, other.vs_labels), (self.vs_reference, other.vs_reference)):
+            for name, table in theirs.items():
+                mine[name] = _summed(mine.get(name), table)
+        self.n += other.n
+        return self
+
+    @property
+    def has_labels(self) -> bool:
+        return bool(self.vs_labels)
+
+    def accuracy(self, name: str) -> tuple[float, dict[int, float]]:
+        """Overall and per-label-class accuracy of predictor ``name``."""
+        return _rates(self.vs_labels[name])
+
+    def agreement(self, name: str) -> tuple[float, dict[int, float]]:
+        """Fraction with the reference's argmax, overall and per reference class."""
+        return _rates(self.vs_reference[name])
+
+
+def _grown(table: torch.Tensor | None, size: int) -> torch.Tensor:
+    out = torch.zeros(size, size, dtype=torch.long)
+    if table is not None:
+        out[: table.shape[0], : table.shape[1]] = table
+    return out
+
+
+def _summed(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+    size = max(b.shape[0], 0 if a is None else a.shape[0])
+    return _grown(a, size) + _grown(b, size)
+
+
+def _rates(confusion: torch.Tensor) -> tuple[float, dict[int, float]]:
+    total = confusion.sum(1)
+    hits = confusion.diagonal()
+    per_class = {int(c): float(hits[c]) / float(total[c]) for c in range(len(total)) if total[c] > 0}
+    overall = float(hits.sum()) / max(float(total.sum()), 1.0)
+    return overall, per_class

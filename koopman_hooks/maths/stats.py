@@ -1,0 +1,170 @@
+"""Streaming first and second moments in float64, mergeable exactly (Chan et al.).
+
+Memory is ``O(dim²)`` whatever the number of samples. :meth:`StreamingMoments.update` folds a
+batch in and returns ``self``; :meth:`StreamingMoments.merge` combines the moments of two
+disjoint sets of samples into those of their union (what a multi-process fit all-reduces).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+
+class StreamingMoments:
+    """Running mean and covariance of ``x``, and optionally its cross-covariance with ``y``.
+
+    Args:
+        dim: number of features of ``x``.
+        cross_dim: number of features of the paired ``y`` (``None``: no ``y``).
+        device: where the float64 running sums live.
+    """
+
+    def __init__(self, dim: int, cross_dim: int | None = None, device: torch.device | str = "cpu") -> None:
+        kw = {"dtype": torch.float64, "device": device}
+        self.n = 0
+        self.mean_x = torch.zeros(dim, **kw)  # type: ignore[arg-type]
+        self.m2_xx = torch.zeros(dim, dim, **kw)  # type: ignore[arg-type]
+        """Sum of outer products of the centred ``x`` (unnormalised covariance)."""
+        self.cross_dim = cross_dim
+        self.mean_y: torch.Tensor | None = None
+        self.m2_yy: torch.Tensor | None = None
+        self.m2_xy: torch.Tensor | None = None
+        if cross_dim is not None:
+            self.mean_y = torch.zeros(cross_dim, **kw)  # type: ignore[arg-type]
+            self.m2_yy = torch.zeros(cross_dim, cross_dim, **kw)  # type: ignore[arg-type]
+            self.m2_xy = torch.zeros(dim, cross_dim, **kw)  # type: ignore[arg-type]
+
+    @property
+    def dim(self) -> int:
+        return int(self.mean_x.shape[0])
+
+    @classmethod
+    def of(cls, x: torch.Tensor, y: torch.Tensor | None = None) -> StreamingMoments:
+        """The moments of one batch of rows ``x`` (and paired rows ``y``)."""
+        x = x.reshape(len(x), math.prod(x.shape[1:]))  # -1 fails for 0 rows
+        cross = None if y is None else math.prod(y.shape[1:])
+        return cls(x.shape[1], cross, device=x.device).update(x, y)
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, y: torch.Tensor | None = None) -> StreamingMoments:
+        """Fold a batch of rows ``x`` (and the paired rows ``y``) into the statistics."""
+        x = x.reshape(len(x), math.prod(x.shape[1:])).to(self.mean_x)
+        if x.shape[1] != self.dim:
+            raise ValueError(f"expected {self.dim} features, got {x.shape[1]}")
+        if (y is None) != (self.cross_dim is None):
+            raise ValueError("pass y exactly when the moments were built with cross_dim")
+        if len(x) == 0:
+            return self
+        batch = StreamingMoments(self.dim, self.cross_dim, device=self.mean_x.device)
+        batch.n = len(x)
+        batch.mean_x = x.mean(0)
+        xc = x - batch.mean_x
+        batch.m2_xx = xc.T @ xc
+        if y is not None:
+            y = y.reshape(len(y), math.prod(y.shape[1:])).to(self.mean_x)
+            if len(y) != len(x):
+                raise ValueError(f"x has {len(x)} rows but y has {len(y)}")
+            batch.mean_y = y.mean(0)
+            yc = y - batch.mean_y
+            batch.m2_yy = yc.T @ yc
+            batch.m2_xy = xc.T @ yc
+        return self.merge(batch)
+
+    @torch.no_grad()
+    def merge(self, other: StreamingMoments) -> StreamingMoments:
+        """Fold in the moments of another, disjoint set of samples; returns ``self``."""
+        if other.dim != self.dim or other.cross_dim != self.cross_dim:
+            raise ValueError(
+                f"cannot merge moments of shape ({other.dim}, {other.cross_dim}) into ({self.dim}, {self.cross_dim})"
+            )
+        if other.n == 0:
+            return self
+        n, b = self.n, other.n
+        total = n + b
+        weight = n * b / total
+        dx = other.mean_x.to(self.mean_x) - self.mean_x
+        self.m2_xx += other.m2_xx.to(self.m2_xx) + torch.outer(dx, dx) * weight
+        self.mean_x += dx * (b / total)
+        if self.cross_dim is not None:
+            assert self.mean_y is not None and self.m2_yy is not None and self.m2_xy is not None
+            assert other.mean_y is not None and other.m2_yy is not None and other.m2_xy is not None
+            dy = other.mean_y.to(self.mean_y) - self.mean_y
+            self.m2_yy += other.m2_yy.to(self.m2_yy) + torch.outer(dy, dy) * weight
+            self.m2_xy += other.m2_xy.to(self.m2_xy) + torch.outer(dx, dy) * weight
+            self.mean_y += dy * (b / total)
+        self.n = total
+        return self
+
+    @classmethod
+    def pooled(cls, parts: Iterable[StreamingMoments]) -> StreamingMoments:
+        """The moments of the union of ``parts`` (none of which is modified)."""
+        parts = list(parts)
+        if not parts:
+            raise ValueError("pooled() needs at least one set of moments")
+        out = cls(parts[0].dim, parts[0].cross_dim, device=parts[0].mean_x.device)
+        for part in parts:
+            out.merge(part)
+        return out
+
+    def to(self, device: torch.device | str) -> StreamingMoments:
+        """The same moments on ``device`` (a copy)."""
+        out = StreamingMoments(self.dim, self.cross_dim, device=device)
+        return out.merge(self)
+
+    def _check(self) -> None:
+        if self.n == 0:
+            raise ValueError("no samples seen yet")
+
+    @property
+    def cov_xx(self) -> torch.Tensor:
+        """Population covariance of ``x``."""
+        self._check()
+        return self.m2_xx / self.n
+
+    @property
+    def cov_yy(self) -> torch.Tensor:
+        """Population covariance of ``y``."""
+        self._check()
+        assert self.m2_yy is not None, "no y was tracked"
+        return self.m2_yy / self.n
+
+    @property
+    def cov_xy(self) -> torch.Tensor:
+        """Population cross-covariance ``E[(x - mx)(y - my)ᵀ]``."""
+        self._check()
+        assert self.m2_xy is not None, "no y was tracked"
+        return self.m2_xy / self.n
+
+    def second_moment(self) -> torch.Tensor:
+        """Homogeneous second moment ``E[x̃ x̃ᵀ]`` of ``x̃ = [x, 1]``: ``(dim+1, dim+1)``."""
+        self._check()
+        d = self.dim
+        out = torch.empty(d + 1, d + 1, dtype=torch.float64, device=self.mean_x.device)
+        out[:d, :d] = self.cov_xx + torch.outer(self.mean_x, self.mean_x)
+        out[:d, d] = out[d, :d] = self.mean_x
+        out[d, d] = 1.0
+        return out
+
+
+def ridge_regression(
+    moments: StreamingMoments, ridge: float = 1e-6, intercept: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least squares ``y ≈ x @ W + b`` from streamed moments (ridge EDMD).
+
+    With ``intercept=False`` the fit is linear (``b = 0``, uncentred second moments). The
+    intercept is never penalised; ``ridge`` is relative to the mean second moment of ``x``.
+    Returns ``(W, b)`` in float64, ``W`` of shape ``(dim_x, dim_y)``.
+    """
+    assert moments.mean_y is not None, "ridge_regression needs moments with a paired y"
+    cxx, cxy = moments.cov_xx, moments.cov_xy
+    if not intercept:
+        cxx = cxx + torch.outer(moments.mean_x, moments.mean_x)
+        cxy = cxy + torch.outer(moments.mean_x, moments.mean_y)
+    scale = cxx.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(cxx.shape[0], dtype=cxx.dtype, device=cxx.device)
+    weight = torch.linalg.solve(cxx + ridge * scale * eye, cxy)
+    bias = moments.mean_y - moments.mean_x @ weight if intercept else torch.zeros_like(moments.mean_y)
+    return weight, bias

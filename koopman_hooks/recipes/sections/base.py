@@ -1,0 +1,59 @@
+"""The protocol every recipe section follows, and the context a seed's run hands it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from torch import nn
+from torch.utils.data import Dataset
+
+from koopman_hooks.data import TensorLoader
+from koopman_hooks.probe import KoopmanProbe
+from koopman_hooks.recipes.config import Recipe
+
+
+@dataclass
+class RunContext:
+    """Everything a section needs about one seed's run."""
+
+    recipe: Recipe
+    seed: int
+    out_dir: Path
+    train_set: Dataset  # type: ignore[type-arg]
+    test_set: Dataset  # type: ignore[type-arg]
+    num_classes: int
+    new_model: Callable[[], nn.Module]
+    model: nn.Module
+    probe: KoopmanProbe
+    train_seconds: float
+    train_loss: list[float]
+    verbose: bool = True
+    results: dict[str, Any] = field(default_factory=dict)
+
+    def loader(self, dataset: Dataset, batch_size: int = 512, shuffle: bool = False,  # type: ignore[type-arg]
+               limit: int | None = None) -> TensorLoader:
+        return TensorLoader.from_dataset(dataset, batch_size=batch_size, shuffle=shuffle, seed=self.seed, limit=limit)
+
+
+class Section(Protocol):
+    """One part of a recipe's report.
+
+    ``run`` returns a seed's results (merged into that seed's results), ``aggregate`` the
+    report entries over seeds (merged into the report), ``markdown`` the report's lines and
+    ``figures`` the report-level figures it drew (``{name: path}``).
+    """
+
+    name: str
+
+    def enabled(self, recipe: Recipe) -> bool: ...
+
+    def run(self, context: RunContext) -> dict[str, Any]: ...
+
+    def aggregate(self, runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]: ...
+
+    def markdown(self, report: Mapping[str, Any]) -> list[str]: ...
+
+    def figures(self, report: Mapping[str, Any], out: Path) -> dict[str, Path]: ...

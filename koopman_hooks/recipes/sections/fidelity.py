@@ -1,0 +1,107 @@
+"""The fidelity section (always on): the model, the patched surrogate and the linear baseline."""
+
+from __future__ import annotations
+
+import resource
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from koopman_hooks.recipes.config import Recipe
+from koopman_hooks.recipes.plots import seed_plots
+from koopman_hooks.recipes.sections.base import RunContext
+from koopman_hooks.recipes.summary import fmt, mean, spread, with_spread
+
+SUMMARY_KEYS = ("model", "surrogate", "linear_baseline")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _per_class_list(per_class: Mapping[int, float], num_classes: int) -> list[float | None]:
+    return [per_class.get(c) for c in range(num_classes)]
+
+
+class Fidelity:
+    """Accuracy, agreement and FVU of the fitted probe on the test set, and the seed's plots."""
+
+    name = "fidelity"
+
+    def enabled(self, recipe: Recipe) -> bool:
+        return True
+
+    def run(self, context: RunContext) -> dict[str, Any]:
+        probe, k = context.probe, context.num_classes
+        test_loader = context.loader(context.test_set, 1000)
+        metrics = probe.evaluate(test_loader)
+        fitted = probe.fetch_model()
+        results: dict[str, Any] = {
+            "model": {
+                "test_accuracy": metrics["model_accuracy"],
+                "per_class_accuracy": _per_class_list(metrics["model_per_class_accuracy"], k),
+                "train_seconds": context.train_seconds,
+                "train_loss": context.train_loss,
+            },
+            "surrogate": {
+                "test_accuracy": metrics["surrogate_accuracy"],
+                "agreement": metrics["agreement"],
+                "accuracy_drop": metrics["model_accuracy"] - metrics["surrogate_accuracy"],
+                "per_class_accuracy": _per_class_list(metrics["surrogate_per_class_accuracy"], k),
+                "state_fvu": metrics["state_fvu"],
+                "state_fvu_per_layer": metrics["state_fvu_per_layer"],
+                "latent_fvu": metrics["latent_fvu"],
+                "fit_seconds": fitted.fit_seconds,
+                "peak_rss_mb": context.results.get("peak_rss_mb", peak_rss_mb()),
+                "layers": fitted.layers,
+                "steps": list(fitted.config.steps),
+                "latent_dim": fitted.config.latent_dim,
+                "operator": fitted.config.operator,
+            },
+            "linear_baseline": {
+                "test_accuracy": metrics["linear_baseline"]["accuracy"],
+                "agreement": metrics["linear_baseline"]["agreement"],
+                "state_fvu": metrics["linear_baseline"]["state_fvu"],
+            },
+            "history": fitted.history,
+        }
+        paths = seed_plots(context, results["model"]["train_loss"], test_loader)
+        results["plots"] = {key: str(Path(p).relative_to(context.out_dir.parent)) for key, p in paths.items()}
+        return results
+
+    def aggregate(self, runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        report = {key: mean([r[key] for r in runs]) for key in SUMMARY_KEYS}
+        report["spread"] = spread(runs, (*SUMMARY_KEYS, "seconds"))
+        return report
+
+    def markdown(self, report: Mapping[str, Any]) -> list[str]:
+        surrogate = report["surrogate"]
+        lines = [
+            "## Fidelity",
+            "",
+            "| | test accuracy | agreement with model | state FVU (layers[-1]) |",
+            "|---|---|---|---|",
+            f"| model | {with_spread(report, 'model.test_accuracy')} | – | – |",
+            f"| Koopman surrogate (patched) | {with_spread(report, 'surrogate.test_accuracy')} | "
+            f"{with_spread(report, 'surrogate.agreement')} | {with_spread(report, 'surrogate.state_fvu')} |",
+            f"| linear baseline (DMD, no lifting) | {with_spread(report, 'linear_baseline.test_accuracy')} | "
+            f"{with_spread(report, 'linear_baseline.agreement')} | {with_spread(report, 'linear_baseline.state_fvu')} |",
+            "",
+            f"Latent FVU: {with_spread(report, 'surrogate.latent_fvu')}. "
+            f"Probe fit: {with_spread(report, 'surrogate.fit_seconds')} s, peak RSS {with_spread(report, 'surrogate.peak_rss_mb')} MB. "
+            f"Model training: {with_spread(report, 'model.train_seconds')} s. Whole run per seed: {with_spread(report, 'seconds')} s.",
+            "",
+            "Per-class test accuracy (model / surrogate): "
+            + ", ".join(
+                f"{c}: {fmt(m, 3)} / {fmt(s, 3)}"
+                for c, (m, s) in enumerate(zip(report["model"]["per_class_accuracy"], surrogate["per_class_accuracy"]))
+            ),
+            "",
+        ]
+        per_layer = surrogate.get("state_fvu_per_layer") or {}
+        if len(per_layer) > 1:
+            lines += ["State FVU per probed layer: " + ", ".join(f"`{k}` {fmt(v)}" for k, v in per_layer.items()), ""]
+        return lines
+
+    def figures(self, report: Mapping[str, Any], out: Path) -> dict[str, Path]:
+        return {}

@@ -1,0 +1,87 @@
+"""``EditOptions``: every knob of a Koopman unlearning edit, typed and validated once."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from koopman_hooks.core.schema import check, check_fields, from_mapping
+from koopman_hooks.errors import ConfigError
+
+Method = Literal["endpoint", "per_step", "leace"]
+LabelSource = Literal["loader", "model"]
+Redirect = Literal["runner_up", "nearest"]
+Metric = Literal["decoder", "euclidean"]
+Solver = Literal["auto", "direct", "cg"]
+
+
+@dataclass(frozen=True)
+class EditOptions:
+    """Knobs of :func:`~koopman_hooks.unlearning.edit.unlearn` (defaults tuned on Yin-Yang).
+
+    Attributes:
+        strength: weight of the forgotten samples relative to the retained ones.
+        contract: β_R, retained groups may shrink towards their own mean.
+        spread: β_F, forgotten samples keep this fraction of their spread around the target.
+        match: and this fraction of the target class's spread (Gaussian optimal transport).
+        metric: ``"decoder"`` pull-back metric or ``"euclidean"``.
+        metric_eps: ε added to the normalised pull-back metric.
+        metric_rows: rows per batch whose decoder Jacobian estimates the pull-back metric.
+        refine: L-BFGS iterations refining the redirect on the patched model's outputs (0: off).
+        refine_rows: size of the seeded sample of the data the refinement sees.
+        proximal: pull of the refinement towards the least-squares redirect.
+        retain_weight: share of the refinement loss on retained (vs forgotten) samples.
+        redirect: target of a forgotten sample: the model's ``"runner_up"`` retained class, or
+            the ``"nearest"`` retained class mean.
+        ridge: relative ridge towards the identity edit.
+        iterations: L-BFGS iterations of the per-step operator fit.
+        solver: metric least squares: ``"direct"`` (Kronecker), ``"cg"``, or ``"auto"``.
+    """
+
+    strength: float = 1.5
+    contract: float = 0.7
+    spread: float = 0.0
+    match: float = 0.0
+    metric: Metric = "decoder"
+    metric_eps: float = 0.1
+    metric_rows: int = 64
+    refine: int = 10
+    refine_rows: int = 2048
+    proximal: float = 1e-2
+    retain_weight: float = 0.8
+    redirect: Redirect = "runner_up"
+    ridge: float = 1e-6
+    iterations: int = 100
+    solver: Solver = "auto"
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        for name in ("strength", "spread", "match", "metric_eps", "proximal", "ridge"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("metric_rows", "refine", "refine_rows", "iterations"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.retain_weight <= 1.0:
+            raise ConfigError(f"retain_weight must be in [0, 1], got {self.retain_weight}")
+
+    @property
+    def sample_rows(self) -> int:
+        """Rows the statistics must sample for this edit's refinement (0 without refinement)."""
+        return self.refine_rows if self.refine else 0
+
+    @classmethod
+    def for_method(cls, method: Method, options: Mapping[str, Any] | None = None) -> EditOptions:
+        """The defaults of ``method`` with ``options`` applied (unknown names are refused)."""
+        check(method, Method, "method")
+        return from_mapping(cls, {**METHOD_DEFAULTS.get(method, {}), **dict(options or {})})
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+#: Per-method overrides of the defaults: LEACE spreads the forgotten samples over half the
+#: target class's (Gaussian optimal-transport) spread, so they blend in rather than collapse.
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"leace": {"match": 0.5}}

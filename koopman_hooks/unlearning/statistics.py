@@ -1,0 +1,281 @@
+"""The statistics an unlearning edit needs, streamed in one pass and mergeable across processes.
+
+Samples are grouped by ``(class, runner-up)``: the class (the loader's label, or the model's
+argmax) and the class the model ranks next. Per group the float64 moments of the latent start
+``z_0`` and of the endpoint ``z_k = E K^k z_0`` are kept, plus (for the decoder metric) the sum
+of the decoder's ``Jᵀ J`` over a seeded subsample of rows: memory ``O(groups · d²)`` whatever
+the number of samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from koopman_hooks.core.capture import Captured
+from koopman_hooks.core.hooks import preserved_state
+from koopman_hooks.core.select import MODEL_OUTPUT
+from koopman_hooks.errors import EmptyLoaderError
+from koopman_hooks.fitting.fitted import FittedProbe
+from koopman_hooks.koopman.surrogate import KoopmanSurrogate
+from koopman_hooks.maths.linalg import apply_homogeneous
+from koopman_hooks.maths.stats import StreamingMoments
+from koopman_hooks.unlearning.options import LabelSource, Metric, Redirect
+from koopman_hooks.unlearning.refine import SampleReservoir
+
+Group = tuple[int, int]
+NO_GROUP = -1  # the "runner-up" key when outputs are not per-class scores (redirect="nearest")
+
+
+@dataclass
+class LatentGroupStatistics:
+    """Streamed moments of ``z_k`` (``groups``) and ``z_0`` (``start``) per ``(class, runner-up)``.
+
+    ``metric[g]`` sums the decoder's ``Jᵀ J`` over the rows of group ``g`` where it was sampled
+    (``metric_n[g]`` of them; ``None`` when not collected). ``n_outputs`` is the width of the
+    model's ``(batch, classes)`` output, else ``None``. ``power`` is ``E K^k`` of the surrogate
+    the latents came from; ``reservoir`` a bounded sample of rows for the refinement.
+    """
+
+    latent_dim: int
+    forget: tuple[int, ...]
+    groups: dict[Group, StreamingMoments] = field(default_factory=dict)
+    start: dict[Group, StreamingMoments] = field(default_factory=dict)
+    metric: dict[Group, torch.Tensor] | None = None
+    metric_n: dict[Group, int] = field(default_factory=dict)
+    n_outputs: int | None = None
+    seconds: float = 0.0
+    labels: LabelSource = "loader"
+    redirect: Redirect = "runner_up"
+    metric_kind: Metric = "decoder"
+    src: str | None = None
+    dst: str | None = None
+    power: torch.Tensor | None = None
+    reservoir: SampleReservoir | None = None
+
+    @property
+    def classes(self) -> list[int]:
+        return sorted({c for c, _ in self.groups})
+
+    @property
+    def n(self) -> int:
+        return sum(m.n for m in self.groups.values())
+
+    def counts(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for (c, _), m in self.groups.items():
+            out[c] = out.get(c, 0) + m.n
+        return dict(sorted(out.items()))
+
+    def class_moments(self, classes: Iterable[int]) -> StreamingMoments:
+        """Moments of ``z_k`` over the union of ``classes``."""
+        wanted = set(classes)
+        return StreamingMoments.pooled(m for (c, _), m in self.groups.items() if c in wanted)
+
+    def with_forget(self, forget: Sequence[int]) -> LatentGroupStatistics:
+        """The same statistics (shared, not copied) for an edit that forgets ``forget``."""
+        return dataclasses.replace(self, forget=tuple(sorted(forget)))
+
+    def metric_total(self, key: Group) -> torch.Tensor:
+        """Estimated sum of ``Jᵀ J`` over the whole group, from the rows where it was sampled."""
+        assert self.metric is not None
+        if self.metric_n.get(key):
+            return self.metric[key] * (self.groups[key].n / self.metric_n[key])
+        return self._pooled_metric() * self.groups[key].n  # never sampled: the average
+
+    def _pooled_metric(self) -> torch.Tensor:
+        assert self.metric is not None
+        return torch.stack(list(self.metric.values())).sum(0) / max(sum(self.metric_n.values()), 1)
+
+    def metric_trace_total(self) -> float:
+        """``Σ_g trace(metric_total(g))`` without forming the matrices."""
+        assert self.metric is not None
+        pooled: float | None = None
+        out = 0.0
+        for key, m in self.groups.items():
+            if self.metric_n.get(key):
+                out += float(self.metric[key].trace()) * m.n / self.metric_n[key]
+            else:
+                pooled = float(self._pooled_metric().trace()) if pooled is None else pooled
+                out += pooled * m.n
+        return out
+
+    def update(
+        self,
+        labels: torch.Tensor,
+        keys: torch.Tensor,
+        z0: torch.Tensor,
+        z: torch.Tensor,
+        jac: torch.Tensor | None,
+        jac_rows: torch.Tensor | None = None,
+    ) -> LatentGroupStatistics:
+        """Fold a batch in: class ``labels``, group ``keys``, ``z_0``, ``z_k`` and decoder Jacobians
+        (``jac`` holds the Jacobians of the rows ``jac_rows`` only; all rows by default)."""
+        labels, keys = labels.reshape(-1).long().cpu(), keys.reshape(-1).long().cpu()
+        if len(labels) != len(z):
+            raise ValueError(f"got {len(labels)} labels for a batch of {len(z)} samples")
+        for c, s in torch.stack([labels, keys], 1).unique(dim=0).tolist():
+            mask = (labels == c) & (keys == s)
+            key = (int(c), int(s))
+            if key not in self.groups:
+                self.groups[key] = StreamingMoments(self.latent_dim)
+                self.start[key] = StreamingMoments(self.latent_dim)
+            self.groups[key].update(z[mask.to(z.device)].cpu())
+            self.start[key].update(z0[mask.to(z0.device)].cpu())
+            if jac is not None:
+                assert self.metric is not None
+                sampled = mask if jac_rows is None else mask[jac_rows]
+                j = jac[sampled.to(jac.device)]
+                part = torch.einsum("boi,boj->ij", j, j).cpu()
+                self.metric[key] = self.metric[key] + part if key in self.metric else part
+                self.metric_n[key] = self.metric_n.get(key, 0) + len(j)
+        return self
+
+    def merge(self, other: LatentGroupStatistics) -> LatentGroupStatistics:
+        """Fold in the statistics of another, disjoint set of samples; returns ``self``."""
+        same = ("latent_dim", "forget", "labels", "redirect", "metric_kind", "src", "dst")
+        for name in same:
+            if getattr(self, name) != getattr(other, name):
+                raise ValueError(f"cannot merge statistics collected with other {name}: "
+                                 f"{getattr(self, name)!r} vs {getattr(other, name)!r}")
+        for key, moments in other.groups.items():
+            if key not in self.groups:
+                self.groups[key] = StreamingMoments(self.latent_dim)
+                self.start[key] = StreamingMoments(self.latent_dim)
+            self.groups[key].merge(moments)
+            self.start[key].merge(other.start[key])
+        if other.metric is not None:
+            self.metric = {} if self.metric is None else self.metric
+            for key, value in other.metric.items():
+                self.metric[key] = self.metric[key] + value if key in self.metric else value.clone()
+                self.metric_n[key] = self.metric_n.get(key, 0) + other.metric_n[key]
+        self.n_outputs = self.n_outputs if self.n_outputs is not None else other.n_outputs
+        if other.reservoir is not None:
+            self.reservoir = other.reservoir if self.reservoir is None else self.reservoir.merge(other.reservoir)
+        self.seconds = max(self.seconds, other.seconds)
+        return self
+
+
+def runner_up(scores: torch.Tensor, labels: torch.Tensor, forget: torch.Tensor) -> torch.Tensor:
+    """Best retained class for forgotten samples; best class other than the label otherwise."""
+    scores = scores.detach().float().cpu().clone()
+    n = scores.shape[1]
+    rows = torch.arange(len(labels))
+    in_range = (labels >= 0) & (labels < n)
+    other = scores.clone()
+    other[rows[in_range], labels[in_range]] = -torch.inf
+    keys = other.argmax(1)
+    valid_forget = forget[(forget >= 0) & (forget < n)]
+    if len(valid_forget) and len(valid_forget) < n:
+        retained = scores.clone()
+        retained[:, valid_forget] = -torch.inf
+        keys = torch.where(torch.isin(labels, forget), retained.argmax(1), keys)
+    return keys
+
+
+def decoder_jacobian(decoder: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """Per-sample Jacobians of the decoder at rows ``z``: ``(b, out, d)`` float64."""
+    z = z.detach().float()
+
+    def one(v: torch.Tensor) -> torch.Tensor:
+        return decoder(v.unsqueeze(0)).squeeze(0)
+
+    with torch.enable_grad():
+        jac = torch.func.vmap(torch.func.jacrev(one))(z)
+    return jac.reshape(len(z), -1, z.shape[1]).double()
+
+
+def _class_labels(captured: Captured, scores: torch.Tensor | None, labels: LabelSource, n_outputs: int | None) -> torch.Tensor:
+    if labels == "model":
+        if scores is None:
+            raise ValueError('labels="model" needs a model whose output is (batch, classes) scores')
+        return scores.argmax(dim=-1).cpu()
+    if captured.labels is None:
+        raise ValueError('labels="loader" needs labelled batches; pass labels="model" to use predictions')
+    y = torch.as_tensor(captured.labels).cpu()
+    if y.dim() != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
+        raise ValueError(f"expected integer class labels of shape (batch,), got {tuple(y.shape)} {y.dtype}")
+    bad = y[(y < 0) | (y >= n_outputs)] if n_outputs is not None else y[y < 0]
+    if len(bad):
+        classes = f"the model scores {n_outputs} classes (0..{n_outputs - 1})" if n_outputs else "classes are >= 0"
+        raise ValueError(f"label {int(bad[0])} is out of range: {classes}")
+    return y
+
+
+def collect_statistics(
+    probe: FittedProbe,
+    loader: Iterable[Any],
+    forget_classes: Sequence[int] = (),
+    labels: LabelSource = "loader",
+    surrogate: KoopmanSurrogate | None = None,
+    redirect: Redirect = "runner_up",
+    metric: Metric = "decoder",
+    metric_rows: int = 64,
+    seed: int = 0,
+    refine_rows: int = 0,
+) -> LatentGroupStatistics:
+    """Stream ``loader`` once through ``probe``'s hooks and group the latent endpoints.
+
+    Samples are grouped by class (the loader's labels, or the model's argmax with
+    ``labels="model"``) and, with ``redirect="runner_up"`` and per-class scores as output, by
+    the class the model ranks next: the best retained class for samples of a forgotten class,
+    the best other class for the rest. The model runs in eval mode without gradients (modes
+    restored afterwards); only the decoder is differentiated for ``metric="decoder"``. The
+    full model runs when its output is needed (first batch, ``labels="model"``,
+    ``redirect="runner_up"``); otherwise the pass stops after the last probed layer.
+    ``refine_rows > 0`` also keeps a seeded sample of that many rows for the refinement.
+    """
+    start = time.perf_counter()
+    surrogate = surrogate if surrogate is not None else probe.surrogate()
+    device = surrogate.operator.device
+    stats = LatentGroupStatistics(
+        surrogate.latent_dim, tuple(sorted(set(forget_classes))), labels=labels, redirect=redirect,
+        metric_kind=metric, src=surrogate.src_layer, dst=surrogate.dst_layer,
+    )
+    generator = torch.Generator().manual_seed(seed)
+    if metric == "decoder":
+        stats.metric = {}
+    if refine_rows > 0:
+        stats.reservoir = SampleReservoir(int(refine_rows), seed)
+    power = surrogate.endpoint_map()  # E K^k, the latent the decoder reads (E = I unless edited)
+    stats.power = power.detach().cpu()
+    forget = torch.tensor(sorted(set(forget_classes)), dtype=torch.long)
+    need_output = labels == "model" or redirect == "runner_up"
+    seen = False
+    with preserved_state(probe.model):
+        for i, batch in enumerate(loader):
+            seen = True
+            with torch.no_grad():
+                captured = probe.capture(batch, stop_early=not need_output and i > 0)
+            scores = None
+            if captured.output is not None and (i == 0 or need_output):
+                scores = MODEL_OUTPUT.get(captured.output).detach()
+                if i == 0:
+                    stats.n_outputs = int(scores.shape[-1]) if scores.dim() == 2 else None
+                if scores.dim() != 2:
+                    scores = None
+            y = _class_labels(captured, scores, labels, stats.n_outputs)
+            keys = runner_up(scores, y, forget) if redirect == "runner_up" and scores is not None else None
+            if keys is None:
+                keys = torch.full_like(y, NO_GROUP)
+            x0 = captured.activations[surrogate.src_layer].to(device, torch.float32)
+            with torch.no_grad():
+                z0 = surrogate.encode(x0).double()
+                z = apply_homogeneous(power.to(z0.device), z0)
+            jac = rows = None
+            if metric == "decoder":  # the pull-back metric is averaged over a seeded subsample of rows
+                rows = torch.randperm(len(z), generator=generator)[:metric_rows].sort().values
+                jac = decoder_jacobian(surrogate.decoder, z[rows.to(z.device)])
+            stats.update(y, keys, z0, z, jac, rows)
+            if stats.reservoir is not None:
+                predictions = scores.argmax(-1).cpu() if scores is not None else None
+                stats.reservoir.update(captured.inputs, y, keys, predictions)
+    if not seen:
+        raise EmptyLoaderError()
+    stats.seconds = time.perf_counter() - start
+    return stats

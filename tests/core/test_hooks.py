@@ -1,0 +1,39 @@
+"""Tests of koopman_hooks/core/hooks.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from koopman_hooks import LayerError
+from koopman_hooks.core.hooks import check_order, record, run_until_stop
+from koopman_hooks.core.select import make_selectors
+from koopman_hooks.models import ResMLP
+
+
+def resmlp(depth: int = 3, batch_norm: bool = False) -> ResMLP:
+    torch.manual_seed(0)
+    return ResMLP(4, 3, width=6, depth=depth, batch_norm=batch_norm)
+
+
+
+def test_record_stop_and_check_order_directly():
+    m = resmlp()
+    layers = ["input", "blocks.1"]
+    sels = make_selectors(layers, None)
+    x = torch.randn(3, 4)
+    with record(m, sels, stop_after="blocks.1") as rec:
+        assert run_until_stop(lambda: m(x)) is None  # stopped early
+    check_order(layers, rec)
+    assert rec.order == layers
+    torch.testing.assert_close(rec.activations["input"], m.input(x).detach())
+    assert all(not mod._forward_hooks for mod in m.modules())
+    with record(m, sels) as rec:
+        out = m(x)
+    assert out.shape == (3, 3)
+    with pytest.raises(LayerError, match="forward order"):
+        check_order(["blocks.1", "input"], rec)
+    with pytest.raises(LayerError, match="never executed"):
+        check_order(["input", "blocks.1", "head"], rec)
+
+

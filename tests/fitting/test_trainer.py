@@ -1,0 +1,194 @@
+"""Tests of koopman_hooks/fitting/trainer.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from koopman_hooks import KoopmanProbe, NotFittedError
+from koopman_hooks.data import TensorLoader
+from koopman_hooks.models import ResMLP
+
+TINY = dict(latent_dim=3, steps=1, hidden=(8,), width=4, verbose=False)
+
+
+def resmlp(depth: int = 3, batch_norm: bool = False) -> ResMLP:
+    torch.manual_seed(0)
+    return ResMLP(4, 3, width=6, depth=depth, batch_norm=batch_norm)
+
+
+def loader(n: int = 48, batch_size: int = 16, seed: int = 0) -> TensorLoader:
+    g = torch.Generator().manual_seed(seed)
+    return TensorLoader(torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g), batch_size=batch_size)
+
+
+class MaybeNaN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.make_nan = False
+
+    def forward(self, x):
+        return torch.sqrt(x) if self.make_nan else torch.relu(x)
+
+
+class CleanupNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.input = nn.Linear(4, 6)
+        self.norm = nn.BatchNorm1d(6)
+        self.mid = MaybeNaN()
+        self.drop = nn.Dropout(0.3)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.out(self.drop(self.mid(self.norm(self.input(x)))))
+
+
+class FailingLoader:
+    """Yields batches from ``inner`` and raises RuntimeError after ``after`` batches in total."""
+
+    def __init__(self, inner, after: int) -> None:
+        self.inner, self.after, self.count = inner, after, 0
+
+    def __iter__(self):
+        for batch in self.inner:
+            if self.count == self.after:
+                raise RuntimeError("loader broke")
+            self.count += 1
+            yield batch
+
+
+
+@pytest.mark.parametrize("failure", ["loader_adapters", "loader_training", "nan"])
+def test_model_restored_after_exception_in_fit(failure):
+    torch.manual_seed(0)
+    m = CleanupNet()
+    with torch.no_grad():
+        m.norm.running_mean.uniform_(-1, 1)
+    m.train()
+    m.norm.eval()  # a mixed state
+    calls = []
+    user_handle = m.mid.register_forward_hook(lambda mod, args, out: calls.append(out.shape))
+    modes = {name: mod.training for name, mod in m.named_modules()}
+    hooks = {name: dict(mod._forward_hooks) for name, mod in m.named_modules()}
+    pre_hooks = {name: dict(mod._forward_pre_hooks) for name, mod in m.named_modules()}
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+
+    data = loader(n=48, batch_size=16)  # 3 batches per pass
+    probe = KoopmanProbe(m, ["input", "mid", "out"], **TINY)
+    if failure == "nan":
+        m.mid.make_nan = True
+        with pytest.raises(ValueError, match="'mid'") as err:
+            probe.fit(data, epochs=2)
+        assert "non-finite" in str(err.value)
+        m.mid.make_nan = False
+    else:
+        after = 2 if failure == "loader_adapters" else 5
+        with pytest.raises(RuntimeError, match="loader broke"):
+            probe.fit(FailingLoader(data, after), epochs=2)
+    # a failed fit leaves nothing half-made: the probe stays unfitted
+    assert not probe.is_fitted
+    with pytest.raises(NotFittedError):
+        probe.surrogate()
+
+    assert {name: dict(mod._forward_hooks) for name, mod in m.named_modules()} == hooks
+    assert {name: dict(mod._forward_pre_hooks) for name, mod in m.named_modules()} == pre_hooks
+    assert {name: mod.training for name, mod in m.named_modules()} == modes
+    assert m.training and not m.norm.training and m.drop.training
+    after_state = m.state_dict()
+    assert after_state.keys() == state.keys()
+    for key, value in state.items():
+        assert torch.equal(after_state[key], value), key
+    assert all(p.grad is None for p in m.parameters())
+    # the user's hook is still registered and still fires
+    n = len(calls)
+    m.eval()
+    m(torch.randn(2, 4))
+    assert len(calls) == n + 1 and calls[-1] == (2, 6)
+    user_handle.remove()
+    assert all(not mod._forward_hooks for mod in m.modules())
+
+
+
+def test_successful_fit_also_restores_model():
+    torch.manual_seed(0)
+    m = resmlp(batch_norm=True)
+    m.train()
+    m.blocks[1].eval()
+    modes = {name: mod.training for name, mod in m.named_modules()}
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    KoopmanProbe(m, ["input", "blocks.*"], **TINY).fit(loader(), epochs=1)
+    assert {name: mod.training for name, mod in m.named_modules()} == modes
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in state.items())
+    assert all(p.grad is None for p in m.parameters())
+    assert all(not mod._forward_hooks for mod in m.modules())
+
+
+
+
+import math
+
+import pytest
+from torch import nn
+
+
+def damped_rotation_system(d: int = 4, depth: int = 5, r: float = 0.9, n: int = 2048):
+    """``depth`` identical bias-free layers ``x -> A x`` with ``A = r C^½ Q C^-½`` (Q: two
+    rotations, by 0.5 and 1.2 rad), on inputs whose sample covariance is exactly ``C``.
+
+    Then every layer's covariance is ``r^{2l} C``: the PCA adapters of all layers share one
+    basis and their unit-RMS scales shrink by ``r`` per layer, so one latent K fits every
+    segment, and in adapted coordinates K's eigenvalues are A's divided by ``r``."""
+    c = torch.tensor([4.0, 1.0, 0.25, 0.0625], dtype=torch.float64)[:d]
+
+    def rot(t: float) -> torch.Tensor:
+        return torch.tensor([[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]], dtype=torch.float64)
+
+    q = torch.block_diag(rot(0.5), rot(1.2))[:d, :d]
+    a = r * torch.diag(c.sqrt()) @ q @ torch.diag(c.rsqrt())
+    z = torch.randn(n, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    z -= z.mean(0)
+    evals, evecs = torch.linalg.eigh(z.T @ z / n)
+    x = (z @ evecs @ torch.diag(evals.rsqrt()) @ evecs.T * c.sqrt()).float()
+    model = nn.Sequential(*[nn.Linear(d, d, bias=False) for _ in range(depth)])
+    with torch.no_grad():
+        for layer in model:
+            layer.weight.copy_(a.float())
+    return model, a, x
+
+
+def _sorted_eigs(m: torch.Tensor) -> torch.Tensor:
+    e = torch.linalg.eigvals(m.double())
+    return e[torch.argsort(e.real * 10 + e.imag)]
+
+
+
+def test_known_linear_dynamics_are_recovered():
+    model, a, x = damped_rotation_system()
+    probe = KoopmanProbe(model, "*", latent_dim=4, steps=1, operator="dense", operator_fit="ridge", hidden=(),
+                         lr=2e-2, verbose=False)
+    assert probe.layers == ["0", "1", "2", "3", "4"]
+    probe.fit(TensorLoader(x, batch_size=128, shuffle=True), epochs=30)
+    metrics = probe.evaluate(TensorLoader(x[:512], batch_size=256))
+    assert set(metrics["state_fvu_per_layer"]) == {"1", "2", "3", "4"}
+    assert max(metrics["state_fvu_per_layer"].values()) < 1e-3, metrics["state_fvu_per_layer"]
+    assert metrics["linear_baseline"]["state_fvu"] < 1e-6
+    assert metrics["agreement"] == 1.0
+    # the closed-form K, in the unit-RMS latent space: A's eigenvalues without the damping r
+    k = probe.autoencoder.operator.matrix().detach()
+    torch.testing.assert_close(_sorted_eigs(k), _sorted_eigs(a / 0.9), rtol=0, atol=1e-2)
+
+    def raw_jacobian(module: nn.Module) -> torch.Tensor:
+        return torch.autograd.functional.jacobian(lambda v: module(v[None])[0], torch.zeros(4)).double()
+
+    # in the layers' own coordinates every one-segment surrogate is A itself (damping included)
+    for i in range(4):
+        jac = raw_jacobian(probe.surrogate(probe.layers[i], probe.layers[i + 1]))
+        torch.testing.assert_close(jac, a, rtol=0, atol=2e-2)
+    torch.testing.assert_close(_sorted_eigs(raw_jacobian(probe.surrogate())), _sorted_eigs(torch.linalg.matrix_power(a, 4)),
+                               rtol=0, atol=1e-2)
+    # the linear baseline to layers[1] is A too: the data are exactly linear
+    torch.testing.assert_close(raw_jacobian(probe.linear_baseline("1")), a, rtol=0, atol=1e-3)
+
+

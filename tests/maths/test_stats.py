@@ -1,0 +1,135 @@
+"""Tests of koopman_hooks/maths/stats.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from koopman_hooks.maths.stats import StreamingMoments
+
+UNEVEN = [1, 7, 0, 3, 50, 2, 1, 36, 13, 4, 83]  # sums to 200
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def anisotropic(n: int, d: int, seed: int = 0, offset: float = 5.0) -> torch.Tensor:
+    """Rows with distinct variances along a random rotation, away from the origin."""
+    g = gen(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    scales = torch.linspace(3.0, 0.2, d, dtype=torch.float64)
+    return (torch.randn(n, d, generator=g, dtype=torch.float64) * scales) @ q.T + offset
+
+
+def stream(x: torch.Tensor, y: torch.Tensor | None = None, sizes=UNEVEN) -> StreamingMoments:
+    assert sum(sizes) == len(x)
+    m = StreamingMoments(x.shape[1], None if y is None else y.shape[1])
+    start = 0
+    for b in sizes:
+        out = m.update(x[start : start + b], None if y is None else y[start : start + b])
+        assert out is m
+        start += b
+    return m
+
+
+
+def test_streaming_moments_match_whole_batch():
+    x = anisotropic(200, 6, seed=1, offset=100.0)
+    y = torch.randn(200, 4, generator=gen(2), dtype=torch.float64) - 30.0 + x[:, :4] ** 2
+    m = stream(x, y)
+    assert m.n == 200
+    mx, my = x.mean(0), y.mean(0)
+    torch.testing.assert_close(m.mean_x, mx, rtol=0, atol=1e-10)
+    torch.testing.assert_close(m.mean_y, my, rtol=0, atol=1e-10)
+    torch.testing.assert_close(m.cov_xx, torch.cov(x.T, correction=0), rtol=0, atol=1e-10)
+    torch.testing.assert_close(m.cov_yy, torch.cov(y.T, correction=0), rtol=0, atol=1e-9)
+    torch.testing.assert_close(m.cov_xy, (x - mx).T @ (y - my) / 200, rtol=0, atol=1e-10)
+    assert m.cov_xx.dtype == torch.float64
+
+
+
+def test_streaming_moments_order_and_batching_invariant():
+    x = anisotropic(200, 5, seed=3)
+    a = stream(x, sizes=UNEVEN)
+    b = stream(x, sizes=[200])
+    c = stream(x, sizes=[1] * 200)
+    for other in (b, c):
+        torch.testing.assert_close(a.cov_xx, other.cov_xx, rtol=0, atol=1e-10)
+        torch.testing.assert_close(a.mean_x, other.mean_x, rtol=0, atol=1e-12)
+
+
+
+def test_streaming_moments_flattens_and_checks():
+    x = torch.randn(10, 2, 3, dtype=torch.float64)
+    m = StreamingMoments(6).update(x)
+    torch.testing.assert_close(m.mean_x, x.reshape(10, 6).mean(0))
+    with pytest.raises(ValueError, match="no samples"):
+        _ = StreamingMoments(3).cov_xx
+    with pytest.raises(ValueError, match="expected 3 features"):
+        StreamingMoments(3).update(torch.randn(4, 5))
+    with pytest.raises(ValueError):
+        StreamingMoments(3).update(torch.randn(4, 3), torch.randn(4, 2))
+    with pytest.raises(ValueError):
+        StreamingMoments(3, 2).update(torch.randn(4, 3))
+
+
+
+
+from koopman_hooks.maths.stats import ridge_regression
+
+
+def streamed(x: torch.Tensor, y: torch.Tensor, sizes=(5, 40, 1, 33, 21)) -> StreamingMoments:
+    m = StreamingMoments(x.shape[1], y.shape[1])
+    start = 0
+    for b in sizes:
+        m.update(x[start : start + b], y[start : start + b])
+        start += b
+    assert start == len(x)
+    return m
+
+
+def regression_data(n: int = 100, seed: int = 7):
+    g = gen(seed)
+    x = torch.randn(n, 5, generator=g, dtype=torch.float64) + 2.0
+    w = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    y = x @ w + torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    y = y + 0.3 * torch.randn(n, 3, generator=g, dtype=torch.float64)
+    return x, y
+
+
+
+def test_ridge_zero_with_intercept_is_least_squares():
+    x, y = regression_data()
+    weight, bias = ridge_regression(streamed(x, y), ridge=0.0, intercept=True)
+    design = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], dim=1)
+    oracle = torch.linalg.lstsq(design, y).solution
+    assert weight.shape == (5, 3) and bias.shape == (3,)
+    assert weight.dtype == torch.float64
+    torch.testing.assert_close(weight, oracle[:5], rtol=0, atol=1e-8)
+    torch.testing.assert_close(bias, oracle[5], rtol=0, atol=1e-8)
+
+
+
+def test_ridge_zero_without_intercept_is_least_squares():
+    x, y = regression_data(seed=8)
+    weight, bias = ridge_regression(streamed(x, y), ridge=0.0, intercept=False)
+    oracle = torch.linalg.lstsq(x, y).solution
+    torch.testing.assert_close(weight, oracle, rtol=0, atol=1e-8)
+    torch.testing.assert_close(bias, torch.zeros(3, dtype=torch.float64))
+
+
+
+def test_ridge_shrinks():
+    x, y = regression_data(seed=9)
+    m = streamed(x, y)
+    w0, _ = ridge_regression(m, ridge=0.0)
+    w1, _ = ridge_regression(m, ridge=1.0)
+    assert w1.norm() < w0.norm()
+    # explicit ridge formula on centred moments, penalty relative to the mean variance
+    cxx = torch.cov(x.T, correction=0)
+    cxy = (x - x.mean(0)).T @ (y - y.mean(0)) / len(x)
+    lam = cxx.diagonal().mean()
+    torch.testing.assert_close(w1, torch.linalg.solve(cxx + lam * torch.eye(5, dtype=torch.float64), cxy), rtol=0, atol=1e-10)
+
+

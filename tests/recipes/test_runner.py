@@ -1,0 +1,94 @@
+"""Tests of koopman_hooks/recipes/runner.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from koopman_hooks.cli import main
+from koopman_hooks.data import YinYangDataset
+from koopman_hooks.recipes import load_run
+
+TINY = [
+    "data.train_size=600", "data.test_size=300", "model.depth=2", "train.epochs=3",
+    "probe.layers=['blocks.0','blocks.1']", "probe.epochs=2", "probe.steps=2", "probe.latent_dim=8",
+    "topology.n_points=150", "topology.per_class=false", "report.pca_layers=['blocks.0','blocks.1']",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    overrides = [*TINY, "unlearning.classes=[2]", "unlearning.baseline_classes=[2]", "unlearning.methods=['endpoint']",
+                 "unlearning.baselines=['original','leace_baseline']"]
+    argv = ["run", "yinyang", "--out", str(out), "--quiet", "--seeds", "2"]
+    for item in overrides:
+        argv += ["--set", item]
+    assert main(argv) == 0
+    return out
+
+
+
+def test_report_files_and_schema(tiny_run):
+    report = json.loads((tiny_run / "report.json").read_text())
+    assert report["recipe"] == "yinyang" and report["seeds"] == [0, 1]
+    for key in ("test_accuracy", "per_class_accuracy"):
+        assert key in report["model"]
+    for key in ("test_accuracy", "agreement", "per_class_accuracy", "state_fvu", "fit_seconds", "peak_rss_mb"):
+        assert key in report["surrogate"]
+    for key in ("test_accuracy", "agreement", "state_fvu"):
+        assert key in report["linear_baseline"]
+    spread = report["spread"]["surrogate.agreement"]
+    assert spread["min"] <= spread["mean"] <= spread["max"] and len(spread["values"]) == 2
+    assert len(report["model"]["per_class_accuracy"]) == 3
+    for key in ("epsilon", "network_betti0", "network_betti1", "surrogate_betti0", "surrogate_betti1",
+                "spearman_network", "spearman_surrogate"):
+        assert key in report["topology"]
+    assert len(report["topology"]["surrogate_betti0"]) == 3  # steps 0..2
+    rows = report["unlearning"]["rows"]
+    assert {r["method"] for r in rows} == {"koopman_endpoint", "original", "leace_baseline"}
+    for row in rows:
+        for key in ("method", "forget_class", "test_forget_accuracy", "test_retain_accuracy", "train_forget_accuracy",
+                    "train_retain_accuracy", "mia_efficacy", "probe_recall", "seconds"):
+            assert key in row
+    assert {t["figure"] for t in report["targets"]} >= {"surrogate.agreement", "model.test_accuracy"}
+    md = (tiny_run / "report.md").read_text()
+    assert "## Fidelity" in md and "## Topology" in md and "## Unlearning" in md
+    for path in report["plots"].values():
+        assert (tiny_run / path).exists()
+    assert (tiny_run / "seed0" / "probe.safetensors").exists()
+
+
+
+def test_a_run_reloads_as_model_and_probe(tiny_run):
+    model, probe = load_run(tiny_run / "seed0")
+    assert not model.training
+    x = YinYangDataset(256, seed=5).inputs
+    with torch.no_grad():
+        logits = model(x)
+        patched = probe.patch()(x)
+    # the reloaded pair is the run's: its surrogate agrees with its model as the report says
+    agreement = (logits.argmax(1) == patched.argmax(1)).float().mean().item()
+    report = json.loads((tiny_run / "report.json").read_text())
+    assert agreement >= report["surrogate"]["agreement"] - 0.1
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        load_run(tiny_run)  # the run directory, not a seed directory
+
+
+
+def test_probe_topology_per_class_on_knn_graphs(tiny_run):
+    _, probe = load_run(tiny_run / "seed0")
+    data = YinYangDataset(300, seed=7)
+    loader = [(data.inputs[i : i + 100], data.targets[i : i + 100]) for i in range(0, 300, 100)]
+    topo = probe.topology(loader, n_points=300, dims=(0,), per_class=True, metric="knn", n_neighbors=8)
+    assert topo["metric"] == "knn" and topo["epsilon"] == 1.0 and topo["count"] == "sum over classes"
+    for name in ("network", "surrogate"):
+        per_class = [topo["per_class"][c][name]["betti0"] for c in ("0", "1", "2")]
+        assert topo[f"{name}_betti0"] == [sum(v) for v in zip(*per_class)]
+        assert len(topo[f"{name}_betti0_pooled"]) == len(topo[f"{name}_betti0"])
+        assert all(b >= 3 for b in topo[f"{name}_betti0"])  # at least one component per class
+    assert topo["network_betti1"] is None
+
+

@@ -1,0 +1,144 @@
+"""Tests of koopman_hooks/structured_outputs.py."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import namedtuple
+
+import pytest
+import torch
+from torch import nn
+
+from koopman_hooks import KoopmanProbe, LayerError
+from koopman_hooks.data import TensorLoader
+from koopman_hooks.models import ResMLP
+
+TINY = dict(latent_dim=3, steps=1, hidden=(8,), width=4, verbose=False)
+
+
+def resmlp(depth: int = 3, batch_norm: bool = False) -> ResMLP:
+    torch.manual_seed(0)
+    return ResMLP(4, 3, width=6, depth=depth, batch_norm=batch_norm)
+
+
+def loader(n: int = 48, batch_size: int = 16, seed: int = 0) -> TensorLoader:
+    g = torch.Generator().manual_seed(seed)
+    return TensorLoader(torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g), batch_size=batch_size)
+
+
+Pair = namedtuple("Pair", ["hidden", "aux"])
+
+
+@dataclasses.dataclass
+class DataOut:
+    aux: str
+    hidden: torch.Tensor
+    extra: torch.Tensor
+
+
+class StructBlock(nn.Module):
+    def __init__(self, d: int, kind: str) -> None:
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor):
+        h = x + torch.tanh(self.lin(x))
+        aux = h.norm(dim=1)
+        if self.kind == "tuple":
+            return h, aux
+        if self.kind == "dict":
+            return {"hidden": h, "aux": aux}
+        if self.kind == "namedtuple":
+            return Pair(h, aux)
+        return DataOut("meta", h, aux)
+
+
+def hidden_of(out):
+    if isinstance(out, dict):
+        return out["hidden"]
+    if isinstance(out, DataOut):
+        return out.hidden
+    return out[0]
+
+
+class StructModel(nn.Module):
+    def __init__(self, kind: str, d: int = 6, depth: int = 3) -> None:
+        super().__init__()
+        self.kind = kind
+        self.inp = nn.Linear(4, d)
+        self.blocks = nn.ModuleList(StructBlock(d, kind) for _ in range(depth))
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x: torch.Tensor):
+        h = self.inp(x)
+        for block in self.blocks:
+            h = hidden_of(block(h))
+        logits = self.head(h)
+        if self.kind == "dict":
+            return {"logits": logits, "hidden": h}
+        return logits, h
+
+
+
+def test_data_parallel_probe_fits_and_patches():
+    m = resmlp()
+    dp = nn.DataParallel(m)
+    probe = KoopmanProbe(dp, ["input", "blocks.*"], **TINY).fit(loader(), epochs=1)
+    x = torch.randn(8, 4)
+    patched = probe.patch()
+    sur = probe.surrogate()
+    with torch.no_grad():
+        expected = m.head(sur(m.input(x)))
+        out = patched(x)
+    torch.testing.assert_close(out, expected)
+    assert all(not mod._forward_hooks for mod in m.modules())
+
+
+
+@pytest.mark.parametrize("kind", ["tuple", "dict", "namedtuple", "dataclass"])
+def test_probe_on_structured_outputs_fits_and_patches(kind):
+    torch.manual_seed(0)
+    m = StructModel(kind)
+    probe = KoopmanProbe(m, ["blocks.*"], **TINY).fit(loader(), epochs=1)
+    assert probe.layers == ["blocks.0", "blocks.1", "blocks.2"]
+    assert len(probe.history) == 1
+    patched = probe.patch()
+    x = torch.randn(8, 4)
+    with torch.no_grad():
+        real = m(x)
+        out = patched(x)
+        src = hidden_of(m.blocks[0](m.inp(x)))
+        pred = probe.surrogate()(src, like=hidden_of(m.blocks[2](hidden_of(m.blocks[1](src)))))
+    assert type(out) is type(real)
+    logits = out["logits"] if kind == "dict" else out[0]
+    hidden = out["hidden"] if kind == "dict" else out[1]
+    # only the selected tensor of blocks.2's output was replaced by the surrogate's prediction
+    torch.testing.assert_close(hidden, pred)
+    torch.testing.assert_close(logits, m.head(pred))
+    # the model itself is unchanged afterwards
+    with torch.no_grad():
+        again = m(x)
+    torch.testing.assert_close(again["logits"] if kind == "dict" else again[0],
+                               real["logits"] if kind == "dict" else real[0])
+
+
+
+def test_probe_with_key_select_on_dict_model():
+    torch.manual_seed(0)
+    m = StructModel("dict")
+    probe = KoopmanProbe(m, ["blocks.0", "blocks.1"], select="hidden", **TINY).fit(loader(), epochs=1)
+    x = torch.randn(5, 4)
+    out = probe.patch()(x)
+    assert set(out) == {"logits", "hidden"} and out["logits"].shape == (5, 3)
+
+
+
+def test_probe_with_callable_select_cannot_patch():
+    torch.manual_seed(0)
+    m = StructModel("tuple")
+    probe = KoopmanProbe(m, ["blocks.0", "blocks.1"], select=lambda o: o[0], **TINY).fit(loader(), epochs=1)
+    with pytest.raises(LayerError, match="callable"):
+        probe.patch()
+
+
