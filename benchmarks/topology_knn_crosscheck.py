@@ -20,7 +20,6 @@ import torch
 from koopman_hooks.data import TensorLoader
 from koopman_hooks.recipes import load_recipe, load_run
 from koopman_hooks.recipes.builders import build_datasets
-from koopman_hooks.recipes.config import section
 
 
 def main() -> None:
@@ -33,12 +32,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     recipe = load_recipe(args.recipe)
-    layers = section(recipe, "topology").get("layers")
+    layers = recipe.topology.layers if recipe.topology is not None else None
     results = []
     for seed_dir in sorted(Path(args.run_dir).glob("seed*")):
         seed = int(seed_dir.name.removeprefix("seed"))
         _, probe = load_run(seed_dir)
-        _, test_set, _ = build_datasets(section(recipe, "data"), seed, args.data_root)
+        _, test_set, _ = build_datasets(recipe.data, seed, args.data_root)
         topo = probe.topology(TensorLoader.from_dataset(test_set, 500), n_points=args.n_points, layers=layers,
                               dims=(0,), per_class=True, metric="knn", n_neighbors=args.n_neighbors, seed=seed)
         row = {key: topo[key] for key in ("network_layers", "network_betti0", "surrogate_betti0", "spearman_network",

@@ -22,7 +22,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from koopman_hooks.topology import betti_numbers, epsilon_from_reference, normalise  # noqa: E402
+from koopman_hooks.analysis.betti import betti_numbers, epsilon_from_reference, normalise  # noqa: E402
 
 N_POINTS, DIM, N_BLOBS, REPEATS, TARGET_S = 2000, 10, 4, 5, 1.0
 

@@ -97,25 +97,25 @@ class KoopmanProbe:
         config = ProbeConfig(
             layers=tuple(names),
             latent_dim=latent_dim,
-            steps=(steps,) * n_segments if isinstance(steps, int) and not isinstance(steps, bool) else tuple(steps),  # type: ignore[arg-type]
+            steps=(steps,) * n_segments if isinstance(steps, int) and not isinstance(steps, bool) else steps,  # type: ignore[arg-type]
             select=tuple(s.describe() for s in selectors.values()),
             callable_select=tuple(name for name, s in selectors.items() if not s.writable),
             width=width,
             variance=variance,
             max_width=max_width,
-            reduce=tuple(per_layer(names, reduce, "reduce").values()),
+            reduce=tuple(per_layer(names, reduce, "reduce").values()),  # type: ignore[arg-type]
             procrustes=procrustes,
             operator=operator,
             rank=rank,
             operator_fit=operator_fit,
-            hidden=tuple(hidden),
+            hidden=hidden,  # type: ignore[arg-type]
             loss_weights=LossWeights() if loss_weights is None else loss_weights,  # type: ignore[arg-type]
             lr=lr,
             weight_decay=weight_decay,
             ridge=ridge,
             input_key=input_key,
             label_key=label_key,
-            ignore_keys=tuple(ignore_keys),
+            ignore_keys=ignore_keys,  # type: ignore[arg-type]
             seed=seed,
         )
         self._setup(model, config, selectors, device, verbose)

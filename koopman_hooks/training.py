@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from koopman_hooks.core.batches import call_model, move_inputs, split_batch
@@ -15,9 +15,18 @@ from koopman_hooks.core.select import MODEL_OUTPUT
 from koopman_hooks.errors import EmptyLoaderError
 
 
+class Loader(Protocol):
+    """What the training loops read: an iterable of batches with a length (a ``DataLoader``,
+    a :class:`~koopman_hooks.data.TensorLoader`, a list of batches)."""
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+    def __len__(self) -> int: ...
+
+
 def train_classifier(
     model: nn.Module,
-    loader: DataLoader,
+    loader: Loader,
     epochs: int,
     lr: float = 1e-3,
     weight_decay: float = 0.0,

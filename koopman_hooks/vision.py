@@ -36,6 +36,8 @@ loss and ``state_fvu_per_layer``), not patched, may use any reduction.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 __all__ = ["mnist_resnet18", "mnist_vit"]
@@ -83,7 +85,7 @@ def mnist_vit(
     in_chans: int = 1,
     global_pool: str = "token",
     class_token: bool = True,
-    **kwargs,
+    **kwargs: Any,
 ) -> nn.Module:
     """A small timm ``VisionTransformer`` for ``(in_chans, img_size, img_size)`` images.
 
@@ -105,7 +107,7 @@ def mnist_vit(
         depth=depth,
         num_heads=num_heads,
         mlp_ratio=mlp_ratio,
-        global_pool=global_pool,
+        global_pool=global_pool,  # type: ignore[arg-type]
         class_token=class_token,
         **kwargs,
     )

@@ -243,7 +243,7 @@ def betti_numbers(
     With ``metric="knn"`` ε counts hops on the ``n_neighbors``-NN graph: at ``ε = 1``, β0
     is its number of connected components.
     """
-    counts = betti_curves(points, [epsilon], dims=dims, max_edge_length=max_edge_length, metric=metric,
+    counts = betti_curves(points, np.array([epsilon]), dims=dims, max_edge_length=max_edge_length, metric=metric,
                           n_neighbors=n_neighbors)
     return {dim: int(c) for dim, c in zip(dims, counts[:, 0])}
 

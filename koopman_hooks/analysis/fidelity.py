@@ -27,8 +27,9 @@ def evaluate(probe: FittedProbe, loader: Iterable[Any], baseline: bool = True) -
     ae = probe.autoencoder
     layers = probe.layers
     patched = {"surrogate": probe.patch()}
-    if baseline and probe.baselines:
-        patched["linear_baseline"] = probe.patch(probe.linear_baseline())
+    linear = probe.linear_baseline() if baseline and probe.baselines else None
+    if linear is not None:
+        patched["linear_baseline"] = probe.patch(linear)
     counts = ClassificationCounts(reference="model")
     state_fvu = {name: StreamingFVU() for name in layers[1:]}
     baseline_fvu = StreamingFVU()
@@ -43,10 +44,9 @@ def evaluate(probe: FittedProbe, loader: Iterable[Any], baseline: bool = True) -
                 z = ae.operator.step(z0, offset)
                 state_fvu[name].update(adapter.decode_features(ae.decoder(z)), adapter.reduced(acts[name]))
             latent_fvu.update(ae.operator.step(z0, ae.offsets[-1]), ae.encoder(states[-1]))
-            if "linear_baseline" in patched:
-                lin = patched["linear_baseline"].surrogate
+            if linear is not None:
                 adapter = probe.adapters[layers[-1]]
-                pred = adapter.decode_features(lin.decoder(lin.final_latent(acts[layers[0]])))
+                pred = adapter.decode_features(linear.decoder(linear.final_latent(acts[layers[0]])))
                 baseline_fvu.update(pred, adapter.reduced(acts[layers[-1]]))
             scores = {"model": MODEL_OUTPUT.get(captured.output)}
             for key, module in patched.items():

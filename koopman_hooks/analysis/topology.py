@@ -58,17 +58,19 @@ def compare_topology(
         rule = {"quantile": quantile, "k": k, "reference": names[0]}
         reference = betti.normalise(network_clouds[0])
         epsilon = betti.epsilon_from_reference(reference, quantile=quantile, k=k)
-    options = {"labels": labels, "dims": dims, "metric": metric, "n_neighbors": n_neighbors}
-    net = betti.betti_sequence(network_clouds, epsilon, n_points, seed, **options)
-    sur = betti.betti_sequence(surrogate_clouds, epsilon, n_points, seed, **options)
+    net = betti.betti_sequence(network_clouds, epsilon, n_points, seed, labels=labels, dims=dims, metric=metric,
+                               n_neighbors=n_neighbors)
+    sur = betti.betti_sequence(surrogate_clouds, epsilon, n_points, seed, labels=labels, dims=dims, metric=metric,
+                               n_neighbors=n_neighbors)
     # headline counts: summed over classes when counted per class (as Naitzat et al. do)
-    counts = {}
+    counts: dict[str, list[int] | None] = {}
     for name, seq in (("network", net), ("surrogate", sur)):
         for dim in (0, 1):
             pooled = getattr(seq, f"betti{dim}")
             if seq.per_class is not None and pooled is not None:
                 counts[f"{name}_betti{dim}_pooled"] = pooled
-                pooled = [int(v) for v in np.sum([c[f"betti{dim}"] for c in seq.per_class.values()], axis=0)]
+                by_class = [c[f"betti{dim}"] or [] for c in seq.per_class.values()]
+                pooled = [int(v) for v in np.sum(by_class, axis=0)]
             counts[f"{name}_betti{dim}"] = pooled
     result: dict[str, Any] = {
         "epsilon": net.epsilon,
@@ -86,9 +88,7 @@ def compare_topology(
     result["spearman_surrogate"] = betti.spearman(b0_sur) if b0_sur else None
     if b0_net and b0_sur:
         result["final_betti0_relative_error"] = abs(b0_sur[-1] - b0_net[-1]) / max(b0_net[-1], 1)
-    if labels is not None:
-        result["per_class"] = {
-            str(c): {"network": net.per_class[c], "surrogate": sur.per_class[c]} for c in net.per_class
-        }
+    if net.per_class is not None and sur.per_class is not None:
+        result["per_class"] = {str(c): {"network": net.per_class[c], "surrogate": sur.per_class[c]} for c in net.per_class}
     result["seconds"] = time.perf_counter() - start
     return result

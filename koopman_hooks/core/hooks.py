@@ -57,14 +57,14 @@ def hooked(
             module = get_module(model, name)
             own = "forward" in module.__dict__
             replaced.append((module, own, module.__dict__.get("forward")))
-            module.forward = fn  # type: ignore[method-assign]
+            module.forward = fn
         yield model
     finally:
         for handle in handles:
             handle.remove()
         for module, own, previous in reversed(replaced):
             if own:
-                module.forward = previous  # type: ignore[method-assign]
+                module.forward = previous
             else:
                 del module.forward
 

@@ -41,7 +41,7 @@ def describe(hint: Any) -> str:
         return f"list of {describe(args[0])}" if len(args) == 2 and args[1] is Ellipsis else "list"
     if origin in (dict, Mapping):
         return f"table of {describe(typing.get_args(hint)[1])}"
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return f"table ({hint.__name__})"
     return getattr(hint, "__name__", str(hint))
 
@@ -74,11 +74,11 @@ def check(value: Any, hint: Any, path: str) -> Any:
         key_type, value_type = typing.get_args(hint)
         if isinstance(value, Mapping):
             return {check(k, key_type, path): check(v, value_type, f"{path}.{k}") for k, v in value.items()}
-    elif dataclasses.is_dataclass(hint):
+    elif isinstance(hint, type) and dataclasses.is_dataclass(hint):
         if isinstance(value, hint):
             return value
         if isinstance(value, Mapping):
-            return from_mapping(hint, value, path)  # type: ignore[type-var]
+            return from_mapping(hint, value, path)
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)

@@ -41,16 +41,20 @@ def _first_tensor_path(output: Any) -> Path | None:
 
 
 def _get(output: Any, key: int | str) -> Any:
-    if isinstance(output, Mapping) or (isinstance(output, (tuple, list)) and not isinstance(key, str)):
-        return output[key]  # a str key on a tuple is a namedtuple field, read below
-    return getattr(output, key)
+    if isinstance(output, Mapping):
+        return output[key]
+    if isinstance(output, (tuple, list)) and isinstance(key, int):
+        return output[key]
+    if isinstance(key, int):
+        raise TypeError(f"cannot index {type(output).__name__} with {key}")
+    return getattr(output, key)  # a str key on a tuple is a namedtuple field
 
 
 def _set(output: Any, key: int | str, value: Any) -> Any:
     """A shallow copy of ``output`` with ``key`` set to ``value``."""
     if isinstance(output, tuple) and hasattr(output, "_fields"):  # namedtuple
         field = output._fields[key] if isinstance(key, int) else key
-        return output._replace(**{field: value})
+        return output._replace(**{field: value})  # type: ignore[attr-defined]
     if isinstance(output, tuple) and isinstance(key, int):
         return output[:key] + (value,) + output[key + 1 :]
     if isinstance(output, list):
@@ -60,7 +64,7 @@ def _set(output: Any, key: int | str, value: Any) -> Any:
         copy[key] = value
         return copy
     if dataclasses.is_dataclass(output) and not isinstance(output, type) and isinstance(key, str):
-        return dataclasses.replace(output, **{key: value})  # type: ignore[arg-type]
+        return dataclasses.replace(output, **{key: value})
     raise TypeError(f"cannot write into an output of type {type(output).__name__}")
 
 
@@ -152,4 +156,5 @@ def per_layer(layers: Sequence[str], value: T | Sequence[T] | Mapping[str, T], w
 
 def make_selectors(layers: Sequence[str], select: Select | Sequence[Select] | Mapping[str, Select]) -> dict[str, OutputSelector]:
     """One :class:`OutputSelector` per layer from a single ``select`` or one per layer."""
-    return {name: OutputSelector(s, name) for name, s in per_layer(layers, select, "select").items()}
+    spread: Mapping[str, Select] = per_layer(layers, select, "select")
+    return {name: OutputSelector(s, name) for name, s in spread.items()}

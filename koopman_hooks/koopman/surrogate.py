@@ -34,6 +34,9 @@ class KoopmanSurrogate(nn.Module):
     with :meth:`edited`, which returns a new surrogate and leaves this one unchanged.
     """
 
+    operator: torch.Tensor
+    readout: torch.Tensor
+
     def __init__(
         self,
         in_adapter: LayerAdapter,

@@ -23,19 +23,18 @@ class StreamingMoments:
     """
 
     def __init__(self, dim: int, cross_dim: int | None = None, device: torch.device | str = "cpu") -> None:
-        kw = {"dtype": torch.float64, "device": device}
         self.n = 0
-        self.mean_x = torch.zeros(dim, **kw)  # type: ignore[arg-type]
-        self.m2_xx = torch.zeros(dim, dim, **kw)  # type: ignore[arg-type]
+        self.mean_x = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.m2_xx = torch.zeros(dim, dim, dtype=torch.float64, device=device)
         """Sum of outer products of the centred ``x`` (unnormalised covariance)."""
         self.cross_dim = cross_dim
         self.mean_y: torch.Tensor | None = None
         self.m2_yy: torch.Tensor | None = None
         self.m2_xy: torch.Tensor | None = None
         if cross_dim is not None:
-            self.mean_y = torch.zeros(cross_dim, **kw)  # type: ignore[arg-type]
-            self.m2_yy = torch.zeros(cross_dim, cross_dim, **kw)  # type: ignore[arg-type]
-            self.m2_xy = torch.zeros(dim, cross_dim, **kw)  # type: ignore[arg-type]
+            self.mean_y = torch.zeros(cross_dim, dtype=torch.float64, device=device)
+            self.m2_yy = torch.zeros(cross_dim, cross_dim, dtype=torch.float64, device=device)
+            self.m2_xy = torch.zeros(dim, cross_dim, dtype=torch.float64, device=device)
 
     @property
     def dim(self) -> int:

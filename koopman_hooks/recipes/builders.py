@@ -84,7 +84,7 @@ def check_model_section(raw: Any) -> ModelSection:
     return from_mapping(MODEL_KINDS[kind], {**raw, "kind": kind}, "model")
 
 
-def build_datasets(data: Any, seed: int, data_root: str | None) -> tuple[Dataset, Dataset, int]:  # type: ignore[type-arg]
+def build_datasets(data: Any, seed: int, data_root: str | None) -> tuple[Dataset, Dataset, int]:
     """``(train, test, num_classes)`` for the ``[data]`` section."""
     if data.dataset == "yinyang":
         train = YinYangDataset(data.train_size or 10000, seed=data.data_seed + 2 * seed)

@@ -15,17 +15,16 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from koopman_hooks.core.batches import call_model, move_inputs, split_batch
-from koopman_hooks.training import train_classifier
+from koopman_hooks.training import Loader, train_classifier
 
 # --------------------------------------------------------------------------- training baselines
 
 
 def retrain(
     model_factory: Callable[[], nn.Module],
-    retain_loader: DataLoader,
+    retain_loader: Loader,
     epochs: int,
     lr: float = 1e-3,
     weight_decay: float = 0.0,
@@ -41,7 +40,7 @@ def retrain(
 
 def finetune(
     model: nn.Module,
-    retain_loader: DataLoader,
+    retain_loader: Loader,
     epochs: int,
     lr: float = 1e-3,
     weight_decay: float = 0.0,
@@ -64,8 +63,8 @@ def _labelled(batch: Any, device: str | torch.device) -> tuple[Any, torch.Tensor
 
 def neggrad_plus(
     model: nn.Module,
-    retain_loader: DataLoader,
-    forget_loader: DataLoader,
+    retain_loader: Loader,
+    forget_loader: Loader,
     epochs: int,
     lr: float = 1e-3,
     alpha: float = 0.99,

@@ -24,7 +24,6 @@ import torch
 from koopman_hooks.core.schema import check
 from koopman_hooks.fitting.fitted import FittedProbe
 from koopman_hooks.koopman.surrogate import KoopmanSurrogate
-from koopman_hooks.unlearning.leace import latent_leace_map
 from koopman_hooks.unlearning.options import EditOptions, LabelSource, Method
 from koopman_hooks.unlearning.per_step import per_step_operator
 from koopman_hooks.unlearning.redirect import redirect_map, redirect_targets
@@ -166,7 +165,9 @@ def unlearn(
     start = time.perf_counter()
     endpoint = redirect_map(stats, retained, opts)
     base = surrogate.readout.double()
-    operator, readout, extra = None, None, {}
+    operator: torch.Tensor | None = None
+    readout: torch.Tensor | None = None
+    extra: dict[str, float] = {}
     if opts.refine:
         if stats.reservoir is None or not len(stats.reservoir):
             raise ValueError("refine > 0 needs statistics with a sample of rows: collect them with "
@@ -178,6 +179,8 @@ def unlearn(
     if method == "endpoint":
         readout = endpoint @ base
     elif method == "leace":
+        from koopman_hooks.unlearning.leace import latent_leace_map  # needs the optional concept-erasure
+
         readout = latent_leace_map(stats, retained, endpoint) @ base
     else:
         operator, err = per_step_operator(stats, surrogate.operator, surrogate.readout, surrogate.steps, endpoint,

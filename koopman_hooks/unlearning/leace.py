@@ -9,13 +9,17 @@ were streamed already).
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import concept_erasure
 import torch
-from concept_erasure.caching import invalidates_cache
 from torch import nn
+
+with warnings.catch_warnings():  # concept-erasure scripts two helpers with the deprecated torch.jit.script
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=FutureWarning)
+    import concept_erasure
+    from concept_erasure.caching import invalidates_cache
 
 from koopman_hooks.core.hooks import hooked
 from koopman_hooks.core.select import OutputSelector
@@ -32,7 +36,8 @@ class LeaceFitter(concept_erasure.LeaceFitter):
     def merge(self, other: concept_erasure.LeaceFitter) -> LeaceFitter:
         """Fold in the statistics of another, disjoint set of samples; returns ``self``."""
         assert self.sigma_xx_ is not None and other.sigma_xx_ is not None, "merge needs method='leace'"
-        n, b = int(self.n), int(other.n)
+        count: torch.Tensor = self.n  # type: ignore[has-type]
+        n, b = int(count.item()), int(other.n.item())
         if b == 0:
             return self
         total = n + b
@@ -42,7 +47,7 @@ class LeaceFitter(concept_erasure.LeaceFitter):
         self.sigma_xz_ += other.sigma_xz_ + torch.outer(dx, dz) * weight
         self.mean_x += dx * (b / total)
         self.mean_z += dz * (b / total)
-        self.n = torch.tensor(total, device=self.n.device)
+        self.n = torch.tensor(total, device=self.mean_x.device)
         return self
 
     @classmethod

@@ -66,7 +66,7 @@ def per_step_operator(
 
     if options.iterations:
         with torch.enable_grad():
-            optimiser.step(closure)  # type: ignore[no-untyped-call]
+            optimiser.step(closure)
     with torch.no_grad():
         result = torch.cat([top.detach(), last])
         delta = r64 @ torch.linalg.matrix_power(result, steps) - goal

@@ -35,7 +35,7 @@ def _cat(parts: Sequence[Inputs]) -> Inputs:
     if isinstance(parts[0], torch.Tensor):
         return torch.cat(list(parts))  # type: ignore[arg-type]
     out: dict[str, Any] = {}
-    for key, value in parts[0].items():  # type: ignore[union-attr]
+    for key, value in parts[0].items():
         if not isinstance(value, torch.Tensor):
             out[key] = value
             continue
@@ -175,7 +175,7 @@ def refine_readout(
     with preserved_state(model), frozen_parameters(model):
         with torch.no_grad():
             before = float(loss_fn())
-        optimiser.step(closure)  # type: ignore[no-untyped-call]
+        optimiser.step(closure)
         with torch.no_grad():
             after = float(loss_fn())
     out = readout.clone()

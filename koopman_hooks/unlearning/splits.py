@@ -31,7 +31,7 @@ def split_by_class(labels: ArrayLike, forget_classes: Classes) -> tuple[torch.Te
     return forget, ~forget
 
 
-def dataset_targets(dataset: Dataset) -> torch.Tensor:  # type: ignore[type-arg]
+def dataset_targets(dataset: Dataset) -> torch.Tensor:
     """All labels of a map-style dataset, read from ``targets``/``labels``/tensors when present."""
     if isinstance(dataset, Subset):
         return dataset_targets(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.long)]
@@ -48,7 +48,7 @@ def dataset_targets(dataset: Dataset) -> torch.Tensor:  # type: ignore[type-arg]
     return torch.as_tensor(np.asarray([int(y) for y in labels]))  # type: ignore[arg-type]
 
 
-def class_subsets(dataset: Dataset, forget_classes: Classes) -> tuple[Subset, Subset]:  # type: ignore[type-arg]
+def class_subsets(dataset: Dataset, forget_classes: Classes) -> tuple[Subset, Subset]:
     """``(retain_subset, forget_subset)``: the samples outside and inside ``forget_classes``."""
     forget, retain = split_by_class(dataset_targets(dataset), forget_classes)
     return (
@@ -58,8 +58,8 @@ def class_subsets(dataset: Dataset, forget_classes: Classes) -> tuple[Subset, Su
 
 
 def class_loaders(
-    dataset: Dataset, forget_classes: Classes, batch_size: int = 128, shuffle: bool = True, seed: int = 0  # type: ignore[type-arg]
-) -> tuple[DataLoader, DataLoader]:  # type: ignore[type-arg]
+    dataset: Dataset, forget_classes: Classes, batch_size: int = 128, shuffle: bool = True, seed: int = 0
+) -> tuple[DataLoader, DataLoader]:
     """``(retain_loader, forget_loader)`` over :func:`class_subsets`, shuffled with a seeded generator."""
     retain, forget = class_subsets(dataset, forget_classes)
     gen = torch.Generator().manual_seed(seed)

@@ -133,3 +133,28 @@ def test_ridge_shrinks():
     torch.testing.assert_close(w1, torch.linalg.solve(cxx + lam * torch.eye(5, dtype=torch.float64), cxy), rtol=0, atol=1e-10)
 
 
+
+
+def test_merge_of_disjoint_parts_equals_the_whole():
+    x = anisotropic(200, 5, seed=4, offset=40.0)
+    y = torch.randn(200, 3, generator=gen(5), dtype=torch.float64) + x[:, :3] * 2
+    whole = StreamingMoments.of(x, y)
+    parts = [StreamingMoments.of(x[a:b], y[a:b]) for a, b in ((0, 1), (1, 90), (90, 90), (90, 200))]
+    merged = StreamingMoments(5, 3)
+    for part in parts:
+        assert merged.merge(part) is merged
+    assert merged.n == whole.n == 200
+    for name in ("mean_x", "mean_y", "cov_xx", "cov_yy", "cov_xy"):
+        torch.testing.assert_close(getattr(merged, name), getattr(whole, name), rtol=0, atol=1e-10)
+    pooled = StreamingMoments.pooled(parts)
+    torch.testing.assert_close(pooled.cov_xy, whole.cov_xy, rtol=0, atol=1e-10)
+    assert parts[0].n == 1  # pooling leaves its parts alone
+    with pytest.raises(ValueError, match="cannot merge"):
+        merged.merge(StreamingMoments(4))
+
+
+def test_second_moment_is_the_homogeneous_oracle():
+    x = anisotropic(100, 3, seed=6)
+    m = StreamingMoments.of(x)
+    xh = torch.cat([x, torch.ones(100, 1, dtype=torch.float64)], 1)
+    torch.testing.assert_close(m.second_moment(), xh.T @ xh / 100, rtol=0, atol=1e-10)

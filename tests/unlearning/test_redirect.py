@@ -30,3 +30,38 @@ def test_metric_solvers_agree(setup: dict) -> None:
 
 
 
+
+
+def test_euclidean_redirect_is_the_sample_level_weighted_least_squares():
+    """R = argmin Σ_g w_g E_g ‖R z̃ − T_g z̃‖² from moments equals a weighted lstsq over the samples."""
+    from koopman_hooks.unlearning.statistics import LatentGroupStatistics
+
+    g = torch.Generator().manual_seed(0)
+    n, d = 600, 3
+    labels = torch.randint(0, 3, (n,), generator=g)
+    keys = torch.where(labels == DOT, torch.randint(0, 2, (n,), generator=g), (labels + 1) % 3)
+    z = torch.randn(n, d, generator=g, dtype=torch.float64) * 0.5 + 3 * torch.nn.functional.one_hot(labels, d).double()
+    stats = LatentGroupStatistics(d, (DOT,), metric=None, metric_kind="euclidean").update(labels, keys, z, z, None)
+    options = EditOptions(metric="euclidean", ridge=0.0, contract=0.6, strength=2.0)
+    redirect = redirect_map(stats, [0, 1], options)
+    # the oracle: every sample with its group's target and weight
+    means = {c: z[labels == c].mean(0) for c in (0, 1)}
+    total = n
+    rows, targets, weights = [], [], []
+    for (c, s), moments in stats.groups.items():
+        mask = (labels == c) & (keys == s)
+        if c == DOT:
+            target = means[s].expand(int(mask.sum()), d)
+            w = moments.n / total * options.strength
+        else:
+            mu = z[mask].mean(0)
+            target = mu + options.contract * (z[mask] - mu)
+            w = moments.n / total
+        rows.append(z[mask])
+        targets.append(target)
+        weights.append(torch.full((int(mask.sum()),), w / moments.n, dtype=torch.float64))
+    x = torch.cat([torch.cat(rows), torch.ones(n, 1, dtype=torch.float64)], 1)
+    root = torch.cat(weights).sqrt()[:, None]
+    solution = torch.linalg.lstsq(root * x, root * torch.cat(targets)).solution  # (d+1, d): rows map x̃ -> target
+    torch.testing.assert_close(redirect[:d], solution.T, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(redirect[d], torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float64))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from koopman_hooks.unlearning.statistics import LatentGroupStatistics, collect_statistics
@@ -42,3 +43,40 @@ def test_streamed_statistics_match_the_direct_computation(setup: dict) -> None:
 
 
 
+
+
+def synthetic(n: int, seed: int, d: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    keys = (labels + 1 + torch.randint(0, 2, (n,), generator=g)) % 3
+    z0 = torch.randn(n, d, generator=g, dtype=torch.float64) + labels[:, None]
+    z = z0 @ torch.randn(d, d, generator=g, dtype=torch.float64) + 2 * labels[:, None]
+    jac = torch.randn(n, 4, d, generator=g, dtype=torch.float64)
+    return labels, keys, z0, z, jac
+
+
+def test_group_statistics_stream_the_group_moments_and_merge_exactly():
+    labels, keys, z0, z, jac = synthetic(300, seed=0)
+    whole = LatentGroupStatistics(3, (2,), metric={})
+    for a in range(0, 300, 45):
+        assert whole.update(labels[a : a + 45], keys[a : a + 45], z0[a : a + 45], z[a : a + 45], jac[a : a + 45]) is whole
+    for (c, s), moments in whole.groups.items():
+        rows = (labels == c) & (keys == s)
+        assert moments.n == int(rows.sum())
+        torch.testing.assert_close(moments.mean_x, z[rows].mean(0))
+        torch.testing.assert_close(moments.cov_xx, torch.cov(z[rows].T, correction=0))
+        torch.testing.assert_close(whole.start[(c, s)].mean_x, z0[rows].mean(0))
+        torch.testing.assert_close(whole.metric[(c, s)], torch.einsum("boi,boj->ij", jac[rows], jac[rows]))
+    parts = []
+    for a, b in ((0, 10), (10, 170), (170, 300)):
+        part = LatentGroupStatistics(3, (2,), metric={})
+        parts.append(part.update(labels[a:b], keys[a:b], z0[a:b], z[a:b], jac[a:b]))
+    merged = parts[0].merge(parts[1]).merge(parts[2])
+    assert merged.groups.keys() == whole.groups.keys() and merged.counts() == whole.counts()
+    for key in whole.groups:
+        torch.testing.assert_close(merged.groups[key].cov_xx, whole.groups[key].cov_xx, rtol=0, atol=1e-10)
+        torch.testing.assert_close(merged.start[key].mean_x, whole.start[key].mean_x, rtol=0, atol=1e-12)
+        torch.testing.assert_close(merged.metric[key], whole.metric[key], rtol=0, atol=1e-10)
+        assert merged.metric_n[key] == whole.metric_n[key]
+    with pytest.raises(ValueError, match="other forget"):
+        merged.merge(LatentGroupStatistics(3, (1,)))

@@ -22,8 +22,8 @@ class RunContext:
     recipe: Recipe
     seed: int
     out_dir: Path
-    train_set: Dataset  # type: ignore[type-arg]
-    test_set: Dataset  # type: ignore[type-arg]
+    train_set: Dataset
+    test_set: Dataset
     num_classes: int
     new_model: Callable[[], nn.Module]
     model: nn.Module
@@ -33,7 +33,7 @@ class RunContext:
     verbose: bool = True
     results: dict[str, Any] = field(default_factory=dict)
 
-    def loader(self, dataset: Dataset, batch_size: int = 512, shuffle: bool = False,  # type: ignore[type-arg]
+    def loader(self, dataset: Dataset, batch_size: int = 512, shuffle: bool = False,
                limit: int | None = None) -> TensorLoader:
         return TensorLoader.from_dataset(dataset, batch_size=batch_size, shuffle=shuffle, seed=self.seed, limit=limit)
 

@@ -195,7 +195,7 @@ def _summary(table: list[dict[str, Any]]) -> dict[str, Any]:
         rows = [by[(method, c)] for c in classes if (method, c) in by]
         entry: dict[str, Any] = {"classes": [r["forget_class"] for r in rows],
                                  "max_test_forget_accuracy": max(r["test_forget_accuracy"] for r in rows)}
-        gaps = {"original": [], "retrain": [], "probe": [], "mia": [], "cost": []}
+        gaps: dict[str, list[float]] = {"original": [], "retrain": [], "probe": [], "mia": [], "cost": []}
         for r in rows:
             c = r["forget_class"]
             if ("original", c) in by:

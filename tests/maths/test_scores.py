@@ -1,0 +1,47 @@
+"""Tests of koopman_hooks/maths/scores.py: streamed scores equal whole-batch formulas, and merge."""
+
+from __future__ import annotations
+
+import torch
+
+from koopman_hooks.maths.scores import ClassificationCounts, StreamingFVU
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_streaming_fvu_matches_the_whole_batch_formula_and_merges():
+    target = torch.randn(300, 7, generator=gen(0), dtype=torch.float64) * 3 + 10
+    pred = target + 0.5 * torch.randn(300, 7, generator=gen(1), dtype=torch.float64)
+    oracle = ((pred - target) ** 2).sum() / ((target - target.mean(0)) ** 2).sum()
+    streamed = StreamingFVU()
+    for a in range(0, 300, 70):
+        assert streamed.update(pred[a : a + 70], target[a : a + 70]) is streamed
+    assert abs(streamed.compute() - float(oracle)) < 1e-10
+    left, right = StreamingFVU().update(pred[:123], target[:123]), StreamingFVU().update(pred[123:], target[123:])
+    assert abs(left.merge(right).compute() - float(oracle)) < 1e-10
+    assert StreamingFVU().merge(StreamingFVU()).n == 0
+
+
+def test_classification_counts_match_direct_counts_and_merge():
+    labels = torch.randint(0, 4, (500,), generator=gen(2))
+    model = torch.randn(500, 4, generator=gen(3))
+    model[torch.arange(500), labels] += 1.0  # mostly right
+    other = model + 0.8 * torch.randn(500, 4, generator=gen(4))
+    whole = ClassificationCounts().update(labels, model=model, other=other)
+    halves = [ClassificationCounts().update(labels[a:b], model=model[a:b], other=other[a:b]) for a, b in ((0, 211), (211, 500))]
+    merged = halves[0].merge(halves[1])
+    pred_m, pred_o = model.argmax(1), other.argmax(1)
+    for counts in (whole, merged):
+        assert counts.n == 500 and counts.has_labels
+        acc, per_class = counts.accuracy("other")
+        assert abs(acc - float((pred_o == labels).double().mean())) < 1e-12
+        for c in range(4):
+            assert abs(per_class[c] - float((pred_o[labels == c] == c).double().mean())) < 1e-12
+        agree, per_ref = counts.agreement("other")
+        assert abs(agree - float((pred_o == pred_m).double().mean())) < 1e-12
+        for c in per_ref:
+            assert abs(per_ref[c] - float((pred_o[pred_m == c] == c).double().mean())) < 1e-12
+    unlabelled = ClassificationCounts().update(None, model=model)
+    assert not unlabelled.has_labels and unlabelled.agreement("model")[0] == 1.0
