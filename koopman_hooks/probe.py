@@ -39,23 +39,31 @@ class KoopmanProbe:
     Args:
         model: the trained model; it is only read (eval mode, no grad) and left as it was.
         layers: module names, glob patterns (``"blocks.*"``) or module objects, in forward order.
-        latent_dim: width of the shared latent space.
-        steps: applications of K per consecutive pair of layers (an int, or one per pair).
+        latent_dim: width of the shared latent space (at least the adapted width; ``None``:
+            the adapted width plus a lifting of a quarter of it).
+        steps: applications of K per consecutive pair of layers (an int, or one per pair;
+            ``None``: one per module the pair spans).
         select: which tensor of a layer's output to probe: ``None`` (first tensor), an index,
             a key or a callable; one for all layers, a list, or a ``{layer: select}`` dict.
         width: common adapter width; ``None`` keeps enough principal components for
             ``variance`` of every layer's variance (at most ``max_width``).
         reduce: per-layer reduction (``"flatten"``, ``"pool:HxW"``, ``"cls"``, ``"mean"``);
             ``None`` flattens small layers and pools/averages large ones.
-        procrustes: rotate each layer's PCA coordinates onto the last layer's.
-        operator: ``"exp"`` (K = exp(M/k), the paper's), ``"dense"`` or ``"lowrank"`` (``rank``).
+        operator: ``"dense"``, ``"exp"`` (K = exp(M/k), the paper's) or ``"lowrank"`` (``rank``).
         operator_fit: ``"gradient"`` (K trained with the autoencoder) or ``"ridge"`` (ridge
             EDMD: K in closed form from latent covariances; one step per layer pair).
-        hidden: hidden widths of the encoder (the decoder mirrors them).
+        hidden: hidden widths of the encoder's and decoder's nonlinear residuals (``None``: one
+            layer, as wide as the multiply-add budget of the replaced modules allows).
         loss_weights: weights of reconstruction, state, latent, isometry, topological and
-            output-matching losses (a :class:`LossWeights` or a dict).
+            output-matching losses (a :class:`LossWeights` or a dict; each term is a fraction of
+            its target's variance).
         lr, weight_decay: AdamW settings of the autoencoder.
         ridge: relative ridge of the closed-form fits.
+        batch_size: rows per gradient step, read from the fit's cache (``None``: ~100 steps/epoch).
+        patience: epochs without a better held-out score before the fit stops.
+        val_fraction: share of the fit data held out to score and choose the kept state
+            (unless ``fit(val_loader=...)``).
+        cache_mb: RAM for the cached states; beyond it they go to a temporary file.
         input_key, label_key, ignore_keys: how dict batches reach the model (see
             :class:`~koopman_hooks.core.batches.BatchSpec`): by default every key but the label.
         device: where the autoencoder is fitted (default: the model's device).
@@ -67,23 +75,26 @@ class KoopmanProbe:
         self,
         model: nn.Module,
         layers: Sequence[LayerSpec] | LayerSpec,
-        latent_dim: int = 32,
-        steps: int | Sequence[int] = 10,
+        latent_dim: int | None = None,
+        steps: int | Sequence[int] | None = None,
         select: Select | Sequence[Select] | Mapping[str, Select] = None,
         *,
         width: int | None = None,
         variance: float = 0.999,
         max_width: int = 256,
         reduce: str | Sequence[str | None] | Mapping[str, str] | None = None,
-        procrustes: bool = False,
-        operator: Parametrization = "exp",
+        operator: Parametrization = "dense",
         rank: int | None = None,
         operator_fit: OperatorFit = "gradient",
-        hidden: Sequence[int] = (128, 128),
-        loss_weights: LossWeights | Mapping[str, float] | None = None,
-        lr: float = 2e-3,
+        hidden: Sequence[int] | None = None,
+        loss_weights: LossWeights | Mapping[str, float | None] | None = None,
+        lr: float = 3e-3,
         weight_decay: float = 0.0,
         ridge: float = 1e-6,
+        batch_size: int | None = None,
+        patience: int = 8,
+        val_fraction: float = 0.1,
+        cache_mb: float = 1024.0,
         input_key: str | None = None,
         label_key: str | None = None,
         ignore_keys: Sequence[str] = (),
@@ -104,7 +115,6 @@ class KoopmanProbe:
             variance=variance,
             max_width=max_width,
             reduce=tuple(per_layer(names, reduce, "reduce").values()),  # type: ignore[arg-type]
-            procrustes=procrustes,
             operator=operator,
             rank=rank,
             operator_fit=operator_fit,
@@ -113,6 +123,10 @@ class KoopmanProbe:
             lr=lr,
             weight_decay=weight_decay,
             ridge=ridge,
+            batch_size=batch_size,
+            patience=patience,
+            val_fraction=val_fraction,
+            cache_mb=cache_mb,
             input_key=input_key,
             label_key=label_key,
             ignore_keys=ignore_keys,  # type: ignore[arg-type]
@@ -139,15 +153,18 @@ class KoopmanProbe:
 
     # ------------------------------------------------------------------ fitting
 
-    def fit(self, loader: Iterable[Any], epochs: int = 50) -> KoopmanProbe:
-        """Fit adapters, autoencoder and operator by streaming ``loader``; returns ``self``.
+    def fit(self, loader: Iterable[Any], epochs: int | None = None, val_loader: Iterable[Any] | None = None) -> KoopmanProbe:
+        """Fit adapters, autoencoder and operator on ``loader``; returns ``self``.
 
-        One pass fits the adapters, then ``epochs`` passes train the autoencoder. Only one
-        batch of activations is held at a time. The model's weights, train/eval modes and
-        hooks are the same afterwards, even if fitting raises; a fit that raises leaves the
-        probe as it was (unfitted, or with its previous fit).
+        The model runs twice over ``loader`` (adapters, then a cache of adapted states); the
+        fit starts from the closed-form linear model and trains from the cache for at most
+        ``epochs`` (default 60), keeping the state that scores best on held-out data
+        (``val_loader``, or ``val_fraction`` of ``loader``). The model's weights, modes, hooks
+        and the global RNG are the same afterwards, even if fitting raises; a fit that raises
+        leaves the probe as it was (unfitted, or with its previous fit).
         """
-        self._fitted = fit_probe(self.model, self.config, self.selectors, loader, epochs, self.device, self.verbose)
+        self._fitted = fit_probe(self.model, self.config, self.selectors, loader, epochs, self.device, self.verbose,
+                                 val_loader)
         return self
 
     def fetch_model(self) -> FittedProbe:
@@ -167,12 +184,16 @@ class KoopmanProbe:
         return list(self.config.layers)
 
     @property
-    def steps(self) -> list[int]:
-        return list(self.config.steps)
+    def steps(self) -> list[int] | None:
+        """Steps per segment: as fitted, else as configured (``None``: chosen by the fit)."""
+        if self.is_fitted:
+            return list(self.fetch_model().autoencoder.config.segment_steps)
+        return None if self.config.steps is None else list(self.config.steps)
 
     @property
-    def latent_dim(self) -> int:
-        return self.config.latent_dim
+    def latent_dim(self) -> int | None:
+        """Latent dimension: as fitted, else as configured (``None``: chosen by the fit)."""
+        return self.fetch_model().autoencoder.config.latent_dim if self.is_fitted else self.config.latent_dim
 
     @property
     def operator(self) -> str:
@@ -208,15 +229,17 @@ class KoopmanProbe:
         """The "linear surrogate without lifting": ridge DMD from layers[0]'s adapted state to ``dst``'s."""
         return self.fetch_model().linear_baseline(dst)
 
-    def patch(self, surrogate: nn.Module | None = None, src: str | None = None, dst: str | None = None) -> PatchedModel:
+    def patch(self, surrogate: nn.Module | None = None, src: str | None = None, dst: str | None = None,
+              strict: bool = True, fast: bool = True) -> PatchedModel:
         """A new module: the model with ``dst``'s output replaced by the surrogate's prediction
-        (the fitted one by default; any module ``surrogate(x_src, like=x_dst)`` works, fitted or not)."""
+        (the fitted one by default; any module ``surrogate(x_src, like=x_dst)`` works, fitted or not;
+        ``strict``/``fast`` as in :class:`~koopman_hooks.core.patching.PatchedModel`)."""
         if surrogate is None or self.is_fitted:
-            return self.fetch_model().patch(surrogate, src, dst)
+            return self.fetch_model().patch(surrogate, src, dst, strict, fast)
         src_layer = src or getattr(surrogate, "src_layer", None) or self.layers[0]
         dst_layer = dst or getattr(surrogate, "dst_layer", None) or self.layers[-1]
         return PatchedModel(self.model, surrogate, src_layer, dst_layer, self.selectors.get(src_layer),
-                            self.selectors.get(dst_layer))
+                            self.selectors.get(dst_layer), strict=strict, fast=fast)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Save the fit and every setting to one safetensors file."""
@@ -258,7 +281,18 @@ class KoopmanProbe:
         return unlearning_statistics(self.fetch_model(), loader, labels, forget_class, **options)
 
     def __repr__(self) -> str:
-        state = "fitted" if self.is_fitted else "not fitted"
         c = self.config
-        return (f"KoopmanProbe(layers={list(c.layers)}, latent_dim={c.latent_dim}, steps={list(c.steps)}, "
-                f"operator={c.operator!r}, {state})")
+        if not self.is_fitted:
+            def shown(v: Any) -> str:
+                return "auto" if v is None else str(list(v) if isinstance(v, tuple) else v)
+
+            return (f"KoopmanProbe(layers={list(c.layers)}, latent_dim={shown(c.latent_dim)}, steps={shown(c.steps)}, "
+                    f"hidden={shown(c.hidden)}, operator={c.operator!r}, not fitted)")
+        fitted = self.fetch_model()
+        sizes = fitted.sizes
+        ae = fitted.autoencoder.config
+        macs = ""
+        if sizes is not None:
+            macs = f", surrogate {sizes.surrogate_macs} vs replaced {sizes.replaced_macs} multiply-adds/sample"
+        return (f"KoopmanProbe(layers={list(c.layers)}, width={ae.width}, latent_dim={ae.latent_dim}, "
+                f"hidden={list(ae.hidden)}, steps={list(ae.segment_steps)}, operator={c.operator!r}{macs}, fitted)")

@@ -250,11 +250,11 @@ def test_vit_cls_reduction_is_honest_only_at_the_last_block(vit_trained, blob_da
 
     probe = KoopmanProbe(model, "blocks.*", verbose=False)
     reference = model(x)
-    last = probe.patch(ScrambleTokens("blocks.0", "blocks.1"))(x)
+    last = probe.patch(ScrambleTokens("blocks.0", "blocks.1"), strict=False)(x)
     torch.testing.assert_close(last, reference, rtol=1e-5, atol=1e-5)
     tiny = tiny_vit(depth=3)
     inner = probe.__class__(tiny, "blocks.*", verbose=False)
-    assert not torch.allclose(inner.patch(ScrambleTokens("blocks.0", "blocks.1"))(x), tiny(x), atol=1e-3)
+    assert not torch.allclose(inner.patch(ScrambleTokens("blocks.0", "blocks.1"), strict=False)(x), tiny(x), atol=1e-3)
 
 
 

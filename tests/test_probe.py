@@ -76,7 +76,7 @@ def test_patch_with_exact_surrogate_reproduces_model(fitted):
             return like.clone()
 
     x = test.inputs[:32]
-    assert torch.equal(probe.patch(Exact())(x), model(x))
+    assert torch.equal(probe.patch(Exact(), strict=False)(x), model(x))  # "mixed": like= is the real output
 
 
 def test_surrogate_matches_patched_internals(fitted):
@@ -178,7 +178,7 @@ def test_ridge_operator_is_the_streamed_closed_form(model_copy, yinyang_small):
 
     train, _ = yinyang_small
     probe = KoopmanProbe(model_copy, ["blocks.0", "blocks.2"], latent_dim=8, steps=1, operator="dense",
-                         operator_fit="ridge", verbose=False)
+                         operator_fit="ridge", val_fraction=0.0, ridge=1e-10, verbose=False)  # all samples fit
     probe.fit(TensorLoader.from_dataset(train, 256), epochs=2)
     ae = probe.autoencoder
     with torch.no_grad():

@@ -19,7 +19,8 @@ def evaluate(probe: FittedProbe, loader: Iterable[Any], baseline: bool = True) -
     """Fidelity on held-out data.
 
     Returns ``n_samples``, ``agreement`` (patched model's argmax equals the model's) and its
-    per-class values, ``state_fvu`` (last layer) and ``state_fvu_per_layer``, ``latent_fvu``,
+    per-class values, ``state_fvu`` (last layer) and ``state_fvu_per_layer``, ``latent_fvu``
+    (last layer: ``K^k φ(a_0)`` against ``φ(a_L)``) and ``latent_fvu_per_layer``,
     with labels ``model_accuracy``/``surrogate_accuracy`` (and per class), and with
     ``baseline`` the same for the linear (DMD) baseline under ``linear_baseline``. Surrogate
     figures go through :meth:`FittedProbe.patch`, i.e. through the model's real head.
@@ -32,18 +33,18 @@ def evaluate(probe: FittedProbe, loader: Iterable[Any], baseline: bool = True) -
         patched["linear_baseline"] = probe.patch(linear)
     counts = ClassificationCounts(reference="model")
     state_fvu = {name: StreamingFVU() for name in layers[1:]}
+    latent_fvu = {name: StreamingFVU() for name in layers[1:]}
     baseline_fvu = StreamingFVU()
-    latent_fvu = StreamingFVU()
     with preserved_state(probe.model):
         for captured in probe.captures(loader):
             acts = captured.activations
             states = probe.adapted(acts)
             z0 = ae.encoder(states[0])
-            for name, offset in zip(layers[1:], ae.offsets[1:]):
+            for name, offset, state in zip(layers[1:], ae.offsets[1:], states[1:]):
                 adapter = probe.adapters[name]
                 z = ae.operator.step(z0, offset)
                 state_fvu[name].update(adapter.decode_features(ae.decoder(z)), adapter.reduced(acts[name]))
-            latent_fvu.update(ae.operator.step(z0, ae.offsets[-1]), ae.encoder(states[-1]))
+                latent_fvu[name].update(z, ae.encoder(state))
             if linear is not None:
                 adapter = probe.adapters[layers[-1]]
                 pred = adapter.decode_features(linear.decoder(linear.final_latent(acts[layers[0]])))
@@ -59,7 +60,8 @@ def evaluate(probe: FittedProbe, loader: Iterable[Any], baseline: bool = True) -
     result["agreement"], result["agreement_per_class"] = counts.agreement("surrogate")
     result["state_fvu"] = state_fvu[layers[-1]].compute()
     result["state_fvu_per_layer"] = {name: fvu.compute() for name, fvu in state_fvu.items()}
-    result["latent_fvu"] = latent_fvu.compute()
+    result["latent_fvu"] = latent_fvu[layers[-1]].compute()
+    result["latent_fvu_per_layer"] = {name: fvu.compute() for name, fvu in latent_fvu.items()}
     if "linear_baseline" in patched:
         base: dict[str, Any] = {"state_fvu": baseline_fvu.compute()}
         base["agreement"], _ = counts.agreement("linear_baseline")

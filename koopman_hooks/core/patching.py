@@ -1,25 +1,48 @@
-"""A wrapper that routes a model's forward pass through a surrogate between two layers."""
+"""Route a model's forward pass through a surrogate between two layers, and run a model's tail.
+
+:class:`PatchedModel` replaces ``dst``'s output with ``surrogate(src's output)``. Its *fast*
+path also skips the modules that run only between ``src`` and ``dst`` (their output is
+replaced anyway), so the patched model costs less than the original; it is checked once, on
+the first call, against the full path on the same batch and used only if both agree.
+:class:`TailRunner` gives the model's output for a supplied ``dst`` activation, skipping
+everything before ``dst``.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from koopman_hooks.core.batches import Inputs, batch_size_of, call_model
 from koopman_hooks.core.hooks import hooked
 from koopman_hooks.core.layers import get_module
-from koopman_hooks.core.select import OutputSelector
+from koopman_hooks.core.select import MODEL_OUTPUT, OutputSelector
+from koopman_hooks.core.skipping import Trace, batch_of, skip_plan, skipped, trace
 from koopman_hooks.errors import LayerError
+
+Path = Literal["pending", "fast", "full"]
+
+
+def outputs_agree(a: Any, b: Any, rtol: float = 1e-4, atol: float = 1e-5) -> bool:
+    """Whether two model outputs have equal scores (the first tensor of each), up to float noise."""
+    x, y = MODEL_OUTPUT.get(a).float(), MODEL_OUTPUT.get(b).float()
+    scale = float(x.abs().max()) if x.numel() else 1.0
+    return x.shape == y.shape and bool(torch.allclose(x, y, rtol=rtol, atol=atol * max(scale, 1.0)))
 
 
 class PatchedModel(nn.Module):
     """Same inputs and outputs as ``model``; ``dst_layer``'s output is replaced by
-    ``surrogate(src_layer's output, like=dst_layer's real output)``.
+    ``surrogate(src_layer's output, like=...)``.
 
-    The model is shared, not copied. Hooks exist only during this wrapper's own forward
-    (:func:`~koopman_hooks.core.hooks.hooked`), so calling ``model(x)`` directly gives the
-    original outputs.
+    With ``strict`` (default) the surrogate gets ``like=None``: a lossy reduction at ``dst`` is
+    decoded from the training mean, never from the real forward pass, so every figure of the
+    patched model is the surrogate's alone. ``strict=False`` passes ``like=`` the real output
+    (the "mixed" diagnostic; it needs the full path). ``fast`` allows the fast path (strict only).
+    The model is shared, not copied; hooks and replaced ``forward`` methods exist only during
+    this wrapper's own forward, so ``model(x)`` still gives the original outputs.
     """
 
     def __init__(
@@ -30,6 +53,8 @@ class PatchedModel(nn.Module):
         dst_layer: str,
         src_selector: OutputSelector | None = None,
         dst_selector: OutputSelector | None = None,
+        strict: bool = True,
+        fast: bool = True,
     ) -> None:
         super().__init__()
         dst_selector = dst_selector or OutputSelector(None, dst_layer)
@@ -43,8 +68,16 @@ class PatchedModel(nn.Module):
         self.dst_layer = dst_layer
         self.src_selector = src_selector or OutputSelector(None, src_layer)
         self.dst_selector = dst_selector
+        self.strict = strict
+        self.path: Path = "pending" if (fast and strict) else "full"
+        self._trace: Trace | None = None
+        self._skip: list[str] = []
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def _predict(self, source: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+        predicted = self.surrogate(source, like=None if self.strict else real)
+        return predicted if real is None else predicted.to(dtype=real.dtype, device=real.device)
+
+    def _full(self, *args: Any, **kwargs: Any) -> Any:
         captured: dict[str, torch.Tensor] = {}
 
         def capture(module: nn.Module, inputs: Any, output: Any) -> None:
@@ -53,14 +86,104 @@ class PatchedModel(nn.Module):
         def replace(module: nn.Module, inputs: Any, output: Any) -> Any:
             if "src" not in captured:
                 raise LayerError(f"{self.dst_layer!r} ran before {self.src_layer!r}; cannot patch")
-            real = self.dst_selector.get(output)
-            predicted = self.surrogate(captured.pop("src"), like=real)
-            return self.dst_selector.replace(output, predicted.to(dtype=real.dtype, device=real.device))
+            return self.dst_selector.replace(output, self._predict(captured.pop("src"), self.dst_selector.get(output)))
 
         with hooked(self.model, {self.src_layer: capture}):
             # prepended, so other hooks on the layer (feature collectors) see the replaced output
             with hooked(self.model, {self.dst_layer: replace}, prepend=True):
                 return self.model(*args, **kwargs)
 
+    def _fast(self, *args: Any, **kwargs: Any) -> Any:
+        assert self._trace is not None
+        found = batch_of(args, kwargs)
+        if found is None:
+            raise LayerError("the fast path needs a tensor argument to tell the batch size")
+        batch, device = found
+        captured: dict[str, torch.Tensor] = {}
+
+        def capture(module: nn.Module, inputs: Any, output: Any) -> None:
+            captured["src"] = self.src_selector.get(output)
+
+        def supply(zeros: Any) -> Any:
+            template = self.dst_selector.get(zeros)
+            value = self._predict(captured.pop("src"), None)
+            return self.dst_selector.replace(zeros, value.to(dtype=template.dtype, device=template.device))
+
+        with hooked(self.model, {self.src_layer: capture}):
+            with skipped(self.model, self._trace, self._skip, batch, device, {self.dst_layer: supply}):
+                return self.model(*args, **kwargs)
+
+    def calibrate(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the full path on this batch and, where allowed, try the fast one: it is used from
+        now on if both give the same output. Returns the full path's output."""
+        out = self._full(*args, **kwargs)
+        if self.path != "pending":
+            return out
+        self.path = "full"
+        try:
+            self._trace = trace(self.model, lambda: self._full(*args, **kwargs))
+            self._skip = skip_plan(self._trace, self.dst_layer, after=self.src_layer)
+            if self._skip and outputs_agree(self._fast(*args, **kwargs), out):
+                self.path = "fast"
+        except Exception:  # noqa: BLE001 - any failure of the short path means: use the full one
+            self.path = "full"
+        return out
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.path == "fast":
+            return self._fast(*args, **kwargs)
+        if self.path == "pending":
+            with torch.no_grad():
+                return self.calibrate(*args, **kwargs)
+        return self._full(*args, **kwargs)
+
+    @property
+    def skipped_modules(self) -> list[str]:
+        """The modules the fast path does not run (empty until calibrated, or on the full path)."""
+        return list(self._skip) if self.path == "fast" else []
+
     def extra_repr(self) -> str:
-        return f"{self.src_layer!r} -> {self.dst_layer!r}"
+        mode = "strict" if self.strict else "mixed (lossy layers keep the real forward's ignored part)"
+        return f"{self.src_layer!r} -> {self.dst_layer!r}, path={self.path}, {mode}"
+
+
+class TailRunner:
+    """The model's output for a supplied ``dst`` activation: every module that runs only
+    before ``dst`` is skipped. ``inputs`` still go to the model (code outside modules, e.g. an
+    attention mask's use, may read them); :meth:`check` says whether this is exact."""
+
+    def __init__(self, model: nn.Module, dst: str, dst_selector: OutputSelector, example: Inputs) -> None:
+        self.model, self.dst, self.selector = model, dst, dst_selector
+        self._trace = trace(model, lambda: call_model(model, example))
+        self._skip = skip_plan(self._trace, dst)
+
+    def __call__(self, inputs: Inputs, value: torch.Tensor) -> Any:
+        batch = batch_size_of(inputs)
+
+        def supply(zeros: Any) -> Any:
+            template = self.selector.get(zeros)
+            return self.selector.replace(zeros, value.to(dtype=template.dtype, device=template.device))
+
+        with skipped(self.model, self._trace, self._skip, batch, value.device, {self.dst: supply}):
+            return call_model(self.model, inputs)
+
+    def check(self, inputs: Inputs, value: torch.Tensor, expected: Any) -> bool:
+        """Whether the tail of ``value`` (``dst``'s real output on ``inputs``) reproduces ``expected``."""
+        try:
+            with torch.no_grad():
+                return outputs_agree(self(inputs, value), expected)
+        except Exception:  # noqa: BLE001 - a tail that cannot run is not exact
+            return False
+
+
+def tail_runner(model: nn.Module, dst: str, selector: OutputSelector, inputs: Inputs, value: torch.Tensor,
+                expected: Any) -> TailRunner | None:
+    """A :class:`TailRunner` for ``dst`` checked on one real batch, or ``None`` if it is not exact."""
+    try:
+        runner = TailRunner(model, dst, selector, inputs)
+    except Exception:  # noqa: BLE001 - a model the trace cannot follow has no tail runner
+        return None
+    return runner if runner.check(inputs, value, expected) else None
+
+
+Hook = Callable[[nn.Module, Any, Any], Any]

@@ -25,23 +25,26 @@ class ProbeConfig:
     it field by field. See :class:`~koopman_hooks.KoopmanProbe` for what each option does."""
 
     layers: tuple[str, ...]
-    latent_dim: int = 32
-    steps: tuple[int, ...] = ()
+    latent_dim: int | None = None
+    steps: tuple[int, ...] | None = None
     select: tuple[SelectValue, ...] = ()
     callable_select: tuple[str, ...] = ()
     width: int | None = None
     variance: float = 0.999
     max_width: int = 256
     reduce: tuple[str | None, ...] = ()
-    procrustes: bool = False
-    operator: Parametrization = "exp"
+    operator: Parametrization = "dense"
     rank: int | None = None
     operator_fit: OperatorFit = "gradient"
-    hidden: tuple[int, ...] = (128, 128)
+    hidden: tuple[int, ...] | None = None
     loss_weights: LossWeights = field(default_factory=LossWeights)
-    lr: float = 2e-3
+    lr: float = 3e-3
     weight_decay: float = 0.0
     ridge: float = 1e-6
+    batch_size: int | None = None
+    patience: int = 8
+    val_fraction: float = 0.1
+    cache_mb: float = 1024.0
     input_key: str | None = None
     label_key: str | None = None
     ignore_keys: tuple[str, ...] = ()
@@ -55,11 +58,10 @@ class ProbeConfig:
             raise ConfigError(f"layers names {twice} more than once; name each layer once")
         if n < 2:
             raise ConfigError(f"a probe needs at least two layers (first and last), got {list(self.layers)}")
-        defaults = {"steps": (10,) * (n - 1), "select": (None,) * n, "reduce": (None,) * n}
-        for name, default in defaults.items():
+        for name in ("select", "reduce"):
             if not getattr(self, name):
-                object.__setattr__(self, name, default)
-        if len(self.steps) != n - 1 or min(self.steps) < 1:
+                object.__setattr__(self, name, (None,) * n)
+        if self.steps is not None and (len(self.steps) != n - 1 or min(self.steps) < 1):
             raise ConfigError(f"steps needs {n - 1} positive entries (one per layer pair), got {list(self.steps)}")
         for name in ("select", "reduce"):
             if len(getattr(self, name)) != n:
@@ -67,24 +69,32 @@ class ProbeConfig:
         for spec in self.reduce:
             if spec is not None:
                 parse_reduce(spec)
-        _positive(self, "latent_dim", "max_width")
-        if self.width is not None and self.width < 1:
-            raise ConfigError(f"width must be a positive int or None, got {self.width}")
+        _positive(self, "max_width", "patience")
+        for name in ("latent_dim", "width", "batch_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive int or None (chosen from the data), got {getattr(self, name)}")
+        if self.latent_dim is not None and self.width is not None and self.latent_dim < self.width:
+            raise ConfigError(f"latent_dim ({self.latent_dim}) must be at least width ({self.width}): the first "
+                              "width latent coordinates hold the linear model")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.cache_mb < 0:
+            raise ConfigError(f"cache_mb must be >= 0, got {self.cache_mb}")
         if not 0.0 < self.variance <= 1.0:
             raise ConfigError(f"variance must be in (0, 1], got {self.variance}")
-        if self.rank is not None and not 1 <= self.rank <= self.latent_dim:
+        if self.rank is not None and (self.rank < 1 or (self.latent_dim is not None and self.rank > self.latent_dim)):
             raise ConfigError(f"rank must be in 1..latent_dim ({self.latent_dim}), got {self.rank}")
-        if any(h < 1 for h in self.hidden):
+        if self.hidden is not None and any(h < 1 for h in self.hidden):
             raise ConfigError(f"hidden widths must be positive, got {list(self.hidden)}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
         for name in ("weight_decay", "ridge"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        weights = self.loss_weights.as_dict()
+        weights = {k: v for k, v in self.loss_weights.as_dict().items() if v is not None}
         if any(w < 0 for w in weights.values()) or not any(weights.values()):
             raise ConfigError(f"loss_weights must be >= 0 with at least one positive, got {weights}")
-        if self.operator_fit == "ridge" and (self.operator != "dense" or set(self.steps) != {1}):
+        if self.operator_fit == "ridge" and (self.operator != "dense" or self.steps is None or set(self.steps) != {1}):
             raise ConfigError(
                 "operator_fit='ridge' needs operator='dense' and steps=1 per layer pair: the closed form "
                 "fits the layer-to-layer map itself, whose k-th root need not be real"

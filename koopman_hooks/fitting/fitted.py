@@ -20,11 +20,12 @@ from koopman_hooks.core.batches import BatchSpec
 from koopman_hooks.core.capture import Captured, capture_batch, iter_captures
 from koopman_hooks.core.layers import get_module, module_device, unwrap_model
 from koopman_hooks.core.patching import PatchedModel
-from koopman_hooks.core.schema import check
+from koopman_hooks.core.schema import check, from_mapping, to_mapping
 from koopman_hooks.core.select import OutputSelector, Select, make_selectors
 from koopman_hooks.core.serialization import load_tensors, prefixed, save_tensors, unprefixed
 from koopman_hooks.errors import ConfigError, IncompatibleFileError, LayerError
 from koopman_hooks.fitting.config import ProbeConfig
+from koopman_hooks.fitting.sizing import Sizes
 from koopman_hooks.koopman.adapters import LayerAdapter
 from koopman_hooks.koopman.autoencoder import AutoencoderConfig, KoopmanAutoencoder
 from koopman_hooks.koopman.surrogate import KoopmanSurrogate
@@ -41,9 +42,12 @@ class FittedProbe:
         adapters: one fitted :class:`~koopman_hooks.koopman.adapters.LayerAdapter` per layer.
         autoencoder: the trained :class:`~koopman_hooks.koopman.autoencoder.KoopmanAutoencoder`.
         baselines: ``{layer: (W, b)}``, the ridge DMD from ``layers[0]`` to each later layer.
-        history: one record of mean losses per epoch.
+        history: one record per epoch: mean training losses and held-out figures (epoch -1 is
+            the closed-form start).
         fit_seconds: wall time of the fit.
         device: where the autoencoder and adapters live.
+        sizes: the sizes the fit used and why (:class:`~koopman_hooks.fitting.sizing.Sizes`).
+        info: how the fit went: model passes, samples, the epoch kept and why, ...
     """
 
     def __init__(
@@ -57,6 +61,8 @@ class FittedProbe:
         history: Sequence[Mapping[str, Any]] = (),
         fit_seconds: float | None = None,
         device: torch.device | str | None = None,
+        sizes: Sizes | None = None,
+        info: Mapping[str, Any] | None = None,
     ) -> None:
         self.model = model
         self.config = config
@@ -67,6 +73,8 @@ class FittedProbe:
         self.history = [dict(h) for h in history]
         self.fit_seconds = fit_seconds
         self.device = torch.device(device) if device is not None else module_device(autoencoder)
+        self.sizes = sizes
+        self.info = dict(info or {})
 
     # ------------------------------------------------------------------ layers and data
 
@@ -149,17 +157,20 @@ class FittedProbe:
             info={"kind": "linear_baseline"},
         ).to(self.device)
 
-    def patch(self, surrogate: nn.Module | None = None, src: str | None = None, dst: str | None = None) -> PatchedModel:
+    def patch(self, surrogate: nn.Module | None = None, src: str | None = None, dst: str | None = None,
+              strict: bool = True, fast: bool = True) -> PatchedModel:
         """A new module: the model with ``dst``'s output replaced by the surrogate's prediction.
 
         ``surrogate`` defaults to :meth:`surrogate` (``src``/``dst`` choose the layers); an
-        edited surrogate patches the same way. The model is shared.
+        edited surrogate patches the same way. The model is shared. See
+        :class:`~koopman_hooks.core.patching.PatchedModel` for ``strict`` and ``fast``.
         """
         if surrogate is None:
             surrogate = self.surrogate(src, dst)
         src_layer = getattr(surrogate, "src_layer", None) or self.layers[self.layer_index(src, 0)]
         dst_layer = getattr(surrogate, "dst_layer", None) or self.layers[self.layer_index(dst, -1)]
-        return PatchedModel(self.model, surrogate, src_layer, dst_layer, self.selector(src_layer), self.selector(dst_layer))
+        return PatchedModel(self.model, surrogate, src_layer, dst_layer, self.selector(src_layer), self.selector(dst_layer),
+                            strict=strict, fast=fast)
 
     # ------------------------------------------------------------------ persistence
 
@@ -177,8 +188,9 @@ class FittedProbe:
             "config": self.config.to_dict(),
             "shapes": [list(self.adapters[name].shape) for name in self.layers],
             "reduce": [self.adapters[name].reduce for name in self.layers],
-            "autoencoder": {**ae.config.__dict__, "hidden": list(ae.config.hidden),
-                            "segment_steps": list(ae.config.segment_steps)},
+            "autoencoder": to_mapping(ae.config),
+            "sizes": None if self.sizes is None else to_mapping(self.sizes),
+            "info": self.info,
             "history": self.history,
             "fit_seconds": self.fit_seconds,
         }
@@ -203,9 +215,9 @@ class FittedProbe:
             config = ProbeConfig.from_dict(header["config"])
             shapes = check(header["shapes"], tuple[tuple[int, ...], ...], "shapes")
             reduce = check(header["reduce"], tuple[str, ...], "reduce")
-            ae_config = AutoencoderConfig(**check(header["autoencoder"], dict[str, Any], "autoencoder"))
-            ae_config = AutoencoderConfig(**{**ae_config.__dict__, "hidden": tuple(ae_config.hidden),
-                                             "segment_steps": tuple(ae_config.segment_steps)})
+            ae_config = from_mapping(AutoencoderConfig, header["autoencoder"], "autoencoder")
+            sizes = None if header.get("sizes") is None else from_mapping(Sizes, header["sizes"], "sizes")
+            info = check(header.get("info", {}), dict[str, Any], "info")
             history = check(header.get("history", []), tuple[dict[str, Any], ...], "history")
             fit_seconds = check(header.get("fit_seconds"), float | None, "fit_seconds")
         except (ConfigError, KeyError, TypeError) as err:
@@ -230,9 +242,10 @@ class FittedProbe:
             name: (tensors[f"baseline.{i}.weight"].to(device), tensors[f"baseline.{i}.bias"].to(device))
             for i, name in enumerate(config.layers) if f"baseline.{i}.weight" in tensors
         }
-        return cls(model, config, selectors, adapters, autoencoder.to(device), baselines, history, fit_seconds, device)
+        return cls(model, config, selectors, adapters, autoencoder.to(device), baselines, history, fit_seconds, device,
+                   sizes, info)
 
     def __repr__(self) -> str:
-        c = self.config
-        return (f"FittedProbe(layers={list(c.layers)}, width={next(iter(self.adapters.values())).width}, "
-                f"latent_dim={c.latent_dim}, steps={list(c.steps)}, operator={c.operator!r})")
+        c, ae = self.config, self.autoencoder.config
+        return (f"FittedProbe(layers={list(c.layers)}, width={ae.width}, latent_dim={ae.latent_dim}, "
+                f"hidden={list(ae.hidden)}, steps={list(ae.segment_steps)}, operator={c.operator!r})")

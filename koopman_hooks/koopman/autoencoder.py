@@ -1,4 +1,13 @@
-"""The shared-latent Koopman autoencoder: encoder φ, decoder ψ and latent operator K."""
+"""The shared-latent Koopman autoencoder: encoder φ, decoder ψ and latent operator K.
+
+φ and ψ are each a linear map plus a nonlinear residual (:class:`SkipMLP`). Built with
+:meth:`KoopmanAutoencoder.from_linear`, the linear maps embed the adapted state in the first
+``width`` latent coordinates and read it back, the residuals start at zero on those
+coordinates, and K starts at a given closed-form operator: before any gradient step the
+autoencoder *is* that linear model, and training can only move away from it where that helps.
+The extra latent coordinates (the lifting) start as small random features of the state that
+nothing reads yet.
+"""
 
 from __future__ import annotations
 
@@ -23,16 +32,50 @@ def mlp(dims: Sequence[int]) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+class SkipMLP(nn.Module):
+    """``x -> x Lᵀ + r(x)``: a bias-free linear map plus an MLP residual (none when ``hidden``
+    is empty). ``dims`` is ``[in, *hidden, out]``."""
+
+    def __init__(self, dims: Sequence[int]) -> None:
+        super().__init__()
+        self.dims = tuple(int(d) for d in dims)
+        self.linear = nn.Linear(self.dims[0], self.dims[-1], bias=False)
+        self.residual = mlp(self.dims) if len(self.dims) > 2 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.linear(x)
+        return out if self.residual is None else out + self.residual(x)
+
+    @torch.no_grad()
+    def start_as(self, weight: torch.Tensor, residual_rows: slice | None = None, scale: float = 0.0,
+                 generator: torch.Generator | None = None) -> None:
+        """Set the linear map to ``weight`` and the residual's output to zero, except the output
+        rows ``residual_rows``, which get small random weights (``scale``) so they carry features."""
+        self.linear.weight.copy_(weight)
+        if self.residual is None:
+            return
+        last = [m for m in self.residual.modules() if isinstance(m, nn.Linear)][-1]
+        last.weight.zero_()
+        last.bias.zero_()
+        if residual_rows is not None and scale > 0:
+            rows = last.weight[residual_rows]
+            rows.copy_(torch.randn(rows.shape, generator=generator) * scale / max(rows.shape[1], 1) ** 0.5)
+
+    def extra_repr(self) -> str:
+        return f"dims={list(self.dims)}"
+
+
 @dataclass(frozen=True)
 class AutoencoderConfig:
-    """Sizes of a :class:`KoopmanAutoencoder`."""
+    """Sizes of a :class:`KoopmanAutoencoder`: ``width`` (adapted states), ``latent_dim`` (at
+    least ``width``), residual ``hidden`` widths, K's parametrisation and steps per segment."""
 
     width: int
     latent_dim: int
-    hidden: tuple[int, ...] = (128, 128)
-    operator: Parametrization = "exp"
+    hidden: tuple[int, ...] = (64,)
+    operator: Parametrization = "dense"
     rank: int | None = None
-    segment_steps: tuple[int, ...] = (10,)
+    segment_steps: tuple[int, ...] = (1,)
 
 
 class KoopmanAutoencoder(nn.Module):
@@ -44,11 +87,30 @@ class KoopmanAutoencoder(nn.Module):
     def __init__(self, config: AutoencoderConfig) -> None:
         super().__init__()
         self.config = config
-        self.encoder = mlp([config.width, *config.hidden, config.latent_dim])
-        self.decoder = mlp([config.latent_dim, *reversed(config.hidden), config.width])
+        self.encoder = SkipMLP([config.width, *config.hidden, config.latent_dim])
+        self.decoder = SkipMLP([config.latent_dim, *reversed(config.hidden), config.width])
         self.operator = KoopmanOperator(
             config.latent_dim, config.operator, total_steps=sum(config.segment_steps), rank=config.rank
         )
+
+    @classmethod
+    def from_linear(cls, config: AutoencoderConfig, operator: torch.Tensor, seed: int = 0,
+                    lift_scale: float = 0.1) -> KoopmanAutoencoder:
+        """An autoencoder that equals the linear model ``a_j ≈ K^{o_j} a_0`` of the adapted states
+        (``operator`` is ``width x width``), with the extra latent coordinates as a lifting that
+        starts as small random features (``lift_scale``) nobody reads."""
+        ae = cls(config)
+        w, d = config.width, config.latent_dim
+        if d < w:
+            raise ValueError(f"latent_dim ({d}) must be at least the adapted width ({w}) to hold the linear start")
+        embed = torch.eye(d, w)
+        generator = torch.Generator().manual_seed(seed)
+        ae.encoder.start_as(embed, slice(w, d), lift_scale, generator)
+        ae.decoder.start_as(embed.T)
+        full = torch.eye(d, dtype=torch.float64)
+        full[:w, :w] = operator.double()
+        ae.operator.initialize(full)
+        return ae
 
     @property
     def offsets(self) -> list[int]:

@@ -20,15 +20,17 @@ class LossWeights:
     """Weights of the training losses (0 switches a term off).
 
     ``output`` matches the model's own outputs when ``layers[-1]`` is replaced by the
-    prediction (KL divergence of the softmax: for classifiers); it needs a full forward pass.
+    prediction (KL divergence of the softmax: for classifiers); ``None`` (the default) turns it
+    on (weight 1) when the model outputs class scores and its tail after ``layers[-1]`` can be
+    run on its own, and off otherwise.
     """
 
     reconstruction: float = 1.0
     state: float = 1.0
     latent: float = 1.0
-    isometry: float = 0.1
+    isometry: float = 0.0
     topological: float = 0.0
-    output: float = 0.0
+    output: float | None = None
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -37,9 +39,13 @@ class LossWeights:
         return asdict(self)
 
 
-def relative_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``mean((pred − target)²) / mean(target²)`` (the target is not differentiated)."""
-    return (pred - target).pow(2).mean() / target.detach().pow(2).mean().clamp_min(1e-8)
+def fvu(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Fraction of variance unexplained, ``Σ‖pred − target‖² / Σ‖target − mean(target)‖²`` over
+    the batch; the normaliser is not differentiated, so no term can win by shrinking its target
+    (a collapsed target has no variance left and makes the loss large, not small)."""
+    target_var = (target.detach() - target.detach().mean(0)).pow(2).mean()
+    scale = target.detach().pow(2).mean()
+    return (pred - target).pow(2).mean() / torch.maximum(target_var, 1e-6 * scale).clamp_min(1e-12)
 
 
 def isometry_loss(a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -71,11 +77,14 @@ def koopman_losses(
     - latent: the same in latent space, ``K^s φ(a_i) ≈ φ(a_j)``;
     - isometry: pairwise distances kept by φ; topological: the persistence-pair loss.
 
+    Every term is a fraction of its target's variance (:func:`fvu`), so terms are comparable
+    whatever the layers' widths and none can be lowered by collapsing the latent space.
+
     With ``closed_form_ridge``, K is not the operator's parameter but the ridge least-squares
     solution over this batch's consecutive latent pairs (one step each), differentiable, so the
     encoder learns a latent space in which the closed form fits well.
     """
-    latents = [model.encoder(a) for a in states]
+    latents = list(model.encoder(torch.cat(list(states))).split([len(a) for a in states]))
     step: Callable[[torch.Tensor, int], torch.Tensor]
     if closed_form_ridge is None:
         step = model.operator.step
@@ -86,15 +95,16 @@ def koopman_losses(
             return z @ torch.linalg.matrix_power(k, steps).T
 
     losses: dict[str, torch.Tensor] = {}
-    losses["reconstruction"] = torch.stack([relative_mse(model.decoder(z), a) for z, a in zip(latents, states)]).mean()
+    decoded = model.decoder(torch.cat(latents)).split([len(a) for a in states])
+    losses["reconstruction"] = torch.stack([fvu(p, a) for p, a in zip(decoded, states)]).mean()
     pairs = [(0, j) for j in range(1, len(states))]
     pairs += [(i, i + 1) for i in range(1, len(states) - 1)]
     offsets = model.offsets
     state_terms, latent_terms = [], []
     for i, j in pairs:
         advanced = step(latents[i], offsets[j] - offsets[i])
-        state_terms.append(relative_mse(model.decoder(advanced), states[j]))
-        latent_terms.append(relative_mse(advanced, latents[j]))
+        state_terms.append(fvu(model.decoder(advanced), states[j]))
+        latent_terms.append(fvu(advanced, latents[j]))
     losses["state"] = torch.stack(state_terms).mean()
     losses["latent"] = torch.stack(latent_terms).mean()
     if weights.isometry:
@@ -103,7 +113,7 @@ def koopman_losses(
         losses["topological"] = torch.stack([topological(a, z) for a, z in zip(states, latents)]).mean()
     total = torch.zeros((), device=states[0].device)
     for name, value in losses.items():
-        total = total + getattr(weights, name) * value
+        total = total + (getattr(weights, name) or 0.0) * value
     losses["total"] = total
     return losses
 

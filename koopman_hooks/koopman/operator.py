@@ -68,6 +68,25 @@ class KoopmanOperator(nn.Module):
             raise ValueError("a closed-form K needs operator='dense'")
         self.weight.copy_(k.to(self.weight))
 
+    @torch.no_grad()
+    def initialize(self, k: torch.Tensor) -> float:
+        """Start at ``K = k`` as closely as the parametrisation allows; returns the relative error
+        ``‖K − k‖ / ‖k‖`` (0 for ``dense``; for ``exp`` exact when ``k`` has a real logarithm,
+        e.g. a symmetric positive-definite ``k``; ``lowrank`` keeps the best rank-``r`` part)."""
+        k = k.double()
+        if self.parametrization == "dense":
+            self.weight.copy_(k.to(self.weight))
+        elif self.parametrization == "exp":
+            evals, evecs = torch.linalg.eig(k)
+            log = (evecs @ torch.diag(torch.log(evals)) @ torch.linalg.inv(evecs)).real
+            self.generator.copy_((log * self.total_steps).to(self.generator))
+        else:
+            u, s, vh = torch.linalg.svd(k)
+            root = s[: self.rank].sqrt()
+            self.u.copy_((u[:, : self.rank] * root).to(self.u))
+            self.v.copy_((vh[: self.rank].T * root).to(self.v))
+        return float((self.matrix().double() - k).norm() / k.norm().clamp_min(1e-300))
+
     def _device(self) -> torch.device:
         return next(self.parameters()).device
 

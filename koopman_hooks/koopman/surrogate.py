@@ -16,15 +16,21 @@ from torch import nn
 from koopman_hooks.core.serialization import load_tensors, prefixed, save_tensors, unprefixed
 from koopman_hooks.errors import IncompatibleFileError
 from koopman_hooks.koopman.adapters import LayerAdapter
-from koopman_hooks.koopman.autoencoder import mlp
+from koopman_hooks.koopman.autoencoder import SkipMLP
 from koopman_hooks.maths.linalg import apply_homogeneous
 
 
-def _mlp_dims(module: nn.Module, fallback: int) -> list[int]:
-    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        return [fallback]
-    return [linears[0].in_features, *(m.out_features for m in linears)]
+def _dims(module: nn.Module, width: int) -> list[int]:
+    """``[in, *hidden, out]`` of a :class:`SkipMLP`, ``[width]`` for the identity."""
+    if isinstance(module, SkipMLP):
+        return list(module.dims)
+    if isinstance(module, nn.Identity):
+        return [width]
+    raise TypeError(f"cannot save an encoder/decoder of type {type(module).__name__}")
+
+
+def _module(dims: list[int]) -> nn.Module:
+    return SkipMLP(dims) if len(dims) > 1 else nn.Identity()
 
 
 class KoopmanSurrogate(nn.Module):
@@ -124,8 +130,8 @@ class KoopmanSurrogate(nn.Module):
             "steps": self.steps,
             "src_layer": self.src_layer,
             "dst_layer": self.dst_layer,
-            "encoder_dims": _mlp_dims(self.encoder, self.in_adapter.width),
-            "decoder_dims": _mlp_dims(self.decoder, self.latent_dim),
+            "encoder_dims": _dims(self.encoder, self.in_adapter.width),
+            "decoder_dims": _dims(self.decoder, self.latent_dim),
             "info": self.info,
         }
         for name, adapter in (("in_adapter", self.in_adapter), ("out_adapter", self.out_adapter)):
@@ -145,7 +151,7 @@ class KoopmanSurrogate(nn.Module):
             t = unprefixed(name, tensors)
             adapters[name] = LayerAdapter(config[name]["shape"], config[name]["reduce"], t["mean"], t["basis"], t["scale"],
                                           t.get("template"))
-        encoder, decoder = mlp(config["encoder_dims"]), mlp(config["decoder_dims"])
+        encoder, decoder = _module(config["encoder_dims"]), _module(config["decoder_dims"])
         encoder.load_state_dict(unprefixed("encoder", tensors))
         decoder.load_state_dict(unprefixed("decoder", tensors))
         return cls(

@@ -13,9 +13,10 @@ from koopman_hooks.models import ResMLP
 
 NON_DEFAULT = dict(
     latent_dim=6, steps=[2, 3], width=5, variance=0.9, max_width=7, reduce=["flatten", None, "flatten"],
-    procrustes=True, operator="lowrank", rank=3, operator_fit="gradient", hidden=(9,), lr=3e-3, weight_decay=1e-4,
-    ridge=1e-5, input_key=None, label_key="y", ignore_keys=("meta",), seed=7,
-    loss_weights={"reconstruction": 0.5, "state": 2.0, "latent": 0.3, "isometry": 0.0, "topological": 0.0, "output": 0.0},
+    operator="lowrank", rank=3, operator_fit="gradient", hidden=(9,), lr=2e-3, weight_decay=1e-4, ridge=1e-5,
+    batch_size=16, patience=3, val_fraction=0.25, cache_mb=0.001, input_key=None, label_key="y", ignore_keys=("meta",),
+    seed=7, loss_weights={"reconstruction": 0.5, "state": 2.0, "latent": 0.3, "isometry": 0.1, "topological": 0.0,
+                          "output": 0.0},
 )
 
 
@@ -54,13 +55,16 @@ def test_every_setting_round_trips_through_save_and_load(tmp_path):
     [
         ({"latent_dim": 0}, "latent_dim must be a positive int"),
         ({"latent_dim": -4}, "latent_dim must be a positive int"),
-        ({"latent_dim": "8"}, r"latent_dim: expected int, got '8' \(str\)"),
+        ({"latent_dim": "8"}, r"latent_dim: expected int \| None, got '8' \(str\)"),
         ({"latent_dim": 8.0}, "latent_dim: expected int"),
+        ({"latent_dim": 4, "width": 6}, "latent_dim .4. must be at least width .6."),
+        ({"val_fraction": 1.0}, r"val_fraction must be in \[0, 1\)"),
+        ({"batch_size": 0}, "batch_size must be a positive int or None"),
         ({"steps": [1, 2]}, "steps needs 1 positive entries"),
         ({"steps": 0}, "steps needs 1 positive"),
         ({"variance": 1.5}, r"variance must be in \(0, 1\]"),
         ({"operator": "sparse"}, "operator: expected 'dense' | 'exp' | 'lowrank'"),
-        ({"rank": 40}, "rank must be in 1..latent_dim"),
+        ({"rank": 40, "latent_dim": 8}, "rank must be in 1..latent_dim"),
         ({"hidden": (0,)}, "hidden widths must be positive"),
         ({"lr": 0.0}, "lr must be positive"),
         ({"reduce": "pool:axb"}, "pool size must be HxW"),

@@ -10,7 +10,7 @@ from koopman_hooks import KoopmanProbe, NotFittedError
 from koopman_hooks.data import TensorLoader
 from koopman_hooks.models import ResMLP
 
-TINY = dict(latent_dim=3, steps=1, hidden=(8,), width=4, verbose=False)
+TINY = dict(latent_dim=6, steps=1, hidden=(8,), width=4, verbose=False)
 
 
 def resmlp(depth: int = 3, batch_norm: bool = False) -> ResMLP:

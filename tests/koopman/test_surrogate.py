@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from koopman_hooks.koopman.adapters import adapter_from_moments
-from koopman_hooks.koopman.autoencoder import mlp
+from koopman_hooks.koopman.autoencoder import SkipMLP
 from koopman_hooks.koopman.surrogate import KoopmanSurrogate
 from koopman_hooks.maths.linalg import homogeneous
 from koopman_hooks.maths.stats import StreamingMoments
@@ -25,7 +25,7 @@ def make_surrogate(latent: int = 3, width: int = 4, steps: int = 3, bias: bool =
     aout = adapter_from_moments((5,), "flatten", StreamingMoments(5).update(xd), width)
     k = torch.eye(latent) + 0.3 * torch.randn(latent, latent, generator=g)
     b = 0.5 * torch.randn(latent, generator=g) if bias else None
-    return KoopmanSurrogate(ain, aout, mlp([width, 8, latent]), mlp([latent, 8, width]), homogeneous(k, b),
+    return KoopmanSurrogate(ain, aout, SkipMLP([width, 8, latent]), SkipMLP([latent, 8, width]), homogeneous(k, b),
                             steps, "src.layer", "dst.layer", info={"kind": "test"})
 
 
@@ -81,7 +81,7 @@ def test_edited_returns_new_and_leaves_original():
     torch.testing.assert_close(z, torch.full((4, 3), 2.0))
     # deep copy: changing the edited one's modules does not reach the original
     with torch.no_grad():
-        edited.encoder[0].weight.add_(1.0)
+        edited.encoder.linear.weight.add_(1.0)
         edited.operator.add_(1.0)
     torch.testing.assert_close(sur(x), out0)
     assert torch.equal(sur.operator, op0)

@@ -54,7 +54,7 @@ def test_mistakes_are_named_before_any_work(override, message):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("probe.latent_dim='eight'", r"probe.latent_dim: expected int, got 'eight'"),
+        ("probe.latent_dim='eight'", r"probe.latent_dim: expected int \| None, got 'eight'"),
         ("probe.latent_dim=0", r"probe.latent_dim must be a positive int"),
         ("probe.layers=['blocks.0','blocks.9']", r"no layer named 'blocks.9'.*did you mean"),
         ("probe.operator='sparse'", r"probe.operator: expected 'dense' \| 'exp' \| 'lowrank'"),

@@ -1,0 +1,160 @@
+"""Run part of a model: skip the modules whose output a patch replaces anyway.
+
+A forward pass is traced once (which named module runs when, and what it returns). From the
+trace, :func:`skip_plan` finds the top-most modules that run only inside a window of the pass
+-- between ``src`` and ``dst``, or everything before ``dst`` -- and :func:`skipped` replaces
+their ``forward`` with one that returns zeros of the traced shape (so the code between modules
+still sees tensors of the right shape) while ``dst`` returns a given value. Whether the result
+equals the full pass is a property of the model's code, not something a trace can prove: the
+callers compare both paths on a real batch before they rely on the short one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from koopman_hooks.core.hooks import hooked
+from koopman_hooks.core.layers import unwrap_model
+
+Template = Any  # a module output with every tensor replaced by (shape without batch, dtype)
+
+
+def _template(output: Any) -> Template:
+    if isinstance(output, torch.Tensor):
+        return ("tensor", tuple(output.shape[1:]), output.dtype)
+    if isinstance(output, tuple) and hasattr(output, "_fields"):
+        return ("namedtuple", type(output), [_template(v) for v in output])
+    if isinstance(output, (tuple, list)):
+        return (type(output).__name__, [_template(v) for v in output])
+    if isinstance(output, Mapping):
+        return ("mapping", type(output), {k: _template(v) for k, v in output.items()})
+    return ("constant", output)
+
+
+def zeros_like_template(template: Template, batch: int, device: torch.device) -> Any:
+    """An output of the traced structure with zero tensors for ``batch`` samples."""
+    kind = template[0]
+    if kind == "tensor":
+        return torch.zeros(batch, *template[1], dtype=template[2], device=device)
+    if kind == "namedtuple":
+        return template[1](*(zeros_like_template(t, batch, device) for t in template[2]))
+    if kind in ("tuple", "list"):
+        items = [zeros_like_template(t, batch, device) for t in template[1]]
+        return tuple(items) if kind == "tuple" else items
+    if kind == "mapping":
+        return template[1]({k: zeros_like_template(t, batch, device) for k, t in template[2].items()})
+    return template[1]
+
+
+@dataclass(frozen=True)
+class Trace:
+    """When each named module ran in one forward pass: ``calls[name]`` is a list of
+    ``(start, end)`` event indices; ``templates[name]`` the structure of its (first) output."""
+
+    calls: dict[str, list[tuple[int, int]]]
+    templates: dict[str, Template]
+
+
+def trace(model: nn.Module, run: Callable[[], Any]) -> Trace:
+    """Call ``run`` (a forward pass of ``model``) once without grad and record when every named
+    module of ``model`` ran."""
+    inner = unwrap_model(model)
+    events = 0
+    calls: dict[str, list[tuple[int, int]]] = {}
+    starts: dict[str, list[int]] = {}
+    templates: dict[str, Template] = {}
+    handles = []
+
+    def pre(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any) -> None:
+            nonlocal events
+            starts.setdefault(name, []).append(events)
+            events += 1
+
+        return hook
+
+    def post(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            nonlocal events
+            calls.setdefault(name, []).append((starts[name].pop(), events))
+            templates.setdefault(name, _template(output))
+            events += 1
+
+        return hook
+
+    try:
+        for name, module in inner.named_modules():
+            if name:
+                handles.append(module.register_forward_pre_hook(pre(name)))
+                handles.append(module.register_forward_hook(post(name)))
+        with torch.no_grad():
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return Trace(calls, templates)
+
+
+def _is_within(name: str, other: str) -> bool:
+    """Whether module ``name`` is ``other`` or one of its submodules."""
+    return name == other or name.startswith(other + ".")
+
+
+def skip_plan(trace: Trace, dst: str, after: str | None = None) -> list[str]:
+    """The top-most modules to skip so that ``dst``'s output can be supplied: every module that
+    runs only before ``dst`` starts -- and, with ``after``, only after ``after`` has finished --
+    except ``dst``'s ancestors and, with ``after``, ``after`` and what contains or precedes it."""
+    if dst not in trace.calls or len(trace.calls[dst]) != 1:
+        return []
+    dst_start = trace.calls[dst][0][0]
+    lower = -1
+    if after is not None:
+        if after not in trace.calls or len(trace.calls[after]) != 1:
+            return []
+        lower = trace.calls[after][0][1]
+    window = [name for name, intervals in trace.calls.items()
+              if not _is_within(dst, name) and not _is_within(name, dst)
+              and (after is None or not _is_within(after, name))
+              and all(lower < start and end < dst_start for start, end in intervals)]
+    chosen = set(window)
+    return sorted((name for name in window if not any(_is_within(name, p) and p != name for p in chosen)),
+                  key=lambda n: trace.calls[n][0][0])
+
+
+def batch_of(args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[int, torch.device] | None:
+    """Batch size and device of a call, from its first tensor argument."""
+    for value in [*args, *kwargs.values()]:
+        if isinstance(value, torch.Tensor) and value.ndim:
+            return value.shape[0], value.device
+    return None
+
+
+@contextmanager
+def skipped(
+    model: nn.Module, trace_: Trace, names: Sequence[str], batch: int, device: torch.device,
+    supply: Mapping[str, Callable[..., Any]] | None = None,
+) -> Iterator[None]:
+    """While open, the modules ``names`` return zeros of their traced output structure for
+    ``batch`` samples instead of computing anything, and each module in ``supply`` returns
+    ``supply[name](zeros of its traced output)`` (their ``forward`` is replaced; restored in
+    ``finally``; their hooks still run)."""
+
+    def placeholder(name: str, fill: Callable[[Any], Any] | None = None) -> Callable[..., Any]:
+        template = trace_.templates[name]
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            zeros = zeros_like_template(template, batch, device)
+            return zeros if fill is None else fill(zeros)
+
+        return forward
+
+    forwards = {name: placeholder(name) for name in names}
+    forwards.update({name: placeholder(name, fill) for name, fill in (supply or {}).items()})
+    with hooked(model, forwards=forwards):
+        yield

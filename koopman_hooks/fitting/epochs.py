@@ -1,0 +1,213 @@
+"""Training epochs read from the cache, with a held-out score that decides which state is kept.
+
+Every state is scored on the held-out rows: its agreement with the model (through the model's
+own tail, when it can be run on its own), the KL divergence of its outputs from the model's, and
+the fraction of the last layer's variance it leaves unexplained. The closed-form start is scored
+first. A later state is kept if it agrees with the model at least as often as the start does and
+has a lower loss (the mean state FVU over the later layers, plus the KL divergence when there is
+one), so the fit is never worse on held-out data than where it started. The learning rate halves after ``patience // 2`` epochs
+without a better state; training stops after ``patience``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from koopman_hooks.core.select import MODEL_OUTPUT
+from koopman_hooks.fitting.cache import StateCache
+from koopman_hooks.koopman.adapters import LayerAdapter
+from koopman_hooks.koopman.autoencoder import KoopmanAutoencoder
+from koopman_hooks.koopman.linear import RidgeOperatorFitter
+from koopman_hooks.koopman.losses import LossWeights, TopologicalLoss, koopman_losses, output_matching_loss
+from koopman_hooks.maths.scores import StreamingFVU
+
+LR_FAN_IN = 32  # weight matrices with a wider input learn at lr * 32 / fan_in
+
+#: ``tail(rows, predicted last-layer activation)`` -> the model's output for cached rows
+Tail = Callable[[Mapping[str, torch.Tensor], torch.Tensor], Any]
+
+
+@dataclass(frozen=True)
+class Score:
+    """Held-out fidelity of one state."""
+
+    agreement: float | None  # None: the model's tail cannot be run alone
+    loss: float  # mean state FVU over the later layers (+ the KL divergence from the model's outputs)
+    fvu: float  # the last layer's state FVU
+
+    def better_than(self, kept: Score, start: Score) -> bool:
+        """Lower loss, and at least the start's agreement."""
+        if self.agreement is not None and start.agreement is not None and self.agreement < start.agreement:
+            return False
+        return self.loss < kept.loss * (1 - 1e-3)
+
+    def describe(self) -> str:
+        agree = "" if self.agreement is None else f"agreement {self.agreement:.4f}, "
+        return f"{agree}state FVU {self.fvu:.4f}"
+
+
+@dataclass
+class Schedule:
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    patience: int
+    ridge: float | None = None  # a closed-form K per batch (operator_fit="ridge")
+    verbose: bool = False
+
+
+@dataclass
+class Outcome:
+    history: list[dict[str, float]] = field(default_factory=list)
+    kept_epoch: int = -1
+    kept_score: Score | None = None
+    start_score: Score | None = None
+    epochs_run: int = 0
+
+
+def parameter_groups(named: Sequence[tuple[str, nn.Parameter]], lr: float) -> list[dict[str, Any]]:
+    """Adam moves every weight by about ``lr`` per step whatever its gradient, so a layer's output
+    moves by about ``lr · fan_in``: weight matrices learn at ``lr · min(1, 32 / fan_in)``, so that
+    a wide residual (or the closed-form linear maps, which start at their optimum) is nudged, not
+    thrown off, by the first steps."""
+    groups: dict[float, list[nn.Parameter]] = {}
+    for _, param in named:
+        rate = lr * min(1.0, LR_FAN_IN / param.shape[-1]) if param.ndim == 2 else lr
+        groups.setdefault(rate, []).append(param)
+    return [{"params": params, "lr": rate} for rate, params in groups.items()]
+
+
+def rotated_states(rows: Mapping[str, torch.Tensor], rotations: Sequence[torch.Tensor | None], device: torch.device) -> list[torch.Tensor]:
+    """The cached adapted states of every layer, in the fit's rotated coordinates."""
+    out = []
+    for i, rotation in enumerate(rotations):
+        state = rows[f"s{i}"].to(device, torch.float32)
+        out.append(state if rotation is None else state @ rotation)
+    return out
+
+
+@torch.no_grad()
+def refit_operator(ae: KoopmanAutoencoder, cache: StateCache, rows: torch.Tensor, rotations: Sequence[torch.Tensor | None],
+                   device: torch.device, ridge: float) -> None:
+    """``operator_fit="ridge"``: K in closed form from the current encoder's latents of ``rows``."""
+    fitter = RidgeOperatorFitter(ae.config.latent_dim, device=device)
+    for batch in cache.batches(rows, 1024):
+        fitter.update([ae.encoder(a) for a in rotated_states(batch, rotations, device)])
+    ae.operator.set_matrix(fitter.finalize(ridge))
+
+
+@torch.no_grad()
+def score(ae: KoopmanAutoencoder, cache: StateCache, rows: torch.Tensor, rotations: Sequence[torch.Tensor | None],
+          device: torch.device, tail: Tail | None, last: LayerAdapter, batch_size: int) -> tuple[Score, dict[str, float]]:
+    """The held-out score, and the state FVU of every later layer and the latent FVU of the last."""
+    ae.eval()
+    layers = len(rotations)
+    state_fvu = [StreamingFVU() for _ in range(layers - 1)]
+    latent_fvu = StreamingFVU()
+    hits = torch.zeros((), device=device)
+    kl = torch.zeros((), device=device)
+    for batch in cache.batches(rows, batch_size):
+        states = rotated_states(batch, rotations, device)
+        z0 = ae.encoder(states[0])
+        for j, offset in enumerate(ae.offsets[1:]):
+            state_fvu[j].update(ae.decoder(ae.operator.step(z0, offset)), states[j + 1])
+        latent_fvu.update(ae.operator.step(z0, ae.offsets[-1]), ae.encoder(states[-1]))
+        if tail is not None:
+            predicted = last.inverse(ae.predict(states[0], ae.offsets[-1]))
+            output = tail(batch, predicted)
+            reference = batch["scores"].to(device)
+            hits += (MODEL_OUTPUT.get(output).argmax(-1) == reference.argmax(-1)).sum()
+            kl += output_matching_loss(output, reference) * len(reference)
+    figures = {f"val_state_fvu_{j + 1}": f.compute() for j, f in enumerate(state_fvu)}
+    figures["val_latent_fvu"] = latent_fvu.compute()
+    fvu = state_fvu[-1].compute()
+    trajectory = sum(f.compute() for f in state_fvu) / len(state_fvu)
+    if tail is None:
+        return Score(None, trajectory, fvu), figures
+    figures["val_agreement"], figures["val_kl"] = float(hits) / len(rows), float(kl) / len(rows)
+    return Score(figures["val_agreement"], trajectory + figures["val_kl"], fvu), figures
+
+
+def train(
+    ae: KoopmanAutoencoder,
+    cache: StateCache,
+    train_rows: torch.Tensor,
+    val_rows: torch.Tensor,
+    rotations: Sequence[torch.Tensor | None],
+    weights: LossWeights,
+    schedule: Schedule,
+    device: torch.device,
+    last: LayerAdapter,
+    tail: Tail | None,
+    generator: torch.Generator,
+) -> Outcome:
+    """Train ``ae`` in place from the cache; on return it holds the best-scoring state."""
+    named = [(n, p) for n, p in ae.named_parameters() if not (schedule.ridge is not None and n.startswith("operator."))]
+    ae.operator.requires_grad_(schedule.ridge is None)
+    params = [p for _, p in named]
+    optimiser = torch.optim.AdamW(parameter_groups(named, schedule.lr), weight_decay=schedule.weight_decay, foreach=True)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimiser, factor=0.5, patience=max(schedule.patience // 2 - 1, 0))
+    topological = TopologicalLoss() if weights.topological else None
+    outcome = Outcome()
+    has_val = len(val_rows) > 0
+    if has_val:
+        outcome.start_score, figures = score(ae, cache, val_rows, rotations, device, tail, last, schedule.batch_size)
+        outcome.kept_score = outcome.start_score
+        outcome.history.append({"epoch": -1, **figures})
+    best = copy.deepcopy(ae.state_dict())
+    stale = 0
+    bar = tqdm(range(schedule.epochs), desc="koopman fit", disable=not schedule.verbose)
+    for epoch in bar:
+        ae.train()
+        order = train_rows[torch.randperm(len(train_rows), generator=generator)]
+        sums: dict[str, torch.Tensor] = {}
+        steps = 0
+        for batch in cache.batches(order, schedule.batch_size):
+            if len(batch["s0"]) < 2:
+                continue
+            states = rotated_states(batch, rotations, device)
+            losses = koopman_losses(ae, states, weights, topological, schedule.ridge)
+            if tail is not None and weights.output:
+                predicted = last.inverse(ae.predict(states[0], ae.offsets[-1]))
+                losses["output"] = output_matching_loss(tail(batch, predicted), batch["scores"].to(device))
+                losses["total"] = losses["total"] + weights.output * losses["output"]
+            optimiser.zero_grad(set_to_none=True)
+            losses["total"].backward()
+            nn.utils.clip_grad_norm_(params, 1.0)
+            optimiser.step()
+            for key, value in losses.items():
+                sums[key] = sums.get(key, torch.zeros((), device=device)) + value.detach()
+            steps += 1
+        record: dict[str, float] = {"epoch": float(epoch), "lr": optimiser.param_groups[0]["lr"],
+                                    **{k: float(v) / max(steps, 1) for k, v in sums.items()}}
+        outcome.epochs_run = epoch + 1
+        if schedule.ridge is not None:
+            refit_operator(ae, cache, train_rows, rotations, device, schedule.ridge)
+        if has_val:
+            current, figures = score(ae, cache, val_rows, rotations, device, tail, last, schedule.batch_size)
+            record.update(figures)
+            assert outcome.kept_score is not None and outcome.start_score is not None
+            plateau.step(current.loss)
+            if current.better_than(outcome.kept_score, outcome.start_score):
+                outcome.kept_score, outcome.kept_epoch = current, epoch
+                best = copy.deepcopy(ae.state_dict())
+                stale = 0
+            else:
+                stale += 1
+        else:
+            best, outcome.kept_epoch = copy.deepcopy(ae.state_dict()), epoch
+        outcome.history.append(record)
+        bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k in ("total", "val_agreement", "val_state_fvu_1")})
+        if has_val and stale >= schedule.patience:
+            break
+    ae.load_state_dict(best)
+    ae.eval()
+    return outcome

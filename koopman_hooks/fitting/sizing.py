@@ -1,0 +1,139 @@
+"""Sizes of a fit chosen from the data when the user does not set them.
+
+- steps per segment: one K step per module the segment spans (the siblings of the later probed
+  layer that run after the earlier one, e.g. ``blocks.1 .. blocks.4`` for ``blocks.0 -> blocks.4``);
+- latent dimension: the adapted width (which holds the linear model) plus a lifting of a quarter
+  of it, 8 to 64 coordinates;
+- residual width: the widest (8 to ``4 · latent``) whose surrogate costs no more multiply-adds per
+  sample than the modules it replaces (at least 16 when even that costs more);
+- batch size: about 50 steps per epoch, 64 to 512 rows.
+
+Multiply-adds are counted on one real sample by hooks on the leaf modules that do them
+(``Linear``, convolutions, ``Bilinear``); matrix products outside such modules, e.g. attention
+scores, are not counted, so the budget errs on the cheap side for token models.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from koopman_hooks.core.batches import Inputs, call_model
+from koopman_hooks.core.layers import unwrap_model
+from koopman_hooks.core.skipping import Trace
+
+MIN_HIDDEN = 16
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What a fit used, and why (``notes``)."""
+
+    width: int
+    latent_dim: int
+    hidden: tuple[int, ...]
+    steps: tuple[int, ...]
+    batch_size: int
+    surrogate_macs: int
+    replaced_macs: int | None
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+def _leaf_macs(module: nn.Module, output: Any) -> int:
+    if not isinstance(output, torch.Tensor):
+        return 0
+    if isinstance(module, nn.Linear):
+        return output.numel() * module.in_features
+    if isinstance(module, nn.Bilinear):
+        return output.numel() * module.in1_features * module.in2_features
+    if isinstance(module, nn.modules.conv._ConvNd):
+        kernel = 1
+        for k in module.kernel_size:
+            kernel *= k
+        return output.numel() * (module.in_channels // module.groups) * kernel
+    return 0
+
+
+def module_macs(model: nn.Module, inputs: Inputs) -> dict[str, int]:
+    """Multiply-adds of every named leaf module during one forward pass on ``inputs``."""
+    counts: dict[str, int] = {}
+    handles = []
+
+    def hook(name: str) -> Callable[..., None]:
+        def count(module: nn.Module, args: Any, output: Any) -> None:
+            counts[name] = counts.get(name, 0) + _leaf_macs(module, output)
+
+        return count
+
+    try:
+        for name, module in unwrap_model(model).named_modules():
+            if name and not any(True for _ in module.children()):
+                handles.append(module.register_forward_hook(hook(name)))
+        with torch.no_grad():
+            call_model(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counts
+
+
+def surrogate_macs(features_in: int, features_out: int, width: int, latent_dim: int, hidden: Sequence[int]) -> int:
+    """Multiply-adds per sample of a surrogate: adapters, φ, K (its power applied once), ψ."""
+    def skip_mlp(dims: Sequence[int]) -> int:
+        linear = dims[0] * dims[-1]
+        residual = sum(a * b for a, b in zip(dims[:-1], dims[1:])) if len(dims) > 2 else 0
+        return linear + residual
+
+    return (features_in * width + skip_mlp([width, *hidden, latent_dim]) + latent_dim**2
+            + skip_mlp([latent_dim, *reversed(hidden), width]) + width * features_out)
+
+
+def _parent(name: str) -> str:
+    return name.rpartition(".")[0]
+
+
+def steps_from_trace(layers: Sequence[str], trace: Trace) -> tuple[tuple[int, ...], str]:
+    """One step per sibling module each segment spans (1 where the layers are not siblings)."""
+    steps = []
+    for src, dst in zip(layers[:-1], layers[1:]):
+        parent = _parent(dst)
+        if _parent(src) != parent or src not in trace.calls or dst not in trace.calls:
+            steps.append(1)
+            continue
+        after, until = trace.calls[src][0][1], trace.calls[dst][0][1]
+        siblings = [n for n, calls in trace.calls.items()
+                    if _parent(n) == parent and n != src and all(after < s and e <= until for s, e in calls)]
+        steps.append(max(1, len(siblings)))
+    return tuple(steps), "one step per module between consecutive probed layers"
+
+
+def latent_dim_for(width: int) -> tuple[int, str]:
+    extra = min(64, max(8, round(width / 4)))
+    return width + extra, f"adapted width {width} plus a lifting of {extra}"
+
+
+def hidden_for(features_in: int, features_out: int, width: int, latent_dim: int,
+               replaced_macs: int | None) -> tuple[tuple[int, ...], str]:
+    """One residual layer, as wide as the multiply-add budget of the replaced modules allows."""
+    widest = 4 * latent_dim
+    if replaced_macs is None:
+        return (min(widest, 128),), "replaced modules not measurable: 128 (or 4 x latent)"
+    best = None
+    for h in range(8, widest + 1, 8):
+        if surrogate_macs(features_in, features_out, width, latent_dim, [h]) <= replaced_macs:
+            best = h
+    if best is None:
+        return (MIN_HIDDEN,), (f"even the smallest residual ({MIN_HIDDEN}) costs more than the replaced modules "
+                               f"({replaced_macs} multiply-adds per sample); using {MIN_HIDDEN}")
+    return (best,), f"widest residual within the {replaced_macs} multiply-adds per sample of the replaced modules"
+
+
+def batch_size_for(n: int) -> tuple[int, str]:
+    size = 2 ** round(math.log2(max(n / 50, 1)))
+    size = min(512, max(64, size))
+    return size, f"about 50 steps per epoch over {n} samples"

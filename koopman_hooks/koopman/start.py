@@ -1,0 +1,156 @@
+"""The closed-form start of a fit: the linear Koopman model of the adapted states, from moments.
+
+Given the streamed moments of ``(a_0, a_j)`` for every later probed layer ``j``:
+
+1. the ridge map ``M`` from ``a_0`` to the last layer's ``a_L`` is split by its polar
+   decomposition ``M = U S`` (``U`` orthogonal, ``S`` symmetric positive semi-definite); the last
+   layer's adapter is rotated by ``U``, so that in its new coordinates ``a_L ≈ S a_0``;
+2. ``K = S^{1/k}`` with ``k`` the total number of steps: a real, symmetric operator with
+   ``K^k = S`` exactly, whatever the eigenvalues of ``M`` (no real root of ``M`` is needed);
+3. with more than two layers, ``K`` and the rotations of every later layer's adapter are then
+   refined together on the whole trajectory, ``Σ_j E‖R_jᵀ a_j − K^{o_j} a_0‖²``, alternating
+   orthogonal Procrustes for the rotations with L-BFGS for ``K`` (all from the moments), from
+   three starts: the one above, and one step of the pooled layer-to-layer regression (EDMD) in
+   the layers' own PCA coordinates, or after aligning each layer with the one before; the best
+   one is kept.
+
+With two layers this linear model *is* the ridge (DMD) baseline; adapters are only rotated,
+so their inverses stay exact. The baselines are returned in the rotated coordinates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from koopman_hooks.koopman.adapters import LayerAdapter, procrustes_rotation
+from koopman_hooks.maths.linalg import polar, psd_power
+from koopman_hooks.maths.stats import StreamingMoments, ridge_regression
+
+
+@dataclass(frozen=True)
+class LinearStart:
+    """The linear model a fit starts from."""
+
+    adapters: dict[str, LayerAdapter]
+    """The adapters, rotated."""
+    operator: torch.Tensor
+    """``K`` (``width x width``, float64, acting on column vectors)."""
+    rotations: dict[str, torch.Tensor]
+    """Per later layer, the rotation ``R`` of its adapted coordinates: new ``a = old a @ R``."""
+    baselines: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    """Per later layer, the ridge DMD ``a_j ≈ a_0 W + b`` in the rotated coordinates (float32)."""
+
+
+def linear_start(
+    layers: Sequence[str],
+    adapters: Mapping[str, LayerAdapter],
+    moments: Sequence[StreamingMoments],
+    offsets: Sequence[int],
+    ridge: float = 1e-6,
+    consecutive: Sequence[StreamingMoments] = (),
+) -> LinearStart:
+    """The closed-form start (see the module docstring). ``moments[j-1]`` holds ``(a_0, a_j)``,
+    ``consecutive[j-1]`` holds ``(a_{j-1}, a_j)`` (needed for more than two layers), and
+    ``offsets[j]`` the steps from ``layers[0]`` to ``layers[j]``."""
+    if len(moments) != len(layers) - 1 or len(offsets) != len(layers):
+        raise ValueError("need one moments object per later layer and one offset per layer")
+    fits = [ridge_regression(m, ridge) for m in moments]  # a_j ≈ a_0 W + b (rows)
+    last = layers[-1]
+    rotation, symmetric = polar(fits[-1][0].T)  # column form: a_L ≈ M a_0, M = U S
+    operator = psd_power(symmetric, 1.0 / offsets[-1])
+    rotations = {last: rotation}
+    for j in range(1, len(layers) - 1):
+        rotations[layers[j]] = _procrustes(moments[j - 1], operator, offsets[j])
+    if len(layers) > 2:
+        candidates = [_refine(layers, moments, offsets, operator, rotations)]
+        if len(consecutive) == len(layers) - 1:
+            for align in (False, True):
+                pooled = _pooled_operator(consecutive, offsets, ridge, align)
+                start = {layers[j]: _procrustes(m, pooled, offsets[j]) for j, m in enumerate(moments, start=1)}
+                candidates.append(_refine(layers, moments, offsets, pooled, start))
+        operator, rotations = min(candidates, key=lambda c: c[2])[:2]
+    rotated = {name: adapters[name].rotated(rotations[name].float()) if name in rotations else adapters[name]
+               for name in layers}
+    baselines = {}
+    for name, (weight, bias) in zip(layers[1:], fits):
+        r = rotations[name]
+        baselines[name] = ((weight @ r).float(), (bias @ r).float())
+    return LinearStart(rotated, operator, {name: r.float() for name, r in rotations.items()}, baselines)
+
+
+def _second_moments(m: StreamingMoments) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``E[a_0 a_0ᵀ]``, ``E[a_j a_0ᵀ]``, ``E[a_j a_jᵀ]`` (uncentred) of one pair's moments."""
+    assert m.mean_y is not None
+    xx = m.cov_xx + torch.outer(m.mean_x, m.mean_x)
+    yx = m.cov_xy.T + torch.outer(m.mean_y, m.mean_x)
+    yy = m.cov_yy + torch.outer(m.mean_y, m.mean_y)
+    return xx, yx, yy
+
+
+def _procrustes(m: StreamingMoments, operator: torch.Tensor, steps: int) -> torch.Tensor:
+    """The rotation ``R`` that best maps layer ``j``'s coordinates onto ``K^{steps} a_0``."""
+    _, yx, _ = _second_moments(m)
+    reach = torch.linalg.matrix_power(operator, steps)
+    return procrustes_rotation(yx @ reach.T)  # maximises tr(Rᵀ E[a_j (K^s a_0)ᵀ])
+
+
+def _pooled_operator(consecutive: Sequence[StreamingMoments], offsets: Sequence[int], ridge: float,
+                     align: bool) -> torch.Tensor:
+    """One step of the pooled layer-to-layer regression (EDMD), with ``align`` each layer first
+    rotated onto the one before it (real principal root of the pooled map when a segment spans
+    several steps)."""
+    frame = torch.eye(consecutive[0].dim, dtype=torch.float64)  # rotation of layer j-1's coordinates
+    xx = torch.zeros_like(frame)
+    yx = torch.zeros_like(frame)
+    for m in consecutive:
+        pxx, pyx, _ = _second_moments(m)
+        pxx, pyx = frame.T @ pxx @ frame, pyx @ frame  # a_{j-1} in its aligned frame
+        frame = procrustes_rotation(pyx) if align else torch.eye(len(frame), dtype=frame.dtype)
+        xx, yx = xx + pxx, yx + frame.T @ pyx
+    scale = xx.diagonal().mean().clamp_min(1e-12)
+    pooled = torch.linalg.solve(xx + ridge * scale * torch.eye(len(xx), dtype=xx.dtype), yx.T).T
+    steps = max(1, round(offsets[-1] / (len(offsets) - 1)))
+    if steps == 1:
+        return pooled
+    evals, evecs = torch.linalg.eig(pooled)
+    return (evecs @ torch.diag(evals ** (1.0 / steps)) @ torch.linalg.inv(evecs)).real
+
+
+def _refine(layers: Sequence[str], moments: Sequence[StreamingMoments], offsets: Sequence[int], operator: torch.Tensor,
+            rotations: dict[str, torch.Tensor], rounds: int = 4,
+            iterations: int = 50) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
+    """Alternate Procrustes (rotations) and L-BFGS (K) on the trajectory's squared error;
+    returns ``K``, the rotations and the final relative error."""
+    rotations = dict(rotations)
+    terms = [_second_moments(m) for m in moments]
+
+    def loss(k: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros((), dtype=k.dtype)
+        for j, (xx, yx, yy) in enumerate(terms, start=1):
+            p = torch.linalg.matrix_power(k, offsets[j])
+            r = rotations[layers[j]]
+            total = total + yy.trace() - 2 * (r.T @ yx @ p.T).trace() + (p @ xx @ p.T).trace()
+        return total / sum(yy.trace() for _, _, yy in terms)
+
+    k = operator.clone()
+    for _ in range(rounds):
+        k = k.detach().requires_grad_(True)
+        optimiser = torch.optim.LBFGS([k], max_iter=iterations, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            optimiser.zero_grad()
+            value = loss(k)
+            value.backward()
+            return value
+
+        with torch.enable_grad():
+            optimiser.step(closure)  # type: ignore[no-untyped-call]
+        k = k.detach()
+        for j, m in enumerate(moments, start=1):
+            rotations[layers[j]] = _procrustes(m, k, offsets[j])
+    with torch.no_grad():
+        error = float(loss(k))
+    return k, rotations, error
