@@ -46,7 +46,7 @@ def _digits(fast: bool, image: bool = False) -> tuple[torch.Tensor, torch.Tensor
     if image:
         x = x.reshape(-1, 1, 8, 8)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    cut = 1000 if fast else 1400
+    cut = 1000 if fast else 1200
     return x[order[:cut]], y[order[:cut]], x[order[cut:]], y[order[cut:]]
 
 

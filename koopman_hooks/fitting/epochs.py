@@ -53,6 +53,9 @@ class Score:
         return f"{agree}state FVU {self.fvu:.4f}"
 
 
+EPOCH_ROWS = 16384  # an epoch reads at most this many random cached rows
+
+
 @dataclass
 class Schedule:
     epochs: int
@@ -167,7 +170,7 @@ def train(
     bar = tqdm(range(schedule.epochs), desc="koopman fit", disable=not schedule.verbose)
     for epoch in bar:
         ae.train()
-        order = train_rows[torch.randperm(len(train_rows), generator=generator)]
+        order = train_rows[torch.randperm(len(train_rows), generator=generator)[:EPOCH_ROWS]]
         sums: dict[str, torch.Tensor] = {}
         steps = 0
         for batch in cache.batches(order, schedule.batch_size):
@@ -175,9 +178,9 @@ def train(
                 continue
             states = rotated_states(batch, rotations, device)
             losses = koopman_losses(ae, states, weights, topological, schedule.ridge)
+            prediction = losses.pop("prediction")
             if tail is not None and weights.output:
-                predicted = last.inverse(ae.predict(states[0], ae.offsets[-1]))
-                losses["output"] = output_matching_loss(tail(batch, predicted), batch["scores"].to(device))
+                losses["output"] = output_matching_loss(tail(batch, last.inverse(prediction)), batch["scores"].to(device))
                 losses["total"] = losses["total"] + weights.output * losses["output"]
             optimiser.zero_grad(set_to_none=True)
             losses["total"].backward()

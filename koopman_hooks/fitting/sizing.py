@@ -4,8 +4,8 @@
   layer that run after the earlier one, e.g. ``blocks.1 .. blocks.4`` for ``blocks.0 -> blocks.4``);
 - latent dimension: the adapted width (which holds the linear model) plus a lifting of a quarter
   of it, 8 to 64 coordinates;
-- residual width: the widest (8 to ``4 · latent``) whose surrogate costs no more multiply-adds per
-  sample than the modules it replaces (at least 16 when even that costs more);
+- residual width: the widest (8 to 128) whose surrogate costs no more multiply-adds per sample
+  than the modules it replaces (at least 16 when even that costs more);
 - batch size: about 50 steps per epoch, 64 to 512 rows.
 
 Multiply-adds are counted on one real sample by hooks on the leaf modules that do them
@@ -28,6 +28,7 @@ from koopman_hooks.core.layers import unwrap_model
 from koopman_hooks.core.skipping import Trace
 
 MIN_HIDDEN = 16
+MAX_HIDDEN = 128
 
 
 @dataclass(frozen=True)
@@ -120,9 +121,9 @@ def latent_dim_for(width: int) -> tuple[int, str]:
 def hidden_for(features_in: int, features_out: int, width: int, latent_dim: int,
                replaced_macs: int | None) -> tuple[tuple[int, ...], str]:
     """One residual layer, as wide as the multiply-add budget of the replaced modules allows."""
-    widest = 4 * latent_dim
+    widest = MAX_HIDDEN
     if replaced_macs is None:
-        return (min(widest, 128),), "replaced modules not measurable: 128 (or 4 x latent)"
+        return (widest,), f"replaced modules not measurable: {widest}"
     best = None
     for h in range(8, widest + 1, 8):
         if surrogate_macs(features_in, features_out, width, latent_dim, [h]) <= replaced_macs:

@@ -84,36 +84,31 @@ def koopman_losses(
     solution over this batch's consecutive latent pairs (one step each), differentiable, so the
     encoder learns a latent space in which the closed form fits well.
     """
-    latents = list(model.encoder(torch.cat(list(states))).split([len(a) for a in states]))
-    step: Callable[[torch.Tensor, int], torch.Tensor]
-    if closed_form_ridge is None:
-        step = model.operator.step
-    else:
-        k = batch_ridge_operator(torch.cat(latents[:-1]), torch.cat(latents[1:]), closed_form_ridge)
-
-        def step(z: torch.Tensor, steps: int) -> torch.Tensor:
-            return z @ torch.linalg.matrix_power(k, steps).T
-
-    losses: dict[str, torch.Tensor] = {}
-    decoded = model.decoder(torch.cat(latents)).split([len(a) for a in states])
-    losses["reconstruction"] = torch.stack([fvu(p, a) for p, a in zip(decoded, states)]).mean()
+    sizes = [len(a) for a in states]
+    latents = list(model.encoder(torch.cat(list(states))).split(sizes))
+    k = (model.operator.matrix() if closed_form_ridge is None
+         else batch_ridge_operator(torch.cat(latents[:-1]), torch.cat(latents[1:]), closed_form_ridge))
+    offsets = model.offsets
     pairs = [(0, j) for j in range(1, len(states))]
     pairs += [(i, i + 1) for i in range(1, len(states) - 1)]
-    offsets = model.offsets
-    state_terms, latent_terms = [], []
-    for i, j in pairs:
-        advanced = step(latents[i], offsets[j] - offsets[i])
-        state_terms.append(fvu(model.decoder(advanced), states[j]))
-        latent_terms.append(fvu(advanced, latents[j]))
-    losses["state"] = torch.stack(state_terms).mean()
-    losses["latent"] = torch.stack(latent_terms).mean()
+    powers = {s: torch.linalg.matrix_power(k, s).T for s in {offsets[j] - offsets[i] for i, j in pairs}}
+    advanced = [latents[i] @ powers[offsets[j] - offsets[i]] for i, j in pairs]
+    # one decoder call for every reconstruction and every prediction
+    decoded = model.decoder(torch.cat([*latents, *advanced])).split(sizes + [len(z) for z in advanced])
+    losses: dict[str, torch.Tensor] = {}
+    losses["reconstruction"] = torch.stack([fvu(p, a) for p, a in zip(decoded[: len(states)], states)]).mean()
+    predictions = decoded[len(states):]
+    losses["state"] = torch.stack([fvu(p, states[j]) for p, (_, j) in zip(predictions, pairs)]).mean()
+    losses["latent"] = torch.stack([fvu(z, latents[j]) for z, (_, j) in zip(advanced, pairs)]).mean()
+    losses["prediction"] = predictions[len(states) - 2]  # the last layer's, from layers[0] (not a loss)
     if weights.isometry:
         losses["isometry"] = torch.stack([isometry_loss(a, z) for a, z in zip(states, latents)]).mean()
     if weights.topological and topological is not None:
         losses["topological"] = torch.stack([topological(a, z) for a, z in zip(states, latents)]).mean()
     total = torch.zeros((), device=states[0].device)
     for name, value in losses.items():
-        total = total + (getattr(weights, name) or 0.0) * value
+        if name != "prediction":
+            total = total + (getattr(weights, name) or 0.0) * value
     losses["total"] = total
     return losses
 

@@ -100,9 +100,19 @@ class KoopmanSurrogate(nn.Module):
             states.append(self.advance(states[-1], 1))
         return states
 
+    def endpoint(self) -> torch.Tensor:
+        """``E K^k`` (homogeneous, in the buffers' dtype), computed once and reused until the
+        operator or the readout changes."""
+        key = (id(self.operator), self.operator._version, id(self.readout), self.readout._version, self.steps)
+        cached = self.__dict__.get("_endpoint")
+        if cached is None or cached[0] != key or self.operator.requires_grad or self.readout.requires_grad:
+            value = self.readout @ torch.linalg.matrix_power(self.operator, self.steps)
+            self.__dict__["_endpoint"] = cached = (key, value)
+        return cached[1]
+
     def final_latent(self, x: torch.Tensor) -> torch.Tensor:
         """The latent state fed to the decoder: ``E K^k φ(adapter(x))``."""
-        return self.read_out(self.advance(self.encode(x)))
+        return apply_homogeneous(self.endpoint(), self.encode(x))
 
     def forward(self, x: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
         """Predict ``dst_layer``'s activation (``like``, its real output, for lossy adapters)."""

@@ -1,0 +1,118 @@
+"""Tests of koopman_hooks/core/skipping.py and the fast paths built on it (core/patching.py)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from koopman_hooks.core.batches import call_model
+from koopman_hooks.core.patching import PatchedModel, TailRunner, tail_runner
+from koopman_hooks.core.select import OutputSelector
+from koopman_hooks.core.skipping import skip_plan, trace
+from koopman_hooks.models import ResMLP
+
+
+class Counting(nn.Module):
+    """Counts its calls."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.inner(x)
+
+
+def test_the_plan_skips_exactly_the_modules_between_two_layers():
+    model = ResMLP(4, 3, width=6, depth=5).eval()
+    x = torch.randn(5, 4)
+    seen = trace(model, lambda: model(x))
+    assert skip_plan(seen, "blocks.4", after="blocks.0") == ["blocks.1", "blocks.2", "blocks.3"]
+    assert skip_plan(seen, "blocks.4") == ["input", "blocks.0", "blocks.1", "blocks.2", "blocks.3"]
+    assert skip_plan(seen, "blocks.1", after="blocks.0") == []
+
+
+def test_a_module_used_outside_the_window_is_never_skipped():
+    shared = nn.ReLU()
+
+    class Reuse(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c, self.act = nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 3), shared
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.act(self.c(self.act(self.b(self.act(self.a(x))))))
+
+    model = Reuse()
+    plan = skip_plan(trace(model, lambda: model(torch.randn(2, 3))), "c", after="a")
+    assert plan == ["b"]  # act runs inside the window too, but also after it
+
+
+def test_the_fast_patched_path_skips_work_and_equals_the_full_one():
+    torch.manual_seed(0)
+    model = ResMLP(4, 3, width=6, depth=5).eval()
+    model.blocks[2] = Counting(model.blocks[2])
+    surrogate = nn.Linear(6, 6)
+
+    class Sur(nn.Module):
+        def forward(self, x: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+            return surrogate(x)
+
+    patched = PatchedModel(model, Sur(), "blocks.0", "blocks.4")
+    assert patched.path == "pending"
+    x = torch.randn(8, 4)
+    with torch.no_grad():
+        first = patched(x)  # calibration: full path, then the fast one compared on this batch
+    assert patched.path == "fast" and patched.skipped_modules == ["blocks.1", "blocks.2", "blocks.3"]
+    before = model.blocks[2].calls
+    with torch.no_grad():
+        again = patched(x)
+        full = PatchedModel(model, Sur(), "blocks.0", "blocks.4", fast=False)(x)
+    assert model.blocks[2].calls == before + 1  # the fast call skipped it; only the full one ran it
+    torch.testing.assert_close(again, first)
+    torch.testing.assert_close(again, full)
+    assert "path=fast" in repr(patched)
+    assert all(not m._forward_hooks and "forward" not in m.__dict__ for m in model.modules())
+
+
+def test_a_patch_whose_skipped_modules_feed_the_rest_falls_back_to_the_full_path():
+    class Skip(nn.Module):  # blocks.1's output reaches the head around blocks.2: skipping it is wrong
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Linear(4, 4) for _ in range(3)])
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h0 = self.blocks[0](x)
+            h1 = self.blocks[1](h0)
+            return self.head(self.blocks[2](h1) + h1)
+
+    class Sur(nn.Module):
+        def forward(self, x: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+            return x * 2
+
+    model = Skip().eval()
+    patched = PatchedModel(model, Sur(), "blocks.0", "blocks.2")
+    x = torch.randn(6, 4)
+    with torch.no_grad():
+        out = patched(x)
+        assert patched.path == "full"
+        torch.testing.assert_close(patched(x), out)
+    h0 = model.blocks[0](x)
+    torch.testing.assert_close(out, model.head(h0 * 2 + model.blocks[1](h0)), rtol=1e-5, atol=1e-6)
+
+
+def test_the_tail_runner_reproduces_the_output_from_the_last_layer_alone():
+    torch.manual_seed(1)
+    model = ResMLP(4, 3, width=6, depth=3).eval()
+    x = torch.randn(10, 4)
+    with torch.no_grad():
+        real = model.blocks[2](model.blocks[1](model.blocks[0](model.input(x))))
+        expected = model(x)
+    runner = tail_runner(model, "blocks.2", OutputSelector(None, "blocks.2"), x, real, expected)
+    assert isinstance(runner, TailRunner)
+    with torch.no_grad():
+        torch.testing.assert_close(runner(torch.zeros(10, 4), real), expected)  # the inputs do not matter here
+        assert not torch.allclose(runner(x, real + 1.0), expected)
+    assert call_model(model, x).shape == (10, 3)

@@ -1,0 +1,62 @@
+"""Tests of koopman_hooks/fitting/cache.py: RAM up to a budget, then a memory map that is removed."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from koopman_hooks.fitting.cache import StateCache
+
+
+def batches(n_batches: int = 6, rows: int = 50):
+    g = torch.Generator().manual_seed(0)
+    for i in range(n_batches):
+        yield {"s0": torch.randn(rows, 8, generator=g), "labels": torch.arange(rows) + i * rows,
+               "in": torch.randint(0, 9, (rows, 3, 2), generator=g)}
+
+
+@pytest.mark.parametrize("budget_mb", [100.0, 0.002])  # everything in RAM / spilled to disk after a batch
+def test_rows_come_back_exactly_from_ram_or_disk(budget_mb):
+    expected = list(batches())
+    with StateCache(budget_mb) as cache:
+        for batch in expected:
+            assert cache.append(batch) is cache
+        cache.finalize()
+        assert cache.n == 300 and cache.on_disk == (budget_mb < 1)
+        folder = cache.folder
+        whole = {k: torch.cat([b[k] for b in expected]) for k in expected[0]}
+        index = torch.tensor([299, 0, 17, 150, 151])
+        for name, value in whole.items():
+            assert torch.equal(cache.rows(name, index), value[index])
+            assert cache.rows(name, index).dtype == value.dtype
+        seen = torch.cat([b["labels"] for b in cache.batches(torch.randperm(300), 64)])
+        assert sorted(seen.tolist()) == list(range(300))  # every row once
+    assert folder is None or not os.path.exists(folder)  # the temporary folder is gone
+
+
+def test_the_temporary_folder_goes_away_after_an_exception():
+    folder = None
+    with pytest.raises(RuntimeError, match="boom"):
+        with StateCache(0.001) as cache:
+            for batch in batches():
+                cache.append(batch)
+            folder = cache.folder
+            assert folder is not None and os.path.isdir(folder)
+            raise RuntimeError("boom")
+    assert folder is not None and not os.path.exists(folder)
+
+
+def test_mismatched_batches_are_refused():
+    with StateCache() as cache:
+        cache.append({"a": torch.zeros(3, 2)})
+        with pytest.raises(ValueError, match="expected fields"):
+            cache.append({"b": torch.zeros(3, 2)})
+        with pytest.raises(ValueError, match="changed shape"):
+            cache.append({"a": torch.zeros(3, 5)})
+        with pytest.raises(ValueError, match="different numbers of rows"):
+            cache.append({"a": torch.zeros(3, 2), "c": torch.zeros(4)})
+        cache.finalize()
+        with pytest.raises(RuntimeError, match="finalised"):
+            cache.append({"a": torch.zeros(3, 2)})
