@@ -1,7 +1,7 @@
 """Recipes are TOML files checked against one schema before any work is done.
 
 Sections: ``[data]``, ``[model]`` (per ``kind``), ``[train]``, ``[probe]`` (the
-:class:`~koopman_hooks.KoopmanProbe` options plus ``epochs``/``batch_size``), ``[report]`` and
+:class:`~koopman_hooks.KoopmanProbe` options plus ``epochs``), ``[report]`` and
 the optional ``[topology]``, ``[unlearning]`` and ``[targets]``. Unknown sections or keys are
 refused naming the closest valid one; wrong types name the key, what was expected and what
 was given (:class:`~koopman_hooks.errors.ConfigError`).
@@ -88,11 +88,10 @@ class UnlearningSection:
 @dataclass(frozen=True)
 class ProbeSection:
     """``[probe]``: ``layers``, any :class:`~koopman_hooks.KoopmanProbe` option, and the fit's
-    ``epochs`` and ``batch_size``."""
+    ``epochs`` (an upper bound; default: the probe's)."""
 
     layers: tuple[str, ...]
-    epochs: int = 30
-    batch_size: int = 256
+    epochs: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -158,18 +157,16 @@ def _probe_section(raw: Any) -> ProbeSection:
     raw = dict(raw)
     if "layers" not in raw:
         raise ConfigError("[probe] needs layers = [...]")
-    valid = [*probe_options(), "epochs", "batch_size"]
+    valid = [*probe_options(), "epochs"]
     for key in raw:
         if key not in valid:
             raise ConfigError(f"unknown key 'probe.{key}'{closest(key, valid)} (valid: {', '.join(valid)})")
     layers = raw.pop("layers")
     layers = check([layers] if isinstance(layers, str) else layers, tuple[str, ...], "probe.layers")
-    epochs = check(raw.pop("epochs", 30), int, "probe.epochs")
-    batch_size = check(raw.pop("batch_size", 256), int, "probe.batch_size")
-    for key in ("epochs", "batch_size"):
-        if locals()[key] < 1:
-            raise ConfigError(f"probe.{key} must be >= 1")
-    return ProbeSection(layers, epochs, batch_size, raw)
+    epochs = check(raw.pop("epochs", None), int | None, "probe.epochs")
+    if epochs is not None and epochs < 1:
+        raise ConfigError("probe.epochs must be >= 1")
+    return ProbeSection(layers, epochs, raw)
 
 
 _COMPARE_OPS = (">=", "<=", ">", "<")

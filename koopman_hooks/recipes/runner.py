@@ -25,6 +25,9 @@ from koopman_hooks.recipes.sections.fidelity import peak_rss_mb
 from koopman_hooks.training import train_classifier
 
 
+FIT_LOADER_BATCH = 512  # rows per model pass while fitting (the probe's own batch size is separate)
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch for a recipe run (the recipe owns its process)."""
     random.seed(seed)
@@ -71,7 +74,7 @@ def run_seed(recipe: Recipe, seed: int, out_dir: Path, data_root: str | None = N
                  {"recipe": recipe.name, "model": to_mapping(recipe.model), "num_classes": num_classes, "seed": seed})
     assert recipe.probe is not None
     probe = make_probe(recipe, model, seed, verbose)
-    probe.fit(TensorLoader.from_dataset(train_set, recipe.probe.batch_size, shuffle=True, seed=seed), epochs=recipe.probe.epochs)
+    probe.fit(TensorLoader.from_dataset(train_set, FIT_LOADER_BATCH), epochs=recipe.probe.epochs)
     probe.save(out_dir / "probe.safetensors")
     context = RunContext(recipe, seed, out_dir, train_set, test_set, num_classes, new_model, model, probe,
                          train_seconds, train_loss, verbose, {"seed": seed, "peak_rss_mb": peak_rss_mb()})
