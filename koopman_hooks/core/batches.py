@@ -106,6 +106,14 @@ def select_rows(inputs: Inputs, rows: torch.Tensor) -> Inputs:
             for k, v in inputs.items()}
 
 
+def repeated_rows(example: Inputs, batch: int) -> Inputs:
+    """``batch`` copies of the example's first row (stand-in inputs for a model's tail)."""
+    if isinstance(example, torch.Tensor):
+        return example[:1].expand(batch, *example.shape[1:])
+    return {k: (v[:1].expand(batch, *v.shape[1:]) if isinstance(v, torch.Tensor) and v.ndim else v)
+            for k, v in example.items()}
+
+
 def concat_inputs(parts: Sequence[Inputs]) -> Inputs:
     """Concatenate batches of inputs along the batch dimension (tensors or dicts of tensors)."""
     if isinstance(parts[0], torch.Tensor):

@@ -102,9 +102,8 @@ class StateCache:
             return self._frozen[name][index]
         if name not in self._maps:
             raise KeyError(f"no field {name!r}; fields: {self.fields}")
-        if isinstance(index, torch.Tensor):
-            index = index.cpu().numpy()
-        return torch.from_numpy(np.ascontiguousarray(self._maps[name][index]))
+        rows = index.cpu().numpy() if isinstance(index, torch.Tensor) else index
+        return torch.from_numpy(np.ascontiguousarray(self._maps[name][rows]))
 
     def batches(self, indices: torch.Tensor, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
         """Every field at ``indices``, ``batch_size`` rows at a time."""

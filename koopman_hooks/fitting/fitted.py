@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from koopman_hooks.core.batches import BatchSpec
+from koopman_hooks.core.batches import BatchSpec, Inputs, call_model, repeated_rows
 from koopman_hooks.core.capture import Captured, capture_batch, iter_captures
 from koopman_hooks.core.layers import get_module, module_device, unwrap_model
-from koopman_hooks.core.patching import PatchedModel
+from koopman_hooks.core.patching import PatchedModel, TailRunner
 from koopman_hooks.core.schema import check, from_mapping, to_mapping
 from koopman_hooks.core.select import OutputSelector, Select, make_selectors
 from koopman_hooks.core.serialization import load_tensors, prefixed, save_tensors, unprefixed
@@ -48,6 +48,8 @@ class FittedProbe:
         device: where the autoencoder and adapters live.
         sizes: the sizes the fit used and why (:class:`~koopman_hooks.fitting.sizing.Sizes`).
         info: how the fit went: model passes, samples, the epoch kept and why, ...
+        tail: the model's output from a supplied ``layers[-1]`` activation alone (``None`` when
+            the fit found none, or after loading).
     """
 
     def __init__(
@@ -63,6 +65,8 @@ class FittedProbe:
         device: torch.device | str | None = None,
         sizes: Sizes | None = None,
         info: Mapping[str, Any] | None = None,
+        tail: TailRunner | None = None,
+        tail_example: Inputs | None = None,
     ) -> None:
         self.model = model
         self.config = config
@@ -75,6 +79,8 @@ class FittedProbe:
         self.device = torch.device(device) if device is not None else module_device(autoencoder)
         self.sizes = sizes
         self.info = dict(info or {})
+        self.tail = tail
+        self.tail_example = tail_example  # stand-in inputs for the tail, or None when it needs the real ones
 
     # ------------------------------------------------------------------ layers and data
 
@@ -171,6 +177,16 @@ class FittedProbe:
         dst_layer = getattr(surrogate, "dst_layer", None) or self.layers[self.layer_index(dst, -1)]
         return PatchedModel(self.model, surrogate, src_layer, dst_layer, self.selector(src_layer), self.selector(dst_layer),
                             strict=strict, fast=fast)
+
+    def patched_outputs(self, surrogate: nn.Module, inputs: Inputs, states: torch.Tensor | None = None) -> Any:
+        """The model's output with ``surrogate`` patched in, for rows with these ``inputs``: from
+        their source-layer adapted ``states`` through the model's tail alone when it can be run
+        (no forward pass up to the source layer), else through the patched model."""
+        if self.tail is not None and states is not None and hasattr(surrogate, "from_adapted"):
+            if getattr(surrogate, "dst_layer", None) == self.tail.dst:
+                stand_in = inputs if self.tail_example is None else repeated_rows(self.tail_example, len(states))
+                return self.tail(stand_in, surrogate.from_adapted(states))  # type: ignore[operator]
+        return call_model(self.patch(surrogate), inputs)
 
     # ------------------------------------------------------------------ persistence
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from koopman_hooks.core.batches import BatchSpec, Inputs, batch_size_of, call_model, select_rows
+from koopman_hooks.core.batches import BatchSpec, Inputs, batch_size_of, call_model, repeated_rows, select_rows
 from koopman_hooks.core.capture import Captured, capture_batch, iter_captures
 from koopman_hooks.core.patching import TailRunner
 from koopman_hooks.core.select import MODEL_OUTPUT, OutputSelector
@@ -39,14 +39,6 @@ class Calibration:
     tail: TailRunner | None = None
     tail_inputs: TailInputs | None = None
     notes: dict[str, str] = field(default_factory=dict)
-
-
-def repeated_rows(example: Inputs, batch: int) -> Inputs:
-    """``batch`` copies of the example's first row (stand-in inputs for the model's tail)."""
-    if isinstance(example, torch.Tensor):
-        return example[:1].expand(batch, *example.shape[1:])
-    return {k: (v[:1].expand(batch, *v.shape[1:]) if isinstance(v, torch.Tensor) and v.ndim else v)
-            for k, v in example.items()}
 
 
 def _per_sample_macs(model: nn.Module, example: Inputs, calib_trace: Trace, layers: Sequence[str]) -> int | None:

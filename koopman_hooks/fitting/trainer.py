@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from koopman_hooks.core.batches import BatchSpec, move_inputs
+from koopman_hooks.core.batches import BatchSpec, move_inputs, repeated_rows
 from koopman_hooks.core.capture import Captured
 from koopman_hooks.core.hooks import frozen_parameters, preserved_state
 from koopman_hooks.core.layers import module_device
@@ -32,7 +32,7 @@ from koopman_hooks.fitting.cache import StateCache
 from koopman_hooks.fitting.config import ProbeConfig
 from koopman_hooks.fitting.epochs import Schedule, Tail, refit_operator, train
 from koopman_hooks.fitting.fitted import FittedProbe
-from koopman_hooks.fitting.passes import Calibration, calibrate, fill_cache, fit_adapters, inputs_of, repeated_rows
+from koopman_hooks.fitting.passes import Calibration, calibrate, fill_cache, fit_adapters, inputs_of
 from koopman_hooks.koopman.autoencoder import AutoencoderConfig, KoopmanAutoencoder
 from koopman_hooks.koopman.losses import LossWeights
 from koopman_hooks.koopman.start import linear_start
@@ -163,7 +163,8 @@ def fit_probe(
                              sizing.surrogate_macs(features_in, features_out, width, latent_dim, hidden),
                              calib.replaced_macs, notes)
     fitted = FittedProbe(model, config, selectors, start.adapters, ae, start.baselines, outcome.history,
-                         time.perf_counter() - start_time, device, sizes, info)
+                         time.perf_counter() - start_time, device, sizes, info, calib.tail,
+                         calib.example if calib.tail_inputs == "repeated" else None)
     return fitted
 
 

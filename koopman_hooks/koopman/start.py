@@ -20,7 +20,7 @@ so their inverses stay exact. The baselines are returned in the rotated coordina
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -119,6 +119,22 @@ def _pooled_operator(consecutive: Sequence[StreamingMoments], offsets: Sequence[
     return (evecs @ torch.diag(evals ** (1.0 / steps)) @ torch.linalg.inv(evecs)).real
 
 
+def _minimise(loss: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor, iterations: int) -> torch.Tensor:
+    """L-BFGS on a matrix from ``start``."""
+    k = start.detach().clone().requires_grad_(True)
+    optimiser = torch.optim.LBFGS([k], max_iter=iterations, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimiser.zero_grad()
+        value = loss(k)
+        value.backward()
+        return value
+
+    with torch.enable_grad():
+        optimiser.step(closure)
+    return k.detach()
+
+
 def _refine(layers: Sequence[str], moments: Sequence[StreamingMoments], offsets: Sequence[int], operator: torch.Tensor,
             rotations: dict[str, torch.Tensor], rounds: int = 4,
             iterations: int = 50) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
@@ -137,18 +153,7 @@ def _refine(layers: Sequence[str], moments: Sequence[StreamingMoments], offsets:
 
     k = operator.clone()
     for _ in range(rounds):
-        k = k.detach().requires_grad_(True)
-        optimiser = torch.optim.LBFGS([k], max_iter=iterations, line_search_fn="strong_wolfe")
-
-        def closure() -> torch.Tensor:
-            optimiser.zero_grad()
-            value = loss(k)
-            value.backward()
-            return value
-
-        with torch.enable_grad():
-            optimiser.step(closure)  # type: ignore[no-untyped-call]
-        k = k.detach()
+        k = _minimise(loss, k, iterations)
         for j, m in enumerate(moments, start=1):
             rotations[layers[j]] = _procrustes(m, k, offsets[j])
     with torch.no_grad():

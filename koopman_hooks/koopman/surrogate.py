@@ -116,9 +116,12 @@ class KoopmanSurrogate(nn.Module):
 
     def forward(self, x: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
         """Predict ``dst_layer``'s activation (``like``, its real output, for lossy adapters)."""
-        x = x.to(self.operator.device)
-        out = self.out_adapter.inverse(self.decoder(self.final_latent(x)), like)
-        return out
+        return self.from_adapted(self.in_adapter(x.to(self.operator.device)), like)
+
+    def from_adapted(self, a: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+        """The prediction from ``src_layer``'s *adapted* state ``a`` (what ``in_adapter`` gives)."""
+        z = apply_homogeneous(self.endpoint(), self.encoder(a))
+        return self.out_adapter.inverse(self.decoder(z), like)
 
     def edited(self, operator: torch.Tensor | None = None, readout: torch.Tensor | None = None, **info: Any) -> KoopmanSurrogate:
         """A new surrogate with the operator and/or endpoint map replaced."""

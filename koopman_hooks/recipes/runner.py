@@ -24,7 +24,6 @@ from koopman_hooks.recipes.sections import SECTIONS, RunContext
 from koopman_hooks.recipes.sections.fidelity import peak_rss_mb
 from koopman_hooks.training import train_classifier
 
-
 FIT_LOADER_BATCH = 512  # rows per model pass while fitting (the probe's own batch size is separate)
 
 

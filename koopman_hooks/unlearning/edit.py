@@ -172,7 +172,7 @@ def unlearn(
         if stats.reservoir is None or not len(stats.reservoir):
             raise ValueError("refine > 0 needs statistics with a sample of rows: collect them with "
                              "probe.unlearning_statistics(loader, refine_rows=...) or pass refine=0")
-        refined, extra = refine_readout(probe.patch, probe.model, surrogate, endpoint @ base, stats.reservoir, forget,
+        refined, extra = refine_readout(probe.patched_outputs, probe.model, surrogate, endpoint @ base, stats.reservoir, forget,
                                         retained, iterations=opts.refine, proximal=opts.proximal,
                                         retain_weight=opts.retain_weight)
         endpoint = refined.double().cpu() @ torch.linalg.inv(base)

@@ -13,7 +13,7 @@ is still one homogeneous affine map of the latent state.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from koopman_hooks.core.batches import Inputs, batch_size_of, call_model, move_inputs, select_rows
+from koopman_hooks.core.batches import Inputs, batch_size_of, move_inputs, select_rows
 from koopman_hooks.core.hooks import frozen_parameters, preserved_state
 from koopman_hooks.core.select import MODEL_OUTPUT
 from koopman_hooks.koopman.surrogate import KoopmanSurrogate
@@ -51,22 +51,24 @@ def _cat(parts: Sequence[Inputs]) -> Inputs:
 class SampleReservoir:
     """A seeded uniform sample of at most ``size`` rows of a stream of batches.
 
-    Keeps model ``inputs`` (a tensor or a dict of tensors), class ``labels``, runner-up
-    ``keys`` and the model's ``predictions`` (``-1`` when unknown). Memory: ``size`` rows,
-    whatever the stream length. Rows survive with equal probability (smallest random
+    Keeps model ``inputs`` (a tensor or a dict of tensors), the source layer's adapted
+    ``states`` (when given), class ``labels``, runner-up ``keys`` and the model's ``predictions``
+    (``-1`` when unknown). Memory: ``size`` rows, whatever the stream length. Rows survive with equal probability (smallest random
     priorities), so :meth:`merge` of two reservoirs is a uniform sample of the union.
     """
 
     size: int
     seed: int = 0
     inputs: Inputs | None = None
+    states: torch.Tensor | None = None
     labels: torch.Tensor | None = None
     keys: torch.Tensor | None = None
     predictions: torch.Tensor | None = None
     priority: torch.Tensor | None = field(default=None, repr=False)
     _generator: torch.Generator | None = field(default=None, repr=False)
 
-    def update(self, inputs: Inputs, labels: torch.Tensor, keys: torch.Tensor, predictions: torch.Tensor | None) -> SampleReservoir:
+    def update(self, inputs: Inputs, labels: torch.Tensor, keys: torch.Tensor, predictions: torch.Tensor | None,
+               states: torch.Tensor | None = None) -> SampleReservoir:
         """Fold in a batch of rows."""
         if self._generator is None:
             self._generator = torch.Generator().manual_seed(self.seed)
@@ -74,7 +76,8 @@ class SampleReservoir:
         if batch_size_of(inputs) != n:
             raise ValueError(f"got {batch_size_of(inputs)} input rows for {n} labels")
         preds = predictions if predictions is not None else torch.full((n,), -1, dtype=torch.long)
-        batch = SampleReservoir(self.size, self.seed, move_inputs(_detached(inputs), "cpu"), labels.reshape(-1).long().cpu(),
+        batch = SampleReservoir(self.size, self.seed, move_inputs(_detached(inputs), "cpu"),
+                                None if states is None else states.detach().float().cpu(), labels.reshape(-1).long().cpu(),
                                 keys.reshape(-1).long().cpu(), preds.reshape(-1).long().cpu(),
                                 torch.rand(n, generator=self._generator))
         return self.merge(batch)
@@ -84,11 +87,13 @@ class SampleReservoir:
         if other.labels is None:
             return self
         if self.labels is None:
-            self.inputs, self.labels, self.keys = other.inputs, other.labels, other.keys
+            self.inputs, self.states, self.labels, self.keys = other.inputs, other.states, other.labels, other.keys
             self.predictions, self.priority = other.predictions, other.priority
         else:
             assert self.inputs is not None and other.inputs is not None
             self.inputs = _cat([self.inputs, other.inputs])
+            both = self.states is not None and other.states is not None
+            self.states = torch.cat([self.states, other.states]) if both else None  # type: ignore[list-item]
             self.labels = torch.cat([self.labels, other.labels])
             self.keys = torch.cat([self.keys, other.keys])  # type: ignore[list-item]
             self.predictions = torch.cat([self.predictions, other.predictions])  # type: ignore[list-item]
@@ -97,6 +102,7 @@ class SampleReservoir:
         if len(self.priority) > self.size:
             rows = torch.topk(self.priority, self.size, largest=False).indices.sort().values
             self.inputs = select_rows(self.inputs, rows)  # type: ignore[arg-type]
+            self.states = None if self.states is None else self.states[rows]
             self.labels, self.keys = self.labels[rows], self.keys[rows]  # type: ignore[index]
             self.predictions, self.priority = self.predictions[rows], self.priority[rows]  # type: ignore[index]
         return self
@@ -122,8 +128,11 @@ def refinement_targets(reservoir: SampleReservoir, forget: list[int], retained: 
     return torch.where(usable, target, torch.full_like(target, -1)), forgotten
 
 
+Outputs = Callable[[KoopmanSurrogate, Inputs, torch.Tensor | None], Any]
+
+
 def refine_readout(
-    patch: Any,
+    outputs: Outputs,
     model: nn.Module,
     surrogate: KoopmanSurrogate,
     readout: torch.Tensor,
@@ -136,9 +145,11 @@ def refine_readout(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Minimise the patched model's cross-entropy over ``readout``'s top ``d`` rows, from ``readout``.
 
-    ``patch(surrogate)`` must return the model patched with ``surrogate``. The forgotten and
-    the retained rows' mean losses are weighted ``1 - retain_weight`` and ``retain_weight``.
-    Returns the refined homogeneous ``(d+1, d+1)`` readout and the loss before and after.
+    ``outputs(surrogate, inputs, states)`` must return the patched model's output for the
+    sampled rows (``states``: their source-layer adapted states, when kept; a caller that can
+    run the model's tail on its own needs nothing else). The forgotten and the retained rows'
+    mean losses are weighted ``1 - retain_weight`` and ``retain_weight``. Returns the refined
+    homogeneous ``(d+1, d+1)`` readout and the loss before and after.
     """
     targets, forgotten = refinement_targets(reservoir, forget, retained)
     keep = targets >= 0
@@ -148,18 +159,18 @@ def refine_readout(
     assert reservoir.inputs is not None
     rows = keep.nonzero().squeeze(1)
     inputs = move_inputs(select_rows(reservoir.inputs, rows), device)
+    states = None if reservoir.states is None else reservoir.states[rows].to(device)
     targets, forgotten = targets[keep].to(device), forgotten[keep].to(device)
     start = readout.float().to(device)
     d = start.shape[0] - 1
     top = start[:d].clone().requires_grad_(True)
     scale = float(start[:d].pow(2).sum().clamp_min(1e-12))
     editable = surrogate.edited()
-    patched = patch(editable)
     weights = torch.where(forgotten, (1.0 - retain_weight) / forgotten.sum(), retain_weight / (~forgotten).sum().clamp_min(1))
 
     def loss_fn() -> torch.Tensor:
         editable.readout = torch.cat([top, start[d:]])  # differentiable buffer: gradients reach `top` only
-        logits = MODEL_OUTPUT.get(call_model(patched, inputs)).float()
+        logits = MODEL_OUTPUT.get(outputs(editable, inputs, states)).float()
         ce = F.cross_entropy(logits, targets, reduction="none")
         return (weights * ce).sum() + proximal * (top - start[:d]).pow(2).sum() / scale
 

@@ -274,7 +274,9 @@ def collect_statistics(
             stats.update(y, keys, z0, z, jac, rows)
             if stats.reservoir is not None:
                 predictions = scores.argmax(-1).cpu() if scores is not None else None
-                stats.reservoir.update(captured.inputs, y, keys, predictions)
+                with torch.no_grad():
+                    states = surrogate.in_adapter(x0)
+                stats.reservoir.update(captured.inputs, y, keys, predictions, states)
     if not seen:
         raise EmptyLoaderError()
     stats.seconds = time.perf_counter() - start

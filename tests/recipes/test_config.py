@@ -35,7 +35,7 @@ def test_overrides_apply_and_keep_their_types():
         ("topolgy.n_points=5", r"unknown section or key 'topolgy'; did you mean 'topology'"),
         ("train.epochss=1", r"unknown key 'train.epochss'; did you mean 'epochs'"),
         ("probe.latent_dimm=8", r"unknown key 'probe.latent_dimm'; did you mean 'latent_dim'"),
-        ("probe.epochs='three'", r"probe.epochs: expected int | None, got 'three' \(str\)"),
+        ("probe.epochs='three'", r"probe.epochs: expected int \| None, got 'three' \(str\)"),
         ("train.lr='fast'", r"train.lr: expected float, got 'fast'"),
         ("data.dataset='cifar'", r"data.dataset: expected 'yinyang' \| 'mnist', got 'cifar'"),
         ("model.kind='resnet'", r"model.kind: unknown model kind 'resnet'"),
