@@ -3,10 +3,12 @@
 Every state is scored on the held-out rows: its agreement with the model (through the model's
 own tail, when it can be run on its own), the KL divergence of its outputs from the model's, and
 the fraction of the last layer's variance it leaves unexplained. The closed-form start is scored
-first. A later state is kept if it agrees with the model at least as often as the start does and
-has a lower loss (the mean state FVU over the later layers, plus the KL divergence when there is
-one), so the fit is never worse on held-out data than where it started. The learning rate halves after ``patience // 2`` epochs
-without a better state; training stops after ``patience``.
+first. A later state is kept if it has a lower loss (the mean state FVU over the later layers,
+plus the KL divergence when there is one) and agrees with the model as often as the start does,
+up to the held-out set's sampling noise (one row, or two standard errors), so the fit is not
+worse on held-out data than where it started. The learning rate halves after ``patience // 2`` epochs
+without progress (a held-out loss at least 0.5% below the last progress); training stops after
+``patience``.
 """
 
 from __future__ import annotations
@@ -41,12 +43,16 @@ class Score:
     agreement: float | None  # None: the model's tail cannot be run alone
     loss: float  # mean state FVU over the later layers (+ the KL divergence from the model's outputs)
     fvu: float  # the last layer's state FVU
+    rows: int = 1
 
     def better_than(self, kept: Score, start: Score) -> bool:
-        """Lower loss, and at least the start's agreement."""
-        if self.agreement is not None and start.agreement is not None and self.agreement < start.agreement:
-            return False
-        return self.loss < kept.loss * (1 - 1e-3)
+        """Lower loss, and the start's agreement up to sampling noise."""
+        if self.agreement is not None and start.agreement is not None:
+            p = start.agreement
+            noise = max(1.0 / start.rows, 2.0 * (p * (1 - p) / start.rows) ** 0.5)
+            if self.agreement < p - noise:
+                return False
+        return self.loss < kept.loss
 
     def describe(self) -> str:
         agree = "" if self.agreement is None else f"agreement {self.agreement:.4f}, "
@@ -54,6 +60,7 @@ class Score:
 
 
 EPOCH_ROWS = 16384  # an epoch reads at most this many random cached rows
+PROGRESS = 0.005  # a held-out loss this much (relatively) below the last progress resets the patience
 
 
 @dataclass
@@ -134,9 +141,9 @@ def score(ae: KoopmanAutoencoder, cache: StateCache, rows: torch.Tensor, rotatio
     fvu = state_fvu[-1].compute()
     trajectory = sum(f.compute() for f in state_fvu) / len(state_fvu)
     if tail is None:
-        return Score(None, trajectory, fvu), figures
+        return Score(None, trajectory, fvu, len(rows)), figures
     figures["val_agreement"], figures["val_kl"] = float(hits) / len(rows), float(kl) / len(rows)
-    return Score(figures["val_agreement"], trajectory + figures["val_kl"], fvu), figures
+    return Score(figures["val_agreement"], trajectory + figures["val_kl"], fvu, len(rows)), figures
 
 
 def train(
@@ -157,7 +164,8 @@ def train(
     ae.operator.requires_grad_(schedule.ridge is None)
     params = [p for _, p in named]
     optimiser = torch.optim.AdamW(parameter_groups(named, schedule.lr), weight_decay=schedule.weight_decay, foreach=True)
-    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimiser, factor=0.5, patience=max(schedule.patience // 2 - 1, 0))
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimiser, factor=0.5, patience=max(schedule.patience // 2 - 1, 0),
+                                                         threshold=PROGRESS)
     topological = TopologicalLoss() if weights.topological else None
     outcome = Outcome()
     has_val = len(val_rows) > 0
@@ -167,6 +175,7 @@ def train(
         outcome.history.append({"epoch": -1, **figures})
     best = copy.deepcopy(ae.state_dict())
     stale = 0
+    mark = outcome.kept_score.loss if outcome.kept_score is not None else float("inf")
     bar = tqdm(range(schedule.epochs), desc="koopman fit", disable=not schedule.verbose)
     for epoch in bar:
         ae.train()
@@ -202,7 +211,8 @@ def train(
             if current.better_than(outcome.kept_score, outcome.start_score):
                 outcome.kept_score, outcome.kept_epoch = current, epoch
                 best = copy.deepcopy(ae.state_dict())
-                stale = 0
+            if current.loss < mark * (1 - PROGRESS):
+                mark, stale = current.loss, 0
             else:
                 stale += 1
         else:
