@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from koopman_hooks.core import distributed
 from koopman_hooks.core.batches import call_model
 from koopman_hooks.core.hooks import preserved_state
 from koopman_hooks.core.select import MODEL_OUTPUT
@@ -23,7 +24,8 @@ def evaluate(probe: FittedProbe, loader: Iterable[Any], baseline: bool = True) -
     (last layer: ``K^k φ(a_0)`` against ``φ(a_L)``) and ``latent_fvu_per_layer``,
     with labels ``model_accuracy``/``surrogate_accuracy`` (and per class), and with
     ``baseline`` the same for the linear (DMD) baseline under ``linear_baseline``. Surrogate
-    figures go through :meth:`FittedProbe.patch`, i.e. through the model's real head.
+    figures go through :meth:`FittedProbe.patch`, i.e. through the model's real head. Under
+    ``torch.distributed`` each rank passes its shard and every rank gets the figures of the union.
     """
     ae = probe.autoencoder
     layers = probe.layers
@@ -53,6 +55,11 @@ def evaluate(probe: FittedProbe, loader: Iterable[Any], baseline: bool = True) -
             for key, module in patched.items():
                 scores[key] = MODEL_OUTPUT.get(call_model(module, captured.inputs))
             counts.update(captured.labels, **scores)
+    # under torch.distributed every rank evaluated its shard: combine the sums exactly
+    counts = distributed.merged(counts)
+    state_fvu = {name: distributed.merged(fvu) for name, fvu in state_fvu.items()}
+    latent_fvu = {name: distributed.merged(fvu) for name, fvu in latent_fvu.items()}
+    baseline_fvu = distributed.merged(baseline_fvu)
     result: dict[str, Any] = {"n_samples": counts.n}
     if counts.has_labels:
         result["model_accuracy"], result["model_per_class_accuracy"] = counts.accuracy("model")

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from koopman_hooks.core import distributed
 from koopman_hooks.core.capture import iter_captures
 from koopman_hooks.core.hooks import preserved_state
 from koopman_hooks.core.layers import resolve_layers
@@ -59,8 +60,19 @@ def collect_trajectories(
             seen += take
             if seen >= n_samples:
                 break
-    return Trajectories(
+    local = Trajectories(
         {name: torch.cat(chunks) for name, chunks in network.items()},
         [torch.cat(chunks) for chunks in steps],
         torch.cat(labels) if labels else None,
+    )
+    if not distributed.active():
+        return local
+    # every rank sampled its shard: the first n_samples of the ranks' samples, in rank order
+    parts = distributed.gathered(local)
+    counts = [min(len(p.surrogate[0]), max(n_samples - sum(len(q.surrogate[0]) for q in parts[:i]), 0))
+              for i, p in enumerate(parts)]
+    return Trajectories(
+        {name: torch.cat([p.network[name][:t] for p, t in zip(parts, counts)]) for name in names},
+        [torch.cat([p.surrogate[s][:t] for p, t in zip(parts, counts)]) for s in range(len(steps))],
+        torch.cat([p.labels[:t] for p, t in zip(parts, counts) if p.labels is not None]) if local.labels is not None else None,
     )

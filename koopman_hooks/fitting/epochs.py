@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from koopman_hooks.core import distributed
 from koopman_hooks.core.select import MODEL_OUTPUT
 from koopman_hooks.fitting.cache import StateCache
 from koopman_hooks.koopman.adapters import LayerAdapter
@@ -111,7 +112,7 @@ def refit_operator(ae: KoopmanAutoencoder, cache: StateCache, rows: torch.Tensor
     fitter = RidgeOperatorFitter(ae.config.latent_dim, device=device)
     for batch in cache.batches(rows, 1024):
         fitter.update([ae.encoder(a) for a in rotated_states(batch, rotations, device)])
-    ae.operator.set_matrix(fitter.finalize(ridge))
+    ae.operator.set_matrix(distributed.merged(fitter).finalize(ridge))
 
 
 @torch.no_grad()
@@ -124,7 +125,7 @@ def score(ae: KoopmanAutoencoder, cache: StateCache, rows: torch.Tensor, rotatio
     latent_fvu = StreamingFVU()
     hits = torch.zeros((), device=device)
     kl = torch.zeros((), device=device)
-    for batch in cache.batches(rows, batch_size):
+    for batch in cache.batches(rows, max(batch_size, 256)):
         states = rotated_states(batch, rotations, device)
         z0 = ae.encoder(states[0])
         for j, offset in enumerate(ae.offsets[1:]):
@@ -136,14 +137,18 @@ def score(ae: KoopmanAutoencoder, cache: StateCache, rows: torch.Tensor, rotatio
             reference = batch["scores"].to(device)
             hits += (MODEL_OUTPUT.get(output).argmax(-1) == reference.argmax(-1)).sum()
             kl += output_matching_loss(output, reference) * len(reference)
+    state_fvu = [distributed.merged(f) for f in state_fvu]  # every rank scores its own held-out rows
+    latent_fvu = distributed.merged(latent_fvu)
+    hits_kl_n = distributed.summed([float(hits), float(kl), float(len(rows))])
+    n = max(int(hits_kl_n[2]), 1)
     figures = {f"val_state_fvu_{j + 1}": f.compute() for j, f in enumerate(state_fvu)}
     figures["val_latent_fvu"] = latent_fvu.compute()
     fvu = state_fvu[-1].compute()
     trajectory = sum(f.compute() for f in state_fvu) / len(state_fvu)
     if tail is None:
-        return Score(None, trajectory, fvu, len(rows)), figures
-    figures["val_agreement"], figures["val_kl"] = float(hits) / len(rows), float(kl) / len(rows)
-    return Score(figures["val_agreement"], trajectory + figures["val_kl"], fvu, len(rows)), figures
+        return Score(None, trajectory, fvu, n), figures
+    figures["val_agreement"], figures["val_kl"] = float(hits_kl_n[0]) / n, float(hits_kl_n[1]) / n
+    return Score(figures["val_agreement"], trajectory + figures["val_kl"], fvu, n), figures
 
 
 def train(
@@ -168,7 +173,7 @@ def train(
                                                          threshold=PROGRESS)
     topological = TopologicalLoss() if weights.topological else None
     outcome = Outcome()
-    has_val = len(val_rows) > 0
+    has_val = distributed.summed([len(val_rows)])[0] > 0
     if has_val:
         outcome.start_score, figures = score(ae, cache, val_rows, rotations, device, tail, last, schedule.batch_size)
         outcome.kept_score = outcome.start_score
@@ -179,12 +184,12 @@ def train(
     bar = tqdm(range(schedule.epochs), desc="koopman fit", disable=not schedule.verbose)
     for epoch in bar:
         ae.train()
-        order = train_rows[torch.randperm(len(train_rows), generator=generator)[:EPOCH_ROWS]]
+        order = train_rows[torch.randperm(len(train_rows), generator=generator)[: EPOCH_ROWS // distributed.world_size()]]
+        # every rank takes the same number of full batches (their gradients are averaged)
+        n_steps = distributed.minimum(max(len(order) // schedule.batch_size, 1 if len(order) > 1 else 0))
         sums: dict[str, torch.Tensor] = {}
         steps = 0
-        for batch in cache.batches(order, schedule.batch_size):
-            if len(batch["s0"]) < 2:
-                continue
+        for batch in cache.batches(order[: n_steps * schedule.batch_size], schedule.batch_size):
             states = rotated_states(batch, rotations, device)
             losses = koopman_losses(ae, states, weights, topological, schedule.ridge)
             prediction = losses.pop("prediction")
@@ -193,6 +198,7 @@ def train(
                 losses["total"] = losses["total"] + weights.output * losses["output"]
             optimiser.zero_grad(set_to_none=True)
             losses["total"].backward()
+            distributed.average_gradients(params)
             nn.utils.clip_grad_norm_(params, 1.0)
             optimiser.step()
             for key, value in losses.items():

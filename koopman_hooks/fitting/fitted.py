@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from koopman_hooks.core import distributed
 from koopman_hooks.core.batches import BatchSpec, Inputs, call_model, repeated_rows
 from koopman_hooks.core.capture import Captured, capture_batch, iter_captures
 from koopman_hooks.core.layers import get_module, module_device, unwrap_model
@@ -191,7 +192,10 @@ class FittedProbe:
     # ------------------------------------------------------------------ persistence
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Save adapters, autoencoder, baselines, the config and the history to one safetensors file."""
+        """Save adapters, autoencoder, baselines, the config and the history to one safetensors file
+        (under ``torch.distributed``, rank 0 writes it; the other ranks write nothing)."""
+        if not distributed.is_main():
+            return
         ae = self.autoencoder
         tensors: dict[str, torch.Tensor] = {}
         for i, name in enumerate(self.layers):

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from koopman_hooks.core import distributed
 from koopman_hooks.core.batches import BatchSpec, move_inputs, repeated_rows
 from koopman_hooks.core.capture import Captured
 from koopman_hooks.core.hooks import frozen_parameters, preserved_state
@@ -33,6 +34,7 @@ from koopman_hooks.fitting.config import ProbeConfig
 from koopman_hooks.fitting.epochs import Schedule, Tail, refit_operator, train
 from koopman_hooks.fitting.fitted import FittedProbe
 from koopman_hooks.fitting.passes import Calibration, calibrate, fill_cache, fit_adapters, inputs_of
+from koopman_hooks.koopman.adapters import LayerAdapter
 from koopman_hooks.koopman.autoencoder import AutoencoderConfig, KoopmanAutoencoder
 from koopman_hooks.koopman.losses import LossWeights
 from koopman_hooks.koopman.start import linear_start
@@ -75,97 +77,142 @@ def fit_probe(
     val_loader: Iterable[Any] | None = None,
 ) -> FittedProbe:
     """Fit a probe of ``model`` on ``loader`` (see the module docstring); ``epochs`` is an upper
-    bound (default 60): training stops once the held-out score stops improving."""
+    bound (default 60): training stops once the held-out score stops improving. Under an
+    initialised ``torch.distributed`` process group every rank passes its own shard of the data
+    and all ranks end with the same fitted probe."""
     if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
         raise ConfigError(f"epochs must be a positive int or None, got {epochs!r}")
     start_time = time.perf_counter()
     device = torch.device(device) if device is not None else module_device(model)
-    layers = list(config.layers)
-    spec = BatchSpec(config.input_key, config.label_key, config.ignore_keys)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), preserved_state(model), frozen_parameters(model):
         torch.manual_seed(config.seed)
-        generator = torch.Generator().manual_seed(config.seed)
-        want_tail = config.loss_weights.output is None or config.loss_weights.output > 0
+        with StateCache(config.cache_mb) as cache:
+            run = _Run(model, config, selectors, device, verbose)
+            adapters, calib = run.adapters(loader)
+            train_rows, val_rows, passes = run.cache(cache, adapters, calib, loader, val_loader)
+            fitted = run.train(cache, adapters, calib, train_rows, val_rows, epochs)
+            fitted.info.update(model_passes=passes, cache_on_disk=cache.on_disk, cache_mb=cache.nbytes / 2**20)
+    fitted.fit_seconds = time.perf_counter() - start_time
+    return fitted
+
+
+class _Run:
+    """The steps of one fit, sharing the settings and the notes on what was chosen and why."""
+
+    def __init__(self, model: nn.Module, config: ProbeConfig, selectors: Mapping[str, OutputSelector], device: torch.device,
+                 verbose: bool) -> None:
+        self.model, self.config, self.selectors, self.device, self.verbose = model, config, selectors, device, verbose
+        self.layers = list(config.layers)
+        self.spec = BatchSpec(config.input_key, config.label_key, config.ignore_keys)
+        self.generator = torch.Generator().manual_seed(config.seed + distributed.rank())
+        self.notes: dict[str, str] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+
+    def adapters(self, loader: Iterable[Any]) -> tuple[dict[str, LayerAdapter], Calibration]:
+        """Pass 1 (merged over ranks), and the calibration on the first batch."""
+        config = self.config
         found: dict[str, Calibration] = {}
+        want_tail = config.loss_weights.output is None or config.loss_weights.output > 0
 
         def on_first(captured: Captured) -> None:
-            found["calibration"] = calibrate(model, captured, layers, selectors, want_tail)
+            found["calibration"] = calibrate(self.model, captured, self.layers, self.selectors, want_tail)
 
-        fitter = fit_adapters(model, layers, selectors, loader, spec, config.per_layer("reduce"), device, on_first)
-        calib = found["calibration"]
-        notes = dict(calib.notes)
+        fitter = fit_adapters(self.model, self.layers, self.selectors, loader, self.spec, config.per_layer("reduce"),
+                              self.device, on_first)
+        fitter = distributed.merged(fitter)
+        calib = agreed(found["calibration"])
+        self.notes.update(calib.notes)
+        self.shapes = dict(fitter.shapes)
         width = config.width or fitter.width_for(config.variance, config.max_width)
         if config.latent_dim is not None and config.width is None and width > config.latent_dim:
-            width, notes["width"] = config.latent_dim, f"capped at latent_dim={config.latent_dim}"
-        adapters = fitter.finalize(width)
+            width, self.notes["width"] = config.latent_dim, f"capped at latent_dim={config.latent_dim}"
+        return fitter.finalize(width), calib
+
+    def cache(self, cache: StateCache, adapters: Mapping[str, LayerAdapter], calib: Calibration, loader: Iterable[Any],
+              val_loader: Iterable[Any] | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Pass 2: the cache; returns the training rows, the held-out rows and the passes made."""
+        keep_scores, keep_inputs = calib.n_outputs is not None, calib.tail_inputs == "real"
+        args = (self.model, self.layers, self.selectors, adapters)
+        fill_cache(cache, *args, loader, self.spec, self.shapes, self.device, keep_scores, keep_inputs)
+        if val_loader is None:
+            cache.finalize()
+            return (*_split(cache.n, self.config.val_fraction, self.generator), 2)
+        n_fit = cache.n
+        fill_cache(cache, *args, val_loader, self.spec, self.shapes, self.device, keep_scores, keep_inputs)
+        cache.finalize()
+        return torch.arange(n_fit), torch.arange(n_fit, cache.n), 3
+
+    def train(self, cache: StateCache, adapters: Mapping[str, LayerAdapter], calib: Calibration, train_rows: torch.Tensor,
+              val_rows: torch.Tensor, epochs: int | None) -> FittedProbe:
+        """The closed-form start from the cached training rows, then the epochs."""
+        config, layers, device, notes = self.config, self.layers, self.device, self.notes
+        width = next(iter(adapters.values())).width
         steps = config.steps
         if steps is None:
             steps, notes["steps"] = sizing.steps_from_trace(layers, calib.trace)
-        with StateCache(config.cache_mb) as cache:
-            keep_scores = calib.n_outputs is not None
-            keep_inputs = calib.tail_inputs == "real"
-            fill_cache(cache, model, layers, selectors, adapters, loader, spec, fitter.shapes, device, keep_scores,
-                       keep_inputs)
-            passes = 2
-            if val_loader is not None:
-                n_fit = cache.n
-                fill_cache(cache, model, layers, selectors, adapters, val_loader, spec, fitter.shapes, device,
-                           keep_scores, keep_inputs)
-                passes += 1
-                cache.finalize()
-                train_rows, val_rows = torch.arange(n_fit), torch.arange(n_fit, cache.n)
-            else:
-                cache.finalize()
-                train_rows, val_rows = _split(cache.n, config.val_fraction, generator)
-            batch_size = config.batch_size
-            if batch_size is None:
-                batch_size, notes["batch_size"] = sizing.batch_size_for(len(train_rows))
-            offsets = [0]
-            for s in steps:
-                offsets.append(offsets[-1] + s)
-            moments, consecutive = _pair_moments(cache, train_rows, len(layers), width)
-            start = linear_start(layers, adapters, moments, offsets, config.ridge, consecutive)
-            latent_dim = config.latent_dim
-            if latent_dim is None:
-                latent_dim, notes["latent_dim"] = sizing.latent_dim_for(width)
-            features_in, features_out = adapters[layers[0]].features, adapters[layers[-1]].features
-            hidden = config.hidden
-            if hidden is None:
-                hidden, notes["hidden"] = sizing.hidden_for(features_in, features_out, width, latent_dim, calib.replaced_macs)
-            ae_config = AutoencoderConfig(width, latent_dim, tuple(hidden), config.operator, config.rank, tuple(steps))
-            ae = KoopmanAutoencoder.from_linear(ae_config, start.operator, seed=config.seed).to(device)
-            rotations = [None] + [start.rotations[n].to(device) for n in layers[1:]]
-            tail = _tail(calib, device)
-            weights = config.loss_weights
-            if weights.output is None:
-                weights = LossWeights(**{**weights.as_dict(), "output": 1.0 if tail is not None else 0.0})
-            schedule = Schedule(epochs or DEFAULT_EPOCHS, batch_size, config.lr, config.weight_decay, config.patience,
-                                config.ridge if config.operator_fit == "ridge" else None, verbose)
-            outcome = train(ae, cache, train_rows, val_rows, rotations, weights, schedule, device,
-                            start.adapters[layers[-1]], tail, generator)
-            if config.operator_fit == "ridge":
-                refit_operator(ae, cache, train_rows, rotations, device, config.ridge)
-            info = {
-                "model_passes": passes, "fit_samples": len(train_rows), "held_out_samples": len(val_rows),
-                "cache_on_disk": cache.on_disk, "cache_mb": cache.nbytes / 2**20, "epochs_run": outcome.epochs_run,
-                "kept_epoch": outcome.kept_epoch, "output_loss": bool(weights.output), "tail_inputs": calib.tail_inputs,
-                "start_score": None if outcome.start_score is None else outcome.start_score.describe(),
-                "kept_score": None if outcome.kept_score is None else outcome.kept_score.describe(),
-            }
-            if not len(val_rows):
-                info["kept_because"] = "no held-out rows (val_fraction=0): the last epoch"
-            elif outcome.kept_epoch < 0:
-                info["kept_because"] = "the closed-form start scored best on held-out data"
-            else:
-                info["kept_because"] = f"best held-out score at epoch {outcome.kept_epoch}"
+        offsets = [0]
+        for s in steps:
+            offsets.append(offsets[-1] + s)
+        moments, consecutive = _pair_moments(cache, train_rows, len(layers), width)
+        moments, consecutive = [distributed.merged(m) for m in moments], [distributed.merged(m) for m in consecutive]
+        start = linear_start(layers, adapters, moments, offsets, config.ridge, consecutive)
+        latent_dim = config.latent_dim
+        if latent_dim is None:
+            latent_dim, notes["latent_dim"] = sizing.latent_dim_for(width)
+        features_in, features_out = adapters[layers[0]].features, adapters[layers[-1]].features
+        hidden = config.hidden
+        if hidden is None:
+            hidden, notes["hidden"] = sizing.hidden_for(features_in, features_out, width, latent_dim, calib.replaced_macs)
+        total_rows = int(distributed.summed([len(train_rows)])[0])
+        batch_size = config.batch_size
+        if batch_size is None:
+            batch_size, notes["batch_size"] = sizing.batch_size_for(total_rows)
+        per_rank = max(1, batch_size // distributed.world_size())
+        ae_config = AutoencoderConfig(width, latent_dim, tuple(hidden), config.operator, config.rank, tuple(steps))
+        ae = KoopmanAutoencoder.from_linear(ae_config, start.operator, seed=config.seed).to(device)
+        rotations = [None] + [start.rotations[n].to(device) for n in layers[1:]]
+        tail = _tail(calib, device)
+        weights = config.loss_weights
+        if weights.output is None:
+            weights = LossWeights(**{**weights.as_dict(), "output": 1.0 if tail is not None else 0.0})
+        schedule = Schedule(epochs or DEFAULT_EPOCHS, per_rank, config.lr, config.weight_decay, config.patience,
+                            config.ridge if config.operator_fit == "ridge" else None, self.verbose and distributed.is_main())
+        outcome = train(ae, cache, train_rows, val_rows, rotations, weights, schedule, device, start.adapters[layers[-1]],
+                        tail, self.generator)
+        if config.operator_fit == "ridge":
+            refit_operator(ae, cache, train_rows, rotations, device, config.ridge)
+        held_out = int(distributed.summed([len(val_rows)])[0])
+        info: dict[str, Any] = {
+            "fit_samples": total_rows, "held_out_samples": held_out, "world_size": distributed.world_size(),
+            "epochs_run": outcome.epochs_run, "kept_epoch": outcome.kept_epoch, "output_loss": bool(weights.output),
+            "tail_inputs": calib.tail_inputs,
+            "start_score": None if outcome.start_score is None else outcome.start_score.describe(),
+            "kept_score": None if outcome.kept_score is None else outcome.kept_score.describe(),
+        }
+        if not held_out:
+            info["kept_because"] = "no held-out rows (val_fraction=0): the last epoch"
+        elif outcome.kept_epoch < 0:
+            info["kept_because"] = "the closed-form start scored best on held-out data"
+        else:
+            info["kept_because"] = f"best held-out score at epoch {outcome.kept_epoch}"
         sizes = sizing.Sizes(width, latent_dim, tuple(hidden), tuple(steps), batch_size,
                              sizing.surrogate_macs(features_in, features_out, width, latent_dim, hidden),
-                             calib.replaced_macs, notes)
-    fitted = FittedProbe(model, config, selectors, start.adapters, ae, start.baselines, outcome.history,
-                         time.perf_counter() - start_time, device, sizes, info, calib.tail,
-                         calib.example if calib.tail_inputs == "repeated" else None)
-    return fitted
+                             calib.replaced_macs, dict(notes))
+        return FittedProbe(self.model, config, self.selectors, start.adapters, ae, start.baselines, outcome.history,
+                           None, device, sizes, info, calib.tail,
+                           calib.example if calib.tail_inputs == "repeated" else None)
+
+
+def agreed(calib: Calibration) -> Calibration:
+    """One calibration for every rank: rank 0's sizes and steps; a tail only if every rank found
+    the same kind of tail."""
+    views = distributed.gathered((calib.tail_inputs, calib.replaced_macs, calib.n_outputs))
+    if len({v[0] for v in views}) > 1:
+        calib.tail, calib.tail_inputs = None, None
+        calib.notes["tail"] = "the ranks disagree on whether the model's tail can run alone"
+    calib.replaced_macs, calib.n_outputs = views[0][1], views[0][2]
+    return calib
 
 
 def _tail(calib: Calibration, device: torch.device) -> Tail | None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from koopman_hooks.core import distributed
 from koopman_hooks.core.capture import Captured
 from koopman_hooks.core.hooks import preserved_state
 from koopman_hooks.core.select import MODEL_OUTPUT
@@ -277,7 +278,7 @@ def collect_statistics(
                 with torch.no_grad():
                     states = surrogate.in_adapter(x0)
                 stats.reservoir.update(captured.inputs, y, keys, predictions, states)
-    if not seen:
+    if not distributed.summed([float(seen)])[0]:
         raise EmptyLoaderError()
     stats.seconds = time.perf_counter() - start
-    return stats
+    return distributed.merged(stats)  # every rank streamed its shard: the statistics of the union

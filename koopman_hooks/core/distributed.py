@@ -1,0 +1,90 @@
+"""torch.distributed, when a process group is initialised: every rank holds a shard of the data.
+
+Streaming statistics are combined exactly by gathering every rank's fitter and merging them in
+rank order (:func:`merged`), so every rank ends with the same result; gradients are averaged
+(:func:`average_gradients`); decisions (keep a state, stop) are taken on reduced figures, so all
+ranks take them together. Without a process group every function is the identity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol, TypeVar
+
+import torch
+import torch.distributed as dist
+
+
+class Mergeable(Protocol):
+    def merge(self, other: Any) -> Any: ...
+
+
+M = TypeVar("M", bound=Mergeable)
+
+
+def active() -> bool:
+    """Whether a process group with more than one rank is initialised."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    """Rank 0, or the only process: the one that writes files."""
+    return rank() == 0
+
+
+def gathered(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (``[obj]`` without a process group)."""
+    if not active():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def merged(fitter: M) -> M:
+    """The merge of every rank's ``fitter`` (statistics of disjoint shards), in rank order; every
+    rank gets the same result. ``fitter`` is returned unchanged without a process group."""
+    if not active():
+        return fitter
+    parts = gathered(fitter)
+    total = parts[0]
+    for part in parts[1:]:
+        total.merge(part)
+    return total
+
+
+def summed(values: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """Element-wise sum over ranks (float64, on the CPU)."""
+    tensor = torch.as_tensor(values, dtype=torch.float64).reshape(-1).clone()
+    if active():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def minimum(value: int) -> int:
+    """The smallest ``value`` over ranks."""
+    if not active():
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
+def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
+    """Replace every parameter's ``.grad`` by its mean over ranks (one all-reduce per tensor)."""
+    if not active():
+        return
+    size = float(world_size())
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+        param.grad /= size

@@ -1,0 +1,141 @@
+"""Tests of koopman_hooks/core/distributed.py: a fit, an evaluation and unlearning statistics spread
+over two gloo processes on 127.0.0.1 equal the single-process results on the union of the shards."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from koopman_hooks import KoopmanProbe
+from koopman_hooks.data import TensorLoader, YinYangDataset
+from koopman_hooks.models import ResMLP
+from koopman_hooks.training import train_classifier
+from koopman_hooks.unlearning.statistics import collect_statistics
+
+LAYERS = ["blocks.0", "blocks.2"]
+OPTIONS = dict(verbose=False, seed=3)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _data() -> tuple[YinYangDataset, YinYangDataset]:
+    return YinYangDataset(2400, seed=0), YinYangDataset(800, seed=1)
+
+
+def _shard(dataset: YinYangDataset, rank: int, world: int, batch: int) -> TensorLoader:
+    return TensorLoader(dataset.inputs[rank::world], dataset.targets[rank::world], batch_size=batch)
+
+
+def _model(state: dict[str, torch.Tensor]) -> ResMLP:
+    model = ResMLP(4, 3, width=10, depth=3)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def _figures(metrics: dict) -> dict:
+    return {"model_accuracy": metrics["model_accuracy"], "agreement": metrics["agreement"],
+            "linear": metrics["linear_baseline"]["agreement"], "state_fvu": metrics["state_fvu"],
+            "latent_fvu": metrics["latent_fvu"], "n": metrics["n_samples"]}
+
+
+def _worker(rank: int, world: int, port: int, folder: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        out = Path(folder)
+        train, test = _data()
+        model = _model(torch.load(out / "model.pt"))
+        probe = KoopmanProbe(model, LAYERS, **OPTIONS).fit(_shard(train, rank, world, 100), epochs=6)
+        probe.save(out / f"fitted_{rank}.safetensors")  # only rank 0 writes
+        # with every row a fit row, the closed-form statistics see exactly the union's rows
+        exact = KoopmanProbe(model, LAYERS, val_fraction=0.0, **OPTIONS).fit(_shard(train, rank, world, 100), epochs=1)
+        fitted = exact.fetch_model()
+        # the single-process probe, loaded on every rank: statistics and figures over the shards
+        single = KoopmanProbe.load(out / "single.safetensors", model, verbose=False)
+        stats = collect_statistics(single.fetch_model(), _shard(train, rank, world, 100), [2], metric="euclidean")
+        result = {
+            "adapters": {n: (a.mean, a.basis, a.scale) for n, a in fitted.adapters.items()},
+            "baselines": fitted.baselines,
+            "fitted_figures": _figures(probe.evaluate(_shard(test, rank, world, 100))),
+            "single_figures": _figures(single.evaluate(_shard(test, rank, world, 100))),
+            "groups": {k: (m.n, m.mean_x, m.cov_xx) for k, m in stats.groups.items()},
+            "starts": {k: (m.n, m.mean_x) for k, m in stats.start.items()},
+            "operator": fitted.autoencoder.operator.matrix().detach(),
+        }
+        torch.save(result, out / f"result_{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp("dist")
+    torch.manual_seed(0)
+    train, test = _data()
+    model = ResMLP(4, 3, width=10, depth=3)
+    train_classifier(model, TensorLoader(train.inputs, train.targets, batch_size=64, shuffle=True), 12, lr=1e-2, verbose=False)
+    model.eval()
+    torch.save(model.state_dict(), folder / "model.pt")
+    single = KoopmanProbe(model, LAYERS, **OPTIONS).fit(_shard(train, 0, 1, 100), epochs=6)
+    single.save(folder / "single.safetensors")
+    exact = KoopmanProbe(model, LAYERS, val_fraction=0.0, **OPTIONS).fit(_shard(train, 0, 1, 100), epochs=1)
+    reference = {
+        "fitted": exact.fetch_model(),
+        "figures": _figures(single.evaluate(_shard(test, 0, 1, 100))),
+        "stats": collect_statistics(single.fetch_model(), _shard(train, 0, 1, 100), [2], metric="euclidean"),
+    }
+    mp.spawn(_worker, args=(2, _free_port(), str(folder)), nprocs=2, join=True)
+    ranks = [torch.load(folder / f"result_{r}.pt", weights_only=False) for r in range(2)]
+    return {"folder": folder, "reference": reference, "ranks": ranks}
+
+
+def close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5) -> bool:
+    return bool((a.double() - b.double()).abs().max() <= rtol * max(float(b.double().abs().max()), 1e-12))
+
+
+def test_streaming_statistics_equal_the_single_process_ones(runs):
+    fitted = runs["reference"]["fitted"]
+    for result in runs["ranks"]:  # every rank holds the same, exact statistics of the union
+        for name, (mean, basis, scale) in result["adapters"].items():
+            adapter = fitted.adapters[name]
+            assert close(mean, adapter.mean) and close(scale, adapter.scale)
+            assert close(basis, adapter.basis, rtol=1e-4)
+        for name, (weight, bias) in result["baselines"].items():
+            assert close(weight, fitted.baselines[name][0], rtol=1e-4)
+            assert (bias - fitted.baselines[name][1]).abs().max() <= 1e-6  # zero up to float noise: centred states
+    torch.testing.assert_close(runs["ranks"][0]["operator"], runs["ranks"][1]["operator"])  # one model on every rank
+
+
+def test_fidelity_counts_and_group_statistics_equal_the_single_process_ones(runs):
+    reference, stats = runs["reference"]["figures"], runs["reference"]["stats"]
+    for result in runs["ranks"]:
+        figures = result["single_figures"]
+        assert figures["n"] == reference["n"]
+        for key in ("model_accuracy", "agreement", "linear"):
+            assert figures[key] == reference[key], key  # the same counts, summed over the shards
+        for key in ("state_fvu", "latent_fvu"):
+            assert abs(figures[key] - reference[key]) <= 1e-5 * abs(reference[key]), key
+        assert set(result["groups"]) == set(stats.groups)
+        for key, (n, mean, cov) in result["groups"].items():
+            assert n == stats.groups[key].n
+            assert close(mean, stats.groups[key].mean_x) and close(cov, stats.groups[key].cov_xx)
+            assert result["starts"][key][0] == stats.start[key].n and close(result["starts"][key][1], stats.start[key].mean_x)
+
+
+def test_the_distributed_fit_is_as_faithful_and_only_rank_0_writes(runs):
+    reference = runs["reference"]["figures"]
+    for result in runs["ranks"]:
+        assert abs(result["fitted_figures"]["agreement"] - reference["agreement"]) <= 0.005 + 1e-9
+    assert (runs["folder"] / "fitted_0.safetensors").exists()
+    assert not (runs["folder"] / "fitted_1.safetensors").exists()
