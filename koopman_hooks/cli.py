@@ -1,13 +1,16 @@
 """Command line: ``koopman-hooks run RECIPE --out DIR`` and ``koopman-hooks validate RECIPE``.
 
 A user mistake (a bad recipe, option, path or data root) prints one line
-``koopman-hooks: ...`` and exits with status 2, before any model is trained.
+``koopman-hooks: ...`` and exits with status 2, before any model is trained. Launched by
+``torchrun --nproc_per_node=N -m koopman_hooks run ...``, every rank fits on its shard of the
+recipe's data (gloo on CPU, NCCL on GPUs) and rank 0 writes the report.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,8 +42,30 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _start_process_group() -> bool:
+    """Join the process group torchrun describes in the environment (``WORLD_SIZE`` > 1)."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+        return False
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    started = _start_process_group()
+    try:
+        return _main(args)
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _main(args: argparse.Namespace) -> int:
     from koopman_hooks.core.schema import to_mapping
     from koopman_hooks.recipes import check_recipe, load_recipe, run_recipe
 
@@ -58,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = run_recipe(recipe, out, seeds=range(args.seeds), data_root=args.data_root, verbose=not args.quiet)
     except USER_ERRORS as err:
         return _fail(str(err))
+    if not report:  # a rank other than 0 under torchrun: rank 0 reports
+        return 0
     summary = {k: dict(report[k]) for k in ("model", "surrogate", "linear_baseline")}
     for section in summary.values():
         for key in [k for k in section if isinstance(section[k], (list, dict))]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -64,6 +64,8 @@ class KoopmanProbe:
         val_fraction: share of the fit data held out to score and choose the kept state
             (unless ``fit(val_loader=...)``).
         cache_mb: RAM for the cached states; beyond it they go to a temporary file.
+        amp: ``"bf16"``/``"fp16"`` autocast for the model's forward passes (activations become
+            float32 in the adapters); ``None`` runs the model as it is.
         input_key, label_key, ignore_keys: how dict batches reach the model (see
             :class:`~koopman_hooks.core.batches.BatchSpec`): by default every key but the label.
         device: where the autoencoder is fitted (default: the model's device).
@@ -95,6 +97,7 @@ class KoopmanProbe:
         patience: int = 8,
         val_fraction: float = 0.1,
         cache_mb: float = 1024.0,
+        amp: Literal["bf16", "fp16"] | None = None,
         input_key: str | None = None,
         label_key: str | None = None,
         ignore_keys: Sequence[str] = (),
@@ -127,6 +130,7 @@ class KoopmanProbe:
             patience=patience,
             val_fraction=val_fraction,
             cache_mb=cache_mb,
+            amp=amp,
             input_key=input_key,
             label_key=label_key,
             ignore_keys=ignore_keys,  # type: ignore[arg-type]

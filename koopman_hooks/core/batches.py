@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -31,6 +32,7 @@ class BatchSpec:
     input_key: str | None = None
     label_key: str | None = None
     ignore_keys: tuple[str, ...] = ()
+    amp: Literal["bf16", "fp16"] | None = None  # autocast the model's forward to this precision
 
     def split(self, batch: Any) -> tuple[Inputs, torch.Tensor | None]:
         """``(inputs, labels)``; labels are ``None`` when the batch has none."""
@@ -64,6 +66,13 @@ class BatchSpec:
                 "model must not see in ignore_keys"
             )
         return batch[self.input_key], labels
+
+
+def autocast(spec: BatchSpec, device: torch.device) -> Any:
+    """The autocast context of ``spec.amp`` on ``device`` (a no-op without ``amp``)."""
+    if spec.amp is None:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if spec.amp == "bf16" else torch.float16)
 
 
 def split_batch(batch: Any, input_key: str | None = None, label_key: str | None = None) -> tuple[Inputs, torch.Tensor | None]:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from koopman_hooks.core.batches import BatchSpec, Inputs, call_model, move_inputs
+from koopman_hooks.core.batches import BatchSpec, Inputs, autocast, call_model, move_inputs
 from koopman_hooks.core.hooks import check_order, record, run_until_stop
 from koopman_hooks.core.layers import module_device, unwrap_model
 from koopman_hooks.core.select import OutputSelector
@@ -70,10 +70,11 @@ def capture_batch(
     not ``model`` itself (a wrapper such as a patched model called around a shared model).
     """
     inputs, labels = spec.split(batch)
-    inputs = move_inputs(inputs, module_device(unwrap_model(model)))
+    device = module_device(unwrap_model(model))
+    inputs = move_inputs(inputs, device)
     layers = list(selectors)
     target = unwrap_model(hook_on if hook_on is not None else model)
-    with record(target, selectors, stop_after=layers[-1] if stop_early else None) as rec:
+    with record(target, selectors, stop_after=layers[-1] if stop_early else None) as rec, autocast(spec, device):
         output = run_until_stop(lambda: call_model(model, inputs))
     check_order(layers if ordered else [*rec.order, *(n for n in layers if n not in rec.activations)], rec)
     if shapes is not None:

@@ -45,6 +45,7 @@ class ProbeConfig:
     patience: int = 8
     val_fraction: float = 0.1
     cache_mb: float = 1024.0
+    amp: Literal["bf16", "fp16"] | None = None
     input_key: str | None = None
     label_key: str | None = None
     ignore_keys: tuple[str, ...] = ()

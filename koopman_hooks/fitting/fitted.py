@@ -96,7 +96,7 @@ class FittedProbe:
 
     @property
     def batch_spec(self) -> BatchSpec:
-        return BatchSpec(self.config.input_key, self.config.label_key, self.config.ignore_keys)
+        return BatchSpec(self.config.input_key, self.config.label_key, self.config.ignore_keys, self.config.amp)
 
     def layer_index(self, layer: str | None, default: int) -> int:
         """Position of ``layer`` among the probed layers (``default`` when ``None``)."""

@@ -104,7 +104,7 @@ class _Run:
                  verbose: bool) -> None:
         self.model, self.config, self.selectors, self.device, self.verbose = model, config, selectors, device, verbose
         self.layers = list(config.layers)
-        self.spec = BatchSpec(config.input_key, config.label_key, config.ignore_keys)
+        self.spec = BatchSpec(config.input_key, config.label_key, config.ignore_keys, config.amp)
         self.generator = torch.Generator().manual_seed(config.seed + distributed.rank())
         self.notes: dict[str, str] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}

@@ -10,7 +10,8 @@ import matplotlib
 import numpy as np
 import torch
 
-from koopman_hooks.analysis.trajectories import collect_trajectories
+from koopman_hooks.analysis.trajectories import Trajectories, collect_trajectories
+from koopman_hooks.core import distributed
 from koopman_hooks.fitting.fitted import FittedProbe
 
 matplotlib.use("Agg")
@@ -25,11 +26,13 @@ def seed_plots(context: RunContext, model_loss: Sequence[float], test_loader: It
     out = context.out_dir
     fitted = context.probe.fetch_model()
     layers = context.recipe.report.pca_layers or fitted.layers
-    return {
-        "training_curves": training_curves(model_loss, fitted.history, out / "training_curves.png"),
-        "eigenvalues": eigenvalue_plot(fitted, out / "eigenvalues.png"),
-        "pca": pca_plot(fitted, layers, test_loader, out / "pca_3d.png"),
-    }
+    traj = collect_trajectories(fitted, test_loader, layers, n_samples=2000)  # every rank takes part
+    paths = {"training_curves": out / "training_curves.png", "eigenvalues": out / "eigenvalues.png", "pca": out / "pca_3d.png"}
+    if distributed.is_main():
+        training_curves(model_loss, fitted.history, paths["training_curves"])
+        eigenvalue_plot(fitted, paths["eigenvalues"])
+        pca_plot(traj, paths["pca"])
+    return paths
 
 
 def training_curves(model_loss: Sequence[float], history: Sequence[dict[str, Any]], path: Path) -> Path:
@@ -69,9 +72,8 @@ def _pca3(x: np.ndarray) -> np.ndarray:
     return x @ vt[:3].T if vt.shape[0] >= 3 else np.pad(x @ vt.T, ((0, 0), (0, 3 - vt.shape[0])))
 
 
-def pca_plot(probe: FittedProbe, layers: Sequence[str], loader: Iterable[Any], path: Path) -> Path:
+def pca_plot(traj: Trajectories, path: Path) -> Path:
     """Top row: the network's layers; bottom row: the surrogate's steps, each in 3-D PCA."""
-    traj = collect_trajectories(probe, loader, layers, n_samples=2000)
     net = [cloud.numpy() for cloud in traj.network.values()]
     steps = [cloud.numpy() for cloud in traj.surrogate]
     labels = traj.labels.numpy() if traj.labels is not None else np.zeros(len(net[0]))

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from koopman_hooks._version import __version__
+from koopman_hooks.core import distributed
 from koopman_hooks.recipes.config import Recipe, parse_target
 from koopman_hooks.recipes.sections import SECTIONS
 from koopman_hooks.recipes.summary import fmt, get_path, mean
@@ -30,7 +31,7 @@ def build_report(recipe: Recipe, runs: Sequence[Mapping[str, Any]]) -> dict[str,
     report["targets"] = evaluate_targets(recipe.targets, runs, report)
     report["environment"] = {
         "koopman_hooks": __version__, "torch": torch.__version__, "python": platform.python_version(),
-        "machine": platform.machine(), "threads": torch.get_num_threads(),
+        "machine": platform.machine(), "threads": torch.get_num_threads(), "world_size": distributed.world_size(),
     }
     report["plots"] = dict(runs[0].get("plots", {}))
     return report

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from koopman_hooks.core import distributed
 from koopman_hooks.core.schema import to_mapping
 from koopman_hooks.core.serialization import load_tensors, save_tensors
 from koopman_hooks.data import TensorLoader
@@ -56,27 +57,35 @@ def check_recipe(recipe: Recipe) -> None:
 def run_seed(recipe: Recipe, seed: int, out_dir: Path, data_root: str | None = None, verbose: bool = True) -> dict[str, Any]:
     """Run one seed of ``recipe`` and return its results; artefacts go to ``out_dir``."""
     start = time.perf_counter()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    main = distributed.is_main()
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(seed)
     train_set, test_set, num_classes = build_datasets(recipe.data, seed, data_root)
     new_model = model_factory(recipe.model, num_classes)
     model = new_model()
     train = recipe.train
     t0 = time.perf_counter()
-    train_loss = train_classifier(
-        model, TensorLoader.from_dataset(train_set, train.batch_size, shuffle=True, seed=seed), train.epochs,
-        lr=train.lr, weight_decay=train.weight_decay, verbose=verbose, desc=f"train model (seed {seed})",
-    )
+    train_loss: list[float] = []
+    if main:  # one model for every rank: trained once, then shared
+        train_loss = train_classifier(
+            model, TensorLoader.from_dataset(train_set, train.batch_size, shuffle=True, seed=seed), train.epochs,
+            lr=train.lr, weight_decay=train.weight_decay, verbose=verbose, desc=f"train model (seed {seed})",
+        )
     train_seconds = time.perf_counter() - t0
-    # the trained model, so the run's probe can be reloaded: load_run(out_dir)
-    save_tensors(out_dir / "model.safetensors", model.state_dict(), "model",
-                 {"recipe": recipe.name, "model": to_mapping(recipe.model), "num_classes": num_classes, "seed": seed})
+    state, train_loss, train_seconds = distributed.gathered((model.state_dict(), train_loss, train_seconds))[0]
+    model.load_state_dict(state)
+    model.eval()
+    if main:  # the trained model, so the run's probe can be reloaded: load_run(out_dir)
+        save_tensors(out_dir / "model.safetensors", model.state_dict(), "model",
+                     {"recipe": recipe.name, "model": to_mapping(recipe.model), "num_classes": num_classes, "seed": seed})
     assert recipe.probe is not None
-    probe = make_probe(recipe, model, seed, verbose)
-    probe.fit(TensorLoader.from_dataset(train_set, FIT_LOADER_BATCH), epochs=recipe.probe.epochs)
-    probe.save(out_dir / "probe.safetensors")
+    probe = make_probe(recipe, model, seed, verbose and main)
     context = RunContext(recipe, seed, out_dir, train_set, test_set, num_classes, new_model, model, probe,
-                         train_seconds, train_loss, verbose, {"seed": seed, "peak_rss_mb": peak_rss_mb()})
+                         train_seconds, train_loss, verbose and main, {"seed": seed})
+    probe.fit(context.loader(train_set, FIT_LOADER_BATCH, shard=True), epochs=recipe.probe.epochs)
+    probe.save(out_dir / "probe.safetensors")
+    context.results["peak_rss_mb"] = peak_rss_mb()
     for section in SECTIONS:
         if section.enabled(recipe):
             context.results.update(section.run(context))
@@ -94,6 +103,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, seeds: Sequence[int] = (0,),
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     runs = [run_seed(recipe, seed, out / f"seed{seed}", data_root, verbose) for seed in seeds]
+    if not distributed.is_main():
+        return {}
     report = build_report(recipe, runs)
     write_report(recipe, report, runs, out)
     return report

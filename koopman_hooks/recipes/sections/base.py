@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
+from koopman_hooks.core import distributed
 from koopman_hooks.data import TensorLoader
 from koopman_hooks.probe import KoopmanProbe
 from koopman_hooks.recipes.config import Recipe
@@ -34,7 +35,12 @@ class RunContext:
     results: dict[str, Any] = field(default_factory=dict)
 
     def loader(self, dataset: Dataset, batch_size: int = 512, shuffle: bool = False,
-               limit: int | None = None) -> TensorLoader:
+               limit: int | None = None, shard: bool = False) -> TensorLoader:
+        """A loader over ``dataset`` (its first ``limit`` rows); with ``shard``, under
+        ``torch.distributed``, only this rank's rows (``rank``, ``rank + world``, ...)."""
+        if shard and distributed.active():
+            size = min(len(dataset), limit) if limit is not None else len(dataset)  # type: ignore[arg-type]
+            dataset, limit = Subset(dataset, range(distributed.rank(), size, distributed.world_size())), None
         return TensorLoader.from_dataset(dataset, batch_size=batch_size, shuffle=shuffle, seed=self.seed, limit=limit)
 
 

@@ -33,7 +33,7 @@ class Fidelity:
 
     def run(self, context: RunContext) -> dict[str, Any]:
         probe, k = context.probe, context.num_classes
-        test_loader = context.loader(context.test_set, 1000)
+        test_loader = context.loader(context.test_set, 1000, shard=True)
         metrics = probe.evaluate(test_loader)
         fitted = probe.fetch_model()
         results: dict[str, Any] = {
@@ -70,7 +70,7 @@ class Fidelity:
             },
             "history": fitted.history,
         }
-        paths = seed_plots(context, results["model"]["train_loss"], test_loader)
+        paths = seed_plots(context, results["model"]["train_loss"], test_loader)  # drawn by rank 0
         results["plots"] = {key: str(Path(p).relative_to(context.out_dir.parent)) for key, p in paths.items()}
         return results
 

@@ -22,7 +22,7 @@ def run_topology(context: RunContext) -> dict[str, Any]:
     cfg = context.recipe.topology
     assert cfg is not None
     options = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("n_points", "layers")}
-    return context.probe.topology(context.loader(context.test_set, 500), cfg.n_points, cfg.layers, seed=context.seed,
+    return context.probe.topology(context.loader(context.test_set, 500, shard=True), cfg.n_points, cfg.layers, seed=context.seed,
                                   **options)
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from koopman_hooks.core import distributed
 from koopman_hooks.recipes.config import Recipe
 from koopman_hooks.recipes.sections.base import RunContext
 from koopman_hooks.training import predict
@@ -99,7 +100,7 @@ def run_unlearning(context: RunContext) -> dict[str, Any]:
     batch = cfg.batch_size or train_cfg.batch_size
     train_eval = context.loader(context.train_set, 1000, limit=cfg.eval_train_samples)
     test_eval = context.loader(context.test_set, 1000)
-    stats_loader = context.loader(context.train_set, 1000, limit=cfg.stats_samples)
+    stats_loader = context.loader(context.train_set, 1000, limit=cfg.stats_samples, shard=True)
     rows: list[dict[str, Any]] = []
     original_outputs: dict[int, Outputs] = {}
     fit_seconds = probe.fit_seconds or 0.0
@@ -117,9 +118,14 @@ def run_unlearning(context: RunContext) -> dict[str, Any]:
     def stats_for(method: Any) -> LatentGroupStatistics:
         options = EditOptions.for_method(method, cfg.options)
         key = (options.redirect, options.metric, options.sample_rows)
-        if key not in statistics:
+        if key not in statistics:  # under torch.distributed every rank streams its shard
             statistics[key] = probe.unlearning_statistics(stats_loader, method=method, **cfg.options)
         return statistics[key]
+
+    for method in cfg.methods:
+        stats_for(method)
+    if not distributed.is_main():  # the edits and the baselines' scores are rank 0's
+        return {"rows": [], "retrain_seconds_mean": None}
 
     for c in sorted(set(koopman_classes) | set(baseline_classes)):
         if c in koopman_classes:
@@ -151,7 +157,8 @@ def run_unlearning(context: RunContext) -> dict[str, Any]:
                                               lr=cfg.neggrad_lr or lr / 10, alpha=cfg.neggrad_alpha)
                 add("neggrad_plus", "baseline", c, model, seconds)
             else:  # leace_baseline
-                features = ((f, y) for f, y, _ in layer_batches(context.model, last, stats_loader))
+                whole = context.loader(context.train_set, 1000, limit=cfg.stats_samples)  # every row, on rank 0
+                features = ((f, y) for f, y, _ in layer_batches(context.model, last, whole))
                 wrapped, seconds = leace_erasure(context.model, last, features, [c])
                 add("leace_baseline", "baseline", c, wrapped, seconds, hook_on=context.model)
     return {"rows": rows, "retrain_seconds_mean": _mean_of(rows, "retrain", "seconds")}
