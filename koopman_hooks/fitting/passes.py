@@ -1,8 +1,10 @@
 """The passes of a fit over the user's data: calibrate on one batch, fit the adapters, fill the cache.
 
 A fit runs the model at most twice over the fit data: once (stopping after the last probed
-layer) to fit the adapters, once to cache every sample's adapted states, the model's scores
-and labels; everything after that reads the cache.
+layer) to fit the adapters, once to stream the exact moments of every training sample's adapted
+states (for the closed-form start) while keeping a bounded, seeded uniform sample of rows --
+adapted states, the model's scores and labels -- in the cache, split into training and held-out
+rows; everything after that reads the cache, so memory does not grow with the data.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from koopman_hooks.errors import EmptyLoaderError
 from koopman_hooks.fitting.cache import StateCache
 from koopman_hooks.fitting.sizing import module_macs
 from koopman_hooks.koopman.adapters import AdapterFitter, LayerAdapter
+from koopman_hooks.maths.stats import StreamingMoments
 
 TailInputs = Literal["repeated", "real"]
 CALIBRATION_ROWS = 8
@@ -110,6 +113,23 @@ def fit_adapters(
     return fitter
 
 
+@dataclass
+class Sample:
+    """Which of a pass's ``n`` rows are held out, and which are kept in the cache."""
+
+    held_out: torch.Tensor  # bool (n,)
+    kept: torch.Tensor  # bool (n,): cached rows (every held-out row, and a sample of the others)
+
+    @classmethod
+    def draw(cls, n: int, held_out: int, kept_train: int, generator: torch.Generator) -> Sample:
+        order = torch.randperm(n, generator=generator)
+        out = torch.zeros(n, dtype=torch.bool)
+        out[order[:held_out]] = True
+        keep = out.clone()
+        keep[order[held_out : held_out + kept_train]] = True
+        return cls(out, keep)
+
+
 def fill_cache(
     cache: StateCache,
     model: nn.Module,
@@ -122,27 +142,66 @@ def fill_cache(
     device: torch.device,
     keep_scores: bool,
     keep_inputs: bool,
-) -> int:
-    """Pass 2: every sample's adapted states (``s0``, ``s1``, ...), scores, labels and, with
-    ``keep_inputs``, its inputs (``in`` or ``in.<key>``); returns the number of batches."""
-    batches = 0
+    sample: Sample | None,
+    moments: PairMoments | None = None,
+) -> torch.Tensor:
+    """Pass 2: the rows ``sample`` keeps go to the cache -- adapted states (``s0``, ``s1``, ...),
+    scores, labels and, with ``keep_inputs``, inputs (``in`` or ``in.<key>``) -- and every row it
+    does not hold out updates ``moments`` (``sample=None``: every row is kept, as a held-out row).
+    Returns, for each cached row, whether it is held out."""
+    start = 0
+    held: list[torch.Tensor] = []
     for captured in iter_captures(model, selectors, loader, spec, stop_early=not keep_scores, shapes=shapes):
-        fields: dict[str, torch.Tensor] = {}
+        n = len(next(iter(captured.activations.values())))
+        if sample is None:
+            keep = out = torch.ones(n, dtype=torch.bool)
+        elif start + n > len(sample.kept):
+            raise ValueError("the loader yielded more rows in its second pass than in its first; "
+                             "give the fit a loader that yields the same data each time it is iterated")
+        else:
+            keep, out = sample.kept[start : start + n], sample.held_out[start : start + n]
+        start += n
         with torch.no_grad():
-            for i, name in enumerate(layers):
-                fields[f"s{i}"] = adapters[name](captured.activations[name].to(device, torch.float32))
+            states = [adapters[name](captured.activations[name].to(device, torch.float32)) for name in layers]
+        if moments is not None and (~out).any():
+            moments.update([s[(~out).to(s.device)] for s in states])
+        if not keep.any():
+            continue
+        rows = keep.nonzero().squeeze(1)
+        fields: dict[str, torch.Tensor] = {f"s{i}": s[rows.to(s.device)] for i, s in enumerate(states)}
         if keep_scores:
-            fields["scores"] = MODEL_OUTPUT.get(captured.output).detach().float()
+            fields["scores"] = MODEL_OUTPUT.get(captured.output).detach().float()[rows.to(device)]
         if captured.labels is not None:
-            fields["labels"] = torch.as_tensor(captured.labels).reshape(-1)
+            fields["labels"] = torch.as_tensor(captured.labels).reshape(-1)[rows]
         if keep_inputs:
-            if isinstance(captured.inputs, torch.Tensor):
-                fields["in"] = captured.inputs
+            inputs = select_rows(captured.inputs, rows)
+            if isinstance(inputs, torch.Tensor):
+                fields["in"] = inputs
             else:
-                fields.update({f"in.{k}": v for k, v in captured.inputs.items() if isinstance(v, torch.Tensor)})
+                fields.update({f"in.{k}": v for k, v in inputs.items() if isinstance(v, torch.Tensor)})
         cache.append(fields)
-        batches += 1
-    return batches
+        held.append(out[rows])
+    return torch.cat(held) if held else torch.zeros(0, dtype=torch.bool)
+
+
+class PairMoments:
+    """Streamed moments of ``(a_0, a_j)`` and ``(a_{j-1}, a_j)`` for every later layer ``j``."""
+
+    def __init__(self, layers: int, width: int, device: torch.device | str = "cpu") -> None:
+        self.first = [StreamingMoments(width, width, device=device) for _ in range(layers - 1)]
+        self.consecutive = [StreamingMoments(width, width, device=device) for _ in range(layers - 1)] if layers > 2 else []
+
+    def update(self, states: Sequence[torch.Tensor]) -> PairMoments:
+        for j, m in enumerate(self.first, start=1):
+            m.update(states[0], states[j])
+        for j, m in enumerate(self.consecutive, start=1):
+            m.update(states[j - 1], states[j])
+        return self
+
+    def merge(self, other: PairMoments) -> PairMoments:
+        for mine, theirs in zip([*self.first, *self.consecutive], [*other.first, *other.consecutive], strict=True):
+            mine.merge(theirs)
+        return self
 
 
 def inputs_of(rows: Mapping[str, torch.Tensor], example: Inputs) -> Inputs:

@@ -33,37 +33,24 @@ from koopman_hooks.fitting.cache import StateCache
 from koopman_hooks.fitting.config import ProbeConfig
 from koopman_hooks.fitting.epochs import Schedule, Tail, refit_operator, train
 from koopman_hooks.fitting.fitted import FittedProbe
-from koopman_hooks.fitting.passes import Calibration, calibrate, fill_cache, fit_adapters, inputs_of
+from koopman_hooks.fitting.passes import Calibration, PairMoments, Sample, calibrate, fill_cache, fit_adapters, inputs_of
 from koopman_hooks.koopman.adapters import LayerAdapter
 from koopman_hooks.koopman.autoencoder import AutoencoderConfig, KoopmanAutoencoder
 from koopman_hooks.koopman.losses import LossWeights
 from koopman_hooks.koopman.start import linear_start
-from koopman_hooks.maths.stats import StreamingMoments
 
 DEFAULT_EPOCHS = 60
 MAX_VAL_ROWS = 5000
 MIN_VAL_ROWS = 250
+CACHED_TRAIN_ROWS = 16384  # at most this many training rows are cached (a seeded uniform sample)
 
 
-def _split(n: int, fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(train rows, held-out rows)``: a seeded random ``fraction`` held out (at least 250 rows but
-    no more than a fifth of the data, at most 5,000)."""
-    order = torch.randperm(n, generator=generator)
-    held = min(max(int(round(n * fraction)), min(MIN_VAL_ROWS, n // 5)), MAX_VAL_ROWS) if n >= 20 and fraction > 0 else 0
-    return order[held:].sort().values, order[:held].sort().values
-
-
-def _pair_moments(cache: StateCache, rows: torch.Tensor, layers: int,
-                  width: int) -> tuple[list[StreamingMoments], list[StreamingMoments]]:
-    """Moments of ``(a_0, a_j)`` and of ``(a_{j-1}, a_j)`` for every later layer ``j``."""
-    first = [StreamingMoments(width, width) for _ in range(layers - 1)]
-    consecutive = [StreamingMoments(width, width) for _ in range(layers - 1)] if layers > 2 else []
-    for fields in cache.batches(rows, 1024):
-        for j, m in enumerate(first, start=1):
-            m.update(fields["s0"], fields[f"s{j}"])
-        for j, m in enumerate(consecutive, start=1):
-            m.update(fields[f"s{j - 1}"], fields[f"s{j}"])
-    return first, consecutive
+def held_out_rows(n: int, fraction: float, world: int = 1) -> int:
+    """How many of a shard's ``n`` rows are held out: ``fraction`` of them, at least 250 rows
+    (but no more than a fifth of the data) and at most 5,000 (over all ranks)."""
+    if n < 20 or fraction <= 0:
+        return 0
+    return min(max(int(round(n * fraction)), min(MIN_VAL_ROWS // world, n // 5)), MAX_VAL_ROWS // world)
 
 
 def fit_probe(
@@ -108,6 +95,8 @@ class _Run:
         self.generator = torch.Generator().manual_seed(config.seed + distributed.rank())
         self.notes: dict[str, str] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
+        self.rows = 0  # rows this rank's loader yielded in pass 1
+        self.moments: PairMoments | None = None
 
     def adapters(self, loader: Iterable[Any]) -> tuple[dict[str, LayerAdapter], Calibration]:
         """Pass 1 (merged over ranks), and the calibration on the first batch."""
@@ -120,10 +109,12 @@ class _Run:
 
         fitter = fit_adapters(self.model, self.layers, self.selectors, loader, self.spec, config.per_layer("reduce"),
                               self.device, on_first)
+        parts = distributed.gathered(fitter.n)
         fitter = distributed.merged(fitter)
         calib = agreed(found["calibration"])
         self.notes.update(calib.notes)
         self.shapes = dict(fitter.shapes)
+        self.rows = parts[distributed.rank()]
         width = config.width or fitter.width_for(config.variance, config.max_width)
         if config.latent_dim is not None and config.width is None and width > config.latent_dim:
             width, self.notes["width"] = config.latent_dim, f"capped at latent_dim={config.latent_dim}"
@@ -131,17 +122,24 @@ class _Run:
 
     def cache(self, cache: StateCache, adapters: Mapping[str, LayerAdapter], calib: Calibration, loader: Iterable[Any],
               val_loader: Iterable[Any] | None) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Pass 2: the cache; returns the training rows, the held-out rows and the passes made."""
+        """Pass 2: the training rows' moments, and a bounded sample of rows in the cache; returns
+        the cached training rows, the cached held-out rows and the passes made over data."""
         keep_scores, keep_inputs = calib.n_outputs is not None, calib.tail_inputs == "real"
+        world = distributed.world_size()
+        width = next(iter(adapters.values())).width
+        self.moments = PairMoments(len(self.layers), width, self.device)
+        held = 0 if val_loader is not None else held_out_rows(self.rows, self.config.val_fraction, world)
+        sample = Sample.draw(self.rows, held, CACHED_TRAIN_ROWS // world, self.generator)
         args = (self.model, self.layers, self.selectors, adapters)
-        fill_cache(cache, *args, loader, self.spec, self.shapes, self.device, keep_scores, keep_inputs)
-        if val_loader is None:
-            cache.finalize()
-            return (*_split(cache.n, self.config.val_fraction, self.generator), 2)
-        n_fit = cache.n
-        fill_cache(cache, *args, val_loader, self.spec, self.shapes, self.device, keep_scores, keep_inputs)
+        flags = [fill_cache(cache, *args, loader, self.spec, self.shapes, self.device, keep_scores, keep_inputs, sample,
+                            self.moments)]
+        if val_loader is not None:
+            flags.append(fill_cache(cache, *args, val_loader, self.spec, self.shapes, self.device, keep_scores,
+                                    keep_inputs, None))
         cache.finalize()
-        return torch.arange(n_fit), torch.arange(n_fit, cache.n), 3
+        out = torch.cat(flags)
+        self.moments = distributed.merged(self.moments)
+        return (~out).nonzero().squeeze(1), out.nonzero().squeeze(1), 2 if val_loader is None else 3
 
     def train(self, cache: StateCache, adapters: Mapping[str, LayerAdapter], calib: Calibration, train_rows: torch.Tensor,
               val_rows: torch.Tensor, epochs: int | None) -> FittedProbe:
@@ -154,9 +152,9 @@ class _Run:
         offsets = [0]
         for s in steps:
             offsets.append(offsets[-1] + s)
-        moments, consecutive = _pair_moments(cache, train_rows, len(layers), width)
-        moments, consecutive = [distributed.merged(m) for m in moments], [distributed.merged(m) for m in consecutive]
-        start = linear_start(layers, adapters, moments, offsets, config.ridge, consecutive)
+        assert self.moments is not None
+        start = linear_start(layers, adapters, self.moments.first, offsets, config.ridge, self.moments.consecutive)
+        total_rows = int(self.moments.first[0].n)
         latent_dim = config.latent_dim
         if latent_dim is None:
             latent_dim, notes["latent_dim"] = sizing.latent_dim_for(width)
@@ -164,10 +162,9 @@ class _Run:
         hidden = config.hidden
         if hidden is None:
             hidden, notes["hidden"] = sizing.hidden_for(features_in, features_out, width, latent_dim, calib.replaced_macs)
-        total_rows = int(distributed.summed([len(train_rows)])[0])
         batch_size = config.batch_size
         if batch_size is None:
-            batch_size, notes["batch_size"] = sizing.batch_size_for(total_rows)
+            batch_size, notes["batch_size"] = sizing.batch_size_for(int(distributed.summed([len(train_rows)])[0]))
         per_rank = max(1, batch_size // distributed.world_size())
         ae_config = AutoencoderConfig(width, latent_dim, tuple(hidden), config.operator, config.rank, tuple(steps))
         ae = KoopmanAutoencoder.from_linear(ae_config, start.operator, seed=config.seed).to(device)
