@@ -8,10 +8,12 @@ followed by its neighbours: the same mistake at the other entry points.
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -281,6 +283,36 @@ def test_03_a_surrogate_of_ones_own_must_fit_the_layer_it_replaces(conv_probe):
 
 
 # ---------------------------------------------------------------------------------------------
+# 4. labels outside the model's classes
+
+
+@pytest.mark.parametrize("label", [7, -1])
+@pytest.mark.parametrize("entry", ["unlearn", "unlearning_statistics", "evaluate"])
+def test_04_labels_outside_the_classes_are_refused(fitted, entry, label):
+    loader = vectors(low=label, high=label + 1)
+    calls = {
+        "unlearn": lambda: fitted.unlearn(0, loader, refine=0),
+        "unlearning_statistics": lambda: fitted.unlearning_statistics(loader),
+        "evaluate": lambda: fitted.evaluate(loader),
+    }
+    with pytest.raises(ValueError, match=rf"label {label} is out of range.*3 classes"):
+        calls[entry]()
+
+
+def test_04_forget_classes_outside_the_classes_are_refused(fitted, capsys):
+    with pytest.raises(ValueError, match="forget class 7 is out of range"):
+        fitted.unlearn(7, vectors(), refine=0)
+    with pytest.raises(ValueError, match="negative"):
+        fitted.unlearn(-1, vectors(), refine=0)
+    with pytest.raises(ValueError, match="forget class 7 is out of range"):
+        fitted.unlearn(7, fitted.unlearning_statistics(vectors()), refine=0)
+    for override in ("unlearning.classes=[0, 7]", "unlearning.baseline_classes=[-1]"):
+        with pytest.raises(ConfigError, match=r"unlearning\.(baseline_)?classes.*3 classes"):
+            check_recipe(load_recipe("yinyang", [override]))
+        assert_cli_refuses(["validate", "yinyang", "--set", override], "3 classes", capsys)
+
+
+# ---------------------------------------------------------------------------------------------
 # 5. latent_dim (and every other size) checked when the probe is built, naming the option
 
 
@@ -467,3 +499,124 @@ def test_07_unreadable_files_and_files_of_another_kind(fitted, tmp_path):
         KoopmanSurrogate.load(plain)
     with pytest.raises(FileNotFoundError):
         KoopmanProbe.load(tmp_path / "missing.safetensors", fitted.model)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: one line "koopman-hooks: ...", status 2, and no model trained, for every user mistake
+
+
+def test_08_cli_out_must_be_a_folder(tmp_path, capsys, no_training):
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    assert_cli_refuses(["run", "yinyang", "--out", str(a_file), "--quiet"], "is a file", capsys)
+    assert_cli_refuses(["run", "yinyang", "--out", str(a_file / "below"), "--quiet"], "is a file", capsys)
+    assert a_file.read_text() == "x"
+    assert_cli_refuses(["run", "yinyang", "--out", str(tmp_path / "new"), "--seeds", "0"], "--seeds", capsys)
+    with pytest.raises(ConfigError, match="is a file"):
+        runner_module.run_recipe(load_recipe("yinyang"), a_file)
+
+
+def test_08_cli_creates_a_missing_out_folder_before_training(tmp_path, capsys, no_training):
+    out = tmp_path / "a" / "b"
+    with pytest.raises(AssertionError, match="a model was trained"):
+        main(["run", "yinyang", "--out", str(out), "--quiet"])
+    assert out.is_dir()
+
+
+RECIPE_MISTAKES = [  # (case, override, what the one line must say)
+    ("09", "probe.latent_dimm=8", "unknown key 'probe.latent_dimm'; did you mean 'latent_dim'"),
+    ("09", "probe.epocs=3", "unknown key 'probe.epocs'; did you mean 'epochs'"),
+    ("10", "train.epochss=1", "unknown key 'train.epochss'; did you mean 'epochs'"),
+    ("10", "unlearning.options={'strenght': 2.0}", "unknown key 'unlearning.options.strenght'; did you mean 'strength'"),
+    ("10", "model.widht=3", "unknown key 'model.widht'; did you mean 'width'"),
+    ("11", "topolgy.n_points=5", "unknown section or key 'topolgy'; did you mean 'topology'"),
+    ("11", "threds=2", "unknown section or key 'threds'; did you mean 'threads'"),
+    ("12", "probe.latent_dim='eight'", "probe.latent_dim: expected int | None, got 'eight' (str)"),
+    ("12", "train.epochs='ten'", "train.epochs: expected int, got 'ten' (str)"),
+    ("12", "topology.n_points=1.5", "topology.n_points: expected int, got 1.5 (float)"),
+    ("12", "probe.reduce='squash'", "unknown reduce 'squash'"),
+]
+
+
+@pytest.mark.parametrize("case, override, message", RECIPE_MISTAKES)
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_09_to_12_recipe_mistakes_are_one_line_before_any_training(case, override, message, command, tmp_path, capsys,
+                                                                   no_training):
+    argv = [command, "yinyang", "--set", override]
+    if command == "run":
+        argv += ["--out", str(tmp_path / "out"), "--quiet"]
+    assert_cli_refuses(argv, message, capsys)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "right, wrong, message",
+    [
+        ('layers = ["blocks.0", "blocks.4"]', 'layers = ["blocks.0", "blocks.4"]\nlatent_dimm = 8',
+         "unknown key 'probe.latent_dimm'; did you mean 'latent_dim'"),
+        ("[train]\nepochs = 30", "[train]\nepochss = 30", "unknown key 'train.epochss'; did you mean 'epochs'"),
+        ("[topology]", "[topolgy]", "unknown section or key 'topolgy'; did you mean 'topology'"),
+        ('layers = ["blocks.0", "blocks.4"]', 'layers = ["blocks.0", "blocks.4"]\nlatent_dim = "eight"',
+         "probe.latent_dim: expected int | None, got 'eight' (str)"),
+        ('classes = "all"', "classes = [0, 3]", "unlearning.classes: class 3 is out of range"),
+        ('layers = ["blocks.*"]', 'layers = ["block.*"]', "topology.layers: pattern 'block.*' matches no layer"),
+    ],
+)
+def test_09_to_12_mistakes_in_a_recipe_file(right, wrong, message, tmp_path, capsys, no_training):
+    text = (Path(runner_module.__file__).parent / "library" / "yinyang.toml").read_text()
+    assert right in text
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(text.replace(right, wrong, 1))
+    for command in (["validate", str(recipe)], ["run", str(recipe), "--out", str(tmp_path / "out"), "--quiet"]):
+        assert_cli_refuses(command, message, capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_12_wrong_types_through_the_python_api_name_the_key():
+    with pytest.raises(ConfigError, match=r"latent_dim: expected int \| None, got 'eight' \(str\)"):
+        KoopmanProbe(resmlp(), ["blocks.0", "blocks.2"], latent_dim="eight")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"lr: expected float, got 'fast' \(str\)"):
+        KoopmanProbe(resmlp(), ["blocks.0", "blocks.2"], lr="fast")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------
+# 13. the fit leaves every global random stream as it was
+
+
+def _global_draws() -> tuple[torch.Tensor, float, float]:
+    return torch.rand(4), random.random(), float(np.random.rand())
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_13_fit_leaves_the_global_random_streams_alone(fails, monkeypatch):
+    _seed_everything(123)
+    expected = _global_draws()
+    if fails:
+        fail_second_step(monkeypatch)
+    probe = KoopmanProbe(resmlp(), ["blocks.0", "blocks.2"], **TINY)
+    _seed_everything(123)
+    seeded: list[str] = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: seeded.append("cuda all"))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: seeded.append("cuda"))
+    try:
+        probe.fit(vectors(), epochs=2)
+    except Boom:
+        assert fails
+    got = _global_draws()
+    assert torch.equal(got[0], expected[0]) and got[1:] == expected[1:]
+    assert not seeded  # a fit on the CPU seeds no GPU generator either (they would apply on first use)
+
+
+def test_13_the_fit_depends_on_its_own_seed_only():
+    outputs = []
+    for user_seed in (1, 2):
+        torch.manual_seed(user_seed)
+        probe = KoopmanProbe(resmlp(), ["blocks.0", "blocks.2"], seed=5, **TINY).fit(vectors(), epochs=2)
+        outputs.append(surrogate_outputs(probe))
+    assert torch.equal(outputs[0], outputs[1])

@@ -84,7 +84,9 @@ def fit_probe(
     spec = BatchSpec(config.input_key, config.label_key, config.ignore_keys)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), preserved_state(model), frozen_parameters(model):
-        torch.manual_seed(config.seed)
+        # the autoencoder's initial weights come from the CPU generator, seeded inside the fork; not
+        # torch.manual_seed, which would also (lazily) reseed every GPU's generator, outside the fork
+        torch.random.default_generator.manual_seed(config.seed)
         generator = torch.Generator().manual_seed(config.seed)
         want_tail = config.loss_weights.output is None or config.loss_weights.output > 0
         found: dict[str, Calibration] = {}
