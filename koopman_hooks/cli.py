@@ -77,9 +77,7 @@ def _main(args: argparse.Namespace) -> int:
             return 0
         if args.seeds < 1:
             return _fail("--seeds must be at least 1")
-        out = Path(args.out or f"runs/{recipe.name}")
-        if out.exists() and not out.is_dir():
-            return _fail(f"--out {str(out)!r} is a file; give a folder (it is created if missing)")
+        out = Path(args.out or f"runs/{recipe.name}")  # checked and created by run_recipe, after the recipe
         report = run_recipe(recipe, out, seeds=range(args.seeds), data_root=args.data_root, verbose=not args.quiet)
     except USER_ERRORS as err:
         return _fail(str(err))

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from koopman_hooks.core import distributed
-from koopman_hooks.core.batches import call_model
+from koopman_hooks.core.batches import call_model, class_labels
 from koopman_hooks.core.hooks import preserved_state
 from koopman_hooks.core.select import MODEL_OUTPUT
 from koopman_hooks.fitting.fitted import FittedProbe
@@ -24,7 +24,8 @@ def evaluate(probe: FittedProbe, loader: Iterable[Any], baseline: bool = True) -
     (last layer: ``K^k φ(a_0)`` against ``φ(a_L)``) and ``latent_fvu_per_layer``,
     with labels ``model_accuracy``/``surrogate_accuracy`` (and per class), and with
     ``baseline`` the same for the linear (DMD) baseline under ``linear_baseline``. Surrogate
-    figures go through :meth:`FittedProbe.patch`, i.e. through the model's real head. Under
+    figures go through :meth:`FittedProbe.patch`, i.e. through the model's real head. Labels
+    must be classes of the model's scores (``ValueError`` naming one that is not). Under
     ``torch.distributed`` each rank passes its shard and every rank gets the figures of the union.
     """
     ae = probe.autoencoder
@@ -52,9 +53,12 @@ def evaluate(probe: FittedProbe, loader: Iterable[Any], baseline: bool = True) -
                 pred = adapter.decode_features(linear.decoder(linear.final_latent(acts[layers[0]])))
                 baseline_fvu.update(pred, adapter.reduced(acts[layers[-1]]))
             scores = {"model": MODEL_OUTPUT.get(captured.output)}
+            labels = captured.labels
+            if labels is not None and scores["model"].dim() == 2:  # class indices of the model's scores
+                labels = class_labels(labels, scores["model"].shape[-1])
             for key, module in patched.items():
                 scores[key] = MODEL_OUTPUT.get(call_model(module, captured.inputs))
-            counts.update(captured.labels, **scores)
+            counts.update(labels, **scores)
     # under torch.distributed every rank evaluated its shard: combine the sums exactly
     counts = distributed.merged(counts)
     state_fvu = {name: distributed.merged(fvu) for name, fvu in state_fvu.items()}

@@ -46,7 +46,7 @@ def collect_trajectories(
     seen = 0
     with preserved_state(probe.model):
         captures = iter_captures(probe.model, selectors, loader, probe.batch_spec, ordered=False,
-                                 shapes={first: probe.shapes[first]})
+                                 shapes={n: shape for n, shape in probe.shapes.items() if n in wanted})
         for captured in captures:
             take = min(n_samples - seen, captured.activations[first].shape[0])
             for name in names:

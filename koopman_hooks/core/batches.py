@@ -73,6 +73,18 @@ def autocast(spec: BatchSpec, device: torch.device) -> Any:
     if spec.amp is None:
         return nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if spec.amp == "bf16" else torch.float16)
+def class_labels(labels: Any, n_classes: int | None) -> torch.Tensor:
+    """``labels`` as a ``(batch,)`` integer tensor of classes ``0..n_classes-1`` (``n_classes``: the
+    width of the model's ``(batch, classes)`` scores; ``None``: only ``>= 0`` is checked), or a
+    ``ValueError`` naming the first label out of range."""
+    y = torch.as_tensor(labels).cpu()
+    if y.dim() != 1 or y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise ValueError(f"expected integer class labels of shape (batch,), got {tuple(y.shape)} {y.dtype}")
+    bad = y[(y < 0) | (y >= n_classes)] if n_classes is not None else y[y < 0]
+    if len(bad):
+        classes = f"the model scores {n_classes} classes (0..{n_classes - 1})" if n_classes else "classes are >= 0"
+        raise ValueError(f"label {int(bad[0])} is out of range: {classes}")
+    return y
 
 
 def split_batch(batch: Any, input_key: str | None = None, label_key: str | None = None) -> tuple[Inputs, torch.Tensor | None]:

@@ -19,7 +19,7 @@ from koopman_hooks.core.batches import BatchSpec, Inputs, autocast, call_model, 
 from koopman_hooks.core.hooks import check_order, record, run_until_stop
 from koopman_hooks.core.layers import module_device, unwrap_model
 from koopman_hooks.core.select import OutputSelector
-from koopman_hooks.errors import EmptyLoaderError, ShapeError
+from koopman_hooks.errors import EmptyLoaderError
 
 
 @dataclass(frozen=True)
@@ -30,17 +30,6 @@ class Captured:
     activations: dict[str, torch.Tensor]
     output: Any
     labels: torch.Tensor | None
-
-
-def check_shapes(activations: Mapping[str, torch.Tensor], shapes: Mapping[str, Sequence[int]]) -> None:
-    """Raise :class:`ShapeError` naming the layer whose per-sample shape is not ``shapes[layer]``."""
-    for name, expected in shapes.items():
-        if name in activations and tuple(activations[name].shape[1:]) != tuple(expected):
-            raise ShapeError(
-                f"layer {name!r} gave activations of shape {tuple(activations[name].shape[1:])} per sample, but the "
-                f"probe was fitted on {tuple(expected)}: the inputs differ from the fitting data "
-                "(another image size or sequence length?)"
-            )
 
 
 def check_finite(activations: Mapping[str, torch.Tensor]) -> None:
@@ -65,7 +54,8 @@ def capture_batch(
 
     ``selectors`` (in forward order) say which layers to record; with ``stop_early`` the pass
     ends after the last of them (``output`` is then ``None``). ``shapes`` are the per-sample
-    activation shapes the caller expects. With ``ordered=False`` the layers may run in any
+    activation shapes the caller expects, checked as each layer runs (before a later module can
+    fail on the wrong shape). With ``ordered=False`` the layers may run in any
     order (each still exactly once). ``hook_on`` is the module whose layers are hooked when it is
     not ``model`` itself (a wrapper such as a patched model called around a shared model).
     """
@@ -74,11 +64,10 @@ def capture_batch(
     inputs = move_inputs(inputs, device)
     layers = list(selectors)
     target = unwrap_model(hook_on if hook_on is not None else model)
-    with record(target, selectors, stop_after=layers[-1] if stop_early else None) as rec, autocast(spec, device):
+    with record(target, selectors, stop_after=layers[-1] if stop_early else None, shapes=shapes) as rec, \
+            autocast(spec, device):
         output = run_until_stop(lambda: call_model(model, inputs))
     check_order(layers if ordered else [*rec.order, *(n for n in layers if n not in rec.activations)], rec)
-    if shapes is not None:
-        check_shapes(rec.activations, shapes)
     check_finite(rec.activations)
     return Captured(inputs, dict(rec.activations), output, labels)
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from koopman_hooks.core.layers import get_module
 from koopman_hooks.core.select import OutputSelector
+from koopman_hooks.core.shapes import check_shape
 from koopman_hooks.errors import LayerError
 
 ForwardHook = Callable[[nn.Module, Any, Any], Any]
@@ -86,12 +87,14 @@ def record(
     model: nn.Module,
     selectors: Mapping[str, OutputSelector],
     stop_after: str | None = None,
+    shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> Iterator[Recording]:
     """Record the selected output of each layer (detached) while the context is open.
 
     With ``stop_after``, the forward pass ends (:class:`StopForward`) once that layer has run;
     wrap the model call in :func:`run_until_stop`. A layer that runs twice in one forward pass
-    is an error, since its trajectory position would be ambiguous.
+    is an error, since its trajectory position would be ambiguous. A layer of ``shapes`` whose
+    per-sample shape differs raises :class:`~koopman_hooks.errors.ShapeError` as it runs.
     """
     recording = Recording()
 
@@ -99,7 +102,10 @@ def record(
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if name in recording.activations:
                 raise LayerError(f"layer {name!r} ran more than once in one forward pass; probe a layer that runs once")
-            recording.activations[name] = selector.get(output).detach()
+            value = selector.get(output).detach()
+            if shapes is not None and name in shapes:
+                check_shape(name, value, shapes[name])
+            recording.activations[name] = value
             recording.order.append(name)
             if name == stop_after and len(recording.activations) == len(selectors):
                 raise StopForward  # only once every layer ran: else let check_order see the real order

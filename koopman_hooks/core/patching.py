@@ -20,6 +20,7 @@ from koopman_hooks.core.batches import Inputs, batch_size_of, call_model
 from koopman_hooks.core.hooks import hooked
 from koopman_hooks.core.layers import get_module
 from koopman_hooks.core.select import MODEL_OUTPUT, OutputSelector
+from koopman_hooks.core.shapes import check_shape
 from koopman_hooks.core.skipping import Trace, batch_of, skip_plan, skipped, trace
 from koopman_hooks.errors import LayerError
 
@@ -75,7 +76,10 @@ class PatchedModel(nn.Module):
 
     def _predict(self, source: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
         predicted = self.surrogate(source, like=None if self.strict else real)
-        return predicted if real is None else predicted.to(dtype=real.dtype, device=real.device)
+        if real is None:
+            return predicted
+        check_shape(self.dst_layer, real, predicted.shape[1:])  # a prediction must fit what it replaces
+        return predicted.to(dtype=real.dtype, device=real.device)
 
     def _full(self, *args: Any, **kwargs: Any) -> Any:
         captured: dict[str, torch.Tensor] = {}

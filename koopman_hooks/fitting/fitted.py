@@ -24,6 +24,7 @@ from koopman_hooks.core.patching import PatchedModel, TailRunner
 from koopman_hooks.core.schema import check, from_mapping, to_mapping
 from koopman_hooks.core.select import OutputSelector, Select, make_selectors
 from koopman_hooks.core.serialization import load_tensors, prefixed, save_tensors, unprefixed
+from koopman_hooks.core.shapes import parameter_mismatch, parameter_shapes
 from koopman_hooks.errors import ConfigError, IncompatibleFileError, LayerError
 from koopman_hooks.fitting.config import ProbeConfig
 from koopman_hooks.fitting.sizing import Sizes
@@ -204,9 +205,11 @@ class FittedProbe:
         for name, (weight, bias) in self.baselines.items():
             i = self.layers.index(name)
             tensors[f"baseline.{i}.weight"], tensors[f"baseline.{i}.bias"] = weight, bias
+        inner = unwrap_model(self.model)
         header = {
             "config": self.config.to_dict(),
             "shapes": [list(self.adapters[name].shape) for name in self.layers],
+            "parameter_shapes": [to_mapping(parameter_shapes(get_module(inner, name))) for name in self.layers],
             "reduce": [self.adapters[name].reduce for name in self.layers],
             "autoencoder": to_mapping(ae.config),
             "sizes": None if self.sizes is None else to_mapping(self.sizes),
@@ -224,17 +227,25 @@ class FittedProbe:
         select: Select | Sequence[Select] | Mapping[str, Select] | None = None,
         device: str | torch.device | None = None,
     ) -> FittedProbe:
-        """A probe saved by :meth:`save`, on ``model`` (which must have the same layers).
+        """A probe saved by :meth:`save`, on ``model`` (which must have the same layers, of the
+        same widths).
 
         Callable ``select`` functions are not saved: pass them again as ``select``. A file that
-        is corrupt or made by another version raises
-        :class:`~koopman_hooks.errors.IncompatibleFileError`.
+        is corrupt, made by another version, or made for a model whose probed layers have other
+        parameter shapes raises :class:`~koopman_hooks.errors.IncompatibleFileError`.
         """
         tensors, header = load_tensors(path, "probe")
         try:
             config = ProbeConfig.from_dict(header["config"])
+            n = len(config.layers)
             shapes = check(header["shapes"], tuple[tuple[int, ...], ...], "shapes")
             reduce = check(header["reduce"], tuple[str, ...], "reduce")
+            saved = check(header.get("parameter_shapes"), tuple[dict[str, tuple[int, ...]], ...] | None,
+                          "parameter_shapes")
+            # None in files saved before parameter shapes were: the activation shapes are still checked in use
+            fingerprints = (None,) * n if saved is None else saved
+            if not len(shapes) == len(reduce) == len(fingerprints) == n:
+                raise ConfigError(f"shapes, reduce and parameter_shapes need one entry per layer ({n})")
             ae_config = from_mapping(AutoencoderConfig, header["autoencoder"], "autoencoder")
             sizes = None if header.get("sizes") is None else from_mapping(Sizes, header["sizes"], "sizes")
             info = check(header.get("info", {}), dict[str, Any], "info")
@@ -243,8 +254,11 @@ class FittedProbe:
         except (ConfigError, KeyError, TypeError) as err:
             raise IncompatibleFileError(f"{path} is not a valid probe file: {err}") from None
         inner = unwrap_model(model)
-        for name in config.layers:
-            get_module(inner, name)  # a clear LayerError with suggestions when missing
+        for name, fingerprint in zip(config.layers, fingerprints):
+            module = get_module(inner, name)  # a clear LayerError with suggestions when missing
+            mismatch = None if fingerprint is None else parameter_mismatch(name, fingerprint, module)
+            if mismatch:
+                raise IncompatibleFileError(f"{path} was saved for another model: {mismatch}")
         if config.callable_select and select is None:
             raise ConfigError(f"layers {list(config.callable_select)} were probed with a callable select; pass select=")
         selectors = make_selectors(config.layers, select if select is not None else list(config.select))
@@ -254,6 +268,8 @@ class FittedProbe:
             for i, name in enumerate(config.layers):
                 t = unprefixed(f"adapter.{i}", tensors)
                 adapters[name] = LayerAdapter(shapes[i], reduce[i], t["mean"], t["basis"], t["scale"], t.get("template")).to(device)
+                if adapters[name].width != ae_config.width:
+                    raise ValueError(f"adapter {name!r} has width {adapters[name].width}, the autoencoder {ae_config.width}")
             autoencoder = KoopmanAutoencoder(ae_config)
             autoencoder.load_state_dict(unprefixed("autoencoder", tensors))
         except (KeyError, RuntimeError, ValueError) as err:

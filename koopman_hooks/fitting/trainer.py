@@ -73,7 +73,9 @@ def fit_probe(
     device = torch.device(device) if device is not None else module_device(model)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), preserved_state(model), frozen_parameters(model):
-        torch.manual_seed(config.seed)
+        # the autoencoder's initial weights come from the CPU generator, seeded inside the fork; not
+        # torch.manual_seed, which would also (lazily) reseed every GPU's generator, outside the fork
+        torch.random.default_generator.manual_seed(config.seed)
         with StateCache(config.cache_mb) as cache:
             run = _Run(model, config, selectors, device, verbose)
             adapters, calib = run.adapters(loader)

@@ -9,6 +9,7 @@ merges exactly across processes); its :meth:`~AdapterFitter.finalize` returns th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -51,6 +52,7 @@ class LayerAdapter(nn.Module):
         super().__init__()
         self.shape = tuple(int(s) for s in shape)
         self.reduce = reduce
+        _check_parts(self.shape, reduce, mean, basis, template)
         self.register_buffer("mean", mean.float().clone())
         self.register_buffer("basis", basis.float().clone())
         self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32).clone())
@@ -87,6 +89,20 @@ class LayerAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, reduce={self.reduce!r}, width={self.width}"
+
+
+def _check_parts(shape: tuple[int, ...], reduce: str, mean: torch.Tensor, basis: torch.Tensor,
+                 template: torch.Tensor | None) -> None:
+    """Raise ``ValueError`` unless the parts of an adapter fit together (e.g. from a corrupt file)."""
+    if any(s < 1 for s in shape):
+        raise ValueError(f"an adapter's per-sample shape must have positive sizes, got {shape}")
+    check_reduce(reduce, shape)
+    features = reduced_dim(shape, reduce)
+    if tuple(mean.shape) != (features,) or basis.dim() != 2 or basis.shape[0] != features:
+        raise ValueError(f"an adapter of shape {shape} with reduce {reduce!r} has {features} features, but its mean "
+                         f"is {tuple(mean.shape)} and its basis {tuple(basis.shape)}")
+    if template is not None and template.numel() != math.prod(shape):
+        raise ValueError(f"an adapter's template has {template.numel()} values for per-sample shape {shape}")
 
 
 def pca_basis(cov: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:

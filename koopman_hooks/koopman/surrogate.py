@@ -8,16 +8,39 @@ from __future__ import annotations
 
 import copy
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from koopman_hooks.core.schema import from_mapping
 from koopman_hooks.core.serialization import load_tensors, prefixed, save_tensors, unprefixed
+from koopman_hooks.core.shapes import check_shape
 from koopman_hooks.errors import IncompatibleFileError
 from koopman_hooks.koopman.adapters import LayerAdapter
 from koopman_hooks.koopman.autoencoder import SkipMLP
 from koopman_hooks.maths.linalg import apply_homogeneous
+
+
+@dataclass(frozen=True)
+class AdapterHeader:
+    shape: tuple[int, ...]
+    reduce: str
+
+
+@dataclass(frozen=True)
+class SurrogateHeader:
+    """The JSON header of a saved surrogate, checked field by field when it is loaded."""
+
+    steps: int
+    src_layer: str
+    dst_layer: str
+    encoder_dims: tuple[int, ...]
+    decoder_dims: tuple[int, ...]
+    in_adapter: AdapterHeader
+    out_adapter: AdapterHeader
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 def _dims(module: nn.Module, width: int) -> list[int]:
@@ -77,6 +100,7 @@ class KoopmanSurrogate(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Latent state ``φ(adapter(x))`` of a batch of source activations."""
+        check_shape(self.src_layer, x, self.in_adapter.shape)
         return self.encoder(self.in_adapter(x))
 
     def advance(self, z: torch.Tensor, steps: int | None = None) -> torch.Tensor:
@@ -115,7 +139,11 @@ class KoopmanSurrogate(nn.Module):
         return apply_homogeneous(self.endpoint(), self.encode(x))
 
     def forward(self, x: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
-        """Predict ``dst_layer``'s activation (``like``, its real output, for lossy adapters)."""
+        """Predict ``dst_layer``'s activation (``like``, its real output, for lossy adapters);
+        activations of another shape than fitted raise :class:`~koopman_hooks.errors.ShapeError`."""
+        check_shape(self.src_layer, x, self.in_adapter.shape)
+        if like is not None:
+            check_shape(self.dst_layer, like, self.out_adapter.shape)
         return self.from_adapted(self.in_adapter(x.to(self.operator.device)), like)
 
     def from_adapted(self, a: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
@@ -159,17 +187,19 @@ class KoopmanSurrogate(nn.Module):
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> KoopmanSurrogate:
+        """The surrogate of :meth:`state_tensors`' output (``ConfigError``/``ValueError``/``KeyError``/
+        ``RuntimeError`` when they do not fit together)."""
+        header = from_mapping(SurrogateHeader, config, "surrogate")
         adapters = {}
-        for name in ("in_adapter", "out_adapter"):
+        for name, part in (("in_adapter", header.in_adapter), ("out_adapter", header.out_adapter)):
             t = unprefixed(name, tensors)
-            adapters[name] = LayerAdapter(config[name]["shape"], config[name]["reduce"], t["mean"], t["basis"], t["scale"],
-                                          t.get("template"))
-        encoder, decoder = _module(config["encoder_dims"]), _module(config["decoder_dims"])
+            adapters[name] = LayerAdapter(part.shape, part.reduce, t["mean"], t["basis"], t["scale"], t.get("template"))
+        encoder, decoder = _module(list(header.encoder_dims)), _module(list(header.decoder_dims))
         encoder.load_state_dict(unprefixed("encoder", tensors))
         decoder.load_state_dict(unprefixed("decoder", tensors))
         return cls(
             adapters["in_adapter"], adapters["out_adapter"], encoder, decoder, tensors["operator"],
-            config["steps"], config["src_layer"], config["dst_layer"], tensors["readout"], config.get("info"),
+            header.steps, header.src_layer, header.dst_layer, tensors["readout"], header.info,
         )
 
     @classmethod

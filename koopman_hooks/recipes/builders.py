@@ -84,16 +84,19 @@ def check_model_section(raw: Any) -> ModelSection:
     return from_mapping(MODEL_KINDS[kind], {**raw, "kind": kind}, "model")
 
 
+DATASET_CLASSES = {"yinyang": 3, "mnist": 10}
+
+
 def build_datasets(data: Any, seed: int, data_root: str | None) -> tuple[Dataset, Dataset, int]:
     """``(train, test, num_classes)`` for the ``[data]`` section."""
     if data.dataset == "yinyang":
         train = YinYangDataset(data.train_size or 10000, seed=data.data_seed + 2 * seed)
         test = YinYangDataset(data.test_size or 2000, seed=data.data_seed + 2 * seed + 1)
-        return train, test, 3
+        return train, test, DATASET_CLASSES["yinyang"]
     root = data_root or data.data_root
     train_set = load_mnist(True, root, limit=data.train_size, flatten=data.flatten)
     test_set = load_mnist(False, root, limit=data.test_size, flatten=data.flatten)
-    return train_set, test_set, 10
+    return train_set, test_set, DATASET_CLASSES["mnist"]
 
 
 def model_factory(model: ModelSection, num_classes: int) -> Callable[[], nn.Module]:

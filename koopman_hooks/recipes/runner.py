@@ -13,12 +13,13 @@ import torch
 from torch import nn
 
 from koopman_hooks.core import distributed
+from koopman_hooks.core.layers import resolve_layers
 from koopman_hooks.core.schema import to_mapping
 from koopman_hooks.core.serialization import load_tensors, save_tensors
 from koopman_hooks.data import TensorLoader
-from koopman_hooks.errors import ConfigError
+from koopman_hooks.errors import ConfigError, LayerError
 from koopman_hooks.probe import KoopmanProbe
-from koopman_hooks.recipes.builders import build_datasets, check_model_section, model_factory
+from koopman_hooks.recipes.builders import DATASET_CLASSES, build_datasets, check_model_section, model_factory
 from koopman_hooks.recipes.config import Recipe
 from koopman_hooks.recipes.report import build_report, write_report
 from koopman_hooks.recipes.sections import SECTIONS, RunContext
@@ -48,10 +49,40 @@ def make_probe(recipe: Recipe, model: nn.Module, seed: int, verbose: bool) -> Ko
 
 
 def check_recipe(recipe: Recipe) -> None:
-    """Everything that can be checked before training: the probe's options and layers on an
-    untrained model of the recipe's kind."""
-    model = recipe.model.build(3 if recipe.data.dataset == "yinyang" else 10)
+    """Everything that can be checked before training: the probe's options and layers, and the
+    layers of ``[topology]`` and ``[report]``, on an untrained model of the recipe's kind; the
+    classes of ``[unlearning]`` against the dataset's."""
+    num_classes = DATASET_CLASSES[recipe.data.dataset]
+    model = recipe.model.build(num_classes)
     make_probe(recipe, model, 0, verbose=False)
+    for key, layers in (("topology.layers", recipe.topology and recipe.topology.layers),
+                        ("report.pca_layers", recipe.report.pca_layers)):
+        if layers:
+            try:
+                resolve_layers(model, list(layers), minimum=1)
+            except LayerError as err:
+                raise LayerError(f"{key}: {err}") from None
+    if recipe.unlearning is not None:
+        for key in ("classes", "baseline_classes"):
+            value = getattr(recipe.unlearning, key)
+            bad = [c for c in value if not 0 <= c < num_classes] if value != "all" else []
+            if bad:
+                raise ConfigError(f"unlearning.{key}: class {bad[0]} is out of range: {recipe.data.dataset} has "
+                                  f"{num_classes} classes (0..{num_classes - 1})")
+
+
+def prepare_out(out: Path) -> None:
+    """Create the output folder ``out`` (and its parents), or a :class:`ConfigError` saying why not."""
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise ConfigError(f"out folder {str(out)!r}: {str(path)!r} is a file; give a folder (it is created "
+                                  "if missing)")
+            break
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create the out folder {str(out)!r}: {err.strerror or err}") from None
 
 
 def run_seed(recipe: Recipe, seed: int, out_dir: Path, data_root: str | None = None, verbose: bool = True) -> dict[str, Any]:
@@ -95,11 +126,11 @@ def run_seed(recipe: Recipe, seed: int, out_dir: Path, data_root: str | None = N
 
 def run_recipe(recipe: Recipe, out_dir: str | Path, seeds: Sequence[int] = (0,), data_root: str | None = None,
                verbose: bool = True) -> dict[str, Any]:
-    """Check the recipe, run every seed, then write ``report.json``, ``report.md`` and plots to ``out_dir``."""
+    """Check the recipe and create ``out_dir``, run every seed, then write ``report.json``, ``report.md``
+    and plots to ``out_dir``."""
     check_recipe(recipe)
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {str(out)!r} is a file; give a folder (it is created if missing)")
+    prepare_out(out)
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     runs = [run_seed(recipe, seed, out / f"seed{seed}", data_root, verbose) for seed in seeds]

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from koopman_hooks.core import distributed
+from koopman_hooks.core.batches import class_labels
 from koopman_hooks.core.capture import Captured
 from koopman_hooks.core.hooks import preserved_state
 from koopman_hooks.core.select import MODEL_OUTPUT
@@ -198,14 +199,7 @@ def _class_labels(captured: Captured, scores: torch.Tensor | None, labels: Label
         return scores.argmax(dim=-1).cpu()
     if captured.labels is None:
         raise ValueError('labels="loader" needs labelled batches; pass labels="model" to use predictions')
-    y = torch.as_tensor(captured.labels).cpu()
-    if y.dim() != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
-        raise ValueError(f"expected integer class labels of shape (batch,), got {tuple(y.shape)} {y.dtype}")
-    bad = y[(y < 0) | (y >= n_outputs)] if n_outputs is not None else y[y < 0]
-    if len(bad):
-        classes = f"the model scores {n_outputs} classes (0..{n_outputs - 1})" if n_outputs else "classes are >= 0"
-        raise ValueError(f"label {int(bad[0])} is out of range: {classes}")
-    return y
+    return class_labels(captured.labels, n_outputs)
 
 
 def collect_statistics(

@@ -1,0 +1,155 @@
+"""What a probe costs next to what it replaces, for every recipe model, in one process and run.
+
+For each recipe (Yin-Yang, MNIST ResMLP, ResNet-18, ViT; the recipe's data, model and training
+settings): the model's training seconds, retraining without class 0, the probe's fit seconds
+(defaults) and model passes, one class's Koopman edit (statistics reused), the latency of the
+original and the patched (fast path) model on batches of 256, and the multiply-adds per sample
+of the surrogate and of the modules it replaces. Then the fit's peak RSS on 10,000 and 60,000
+MNIST samples, each in a fresh process. Everything runs on one thread; ratios are side by side.
+
+    python benchmarks/fit_cost.py [--only yinyang mnist ...] [--data-root PATH] [--skip-rss]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from koopman_hooks import KoopmanProbe
+from koopman_hooks.data import TensorLoader
+from koopman_hooks.recipes import load_recipe
+from koopman_hooks.recipes.builders import build_datasets
+from koopman_hooks.training import train_classifier
+from koopman_hooks.unlearning import class_subsets
+
+RESULTS = Path(__file__).resolve().parent / "results"
+RECIPES = ["yinyang", "mnist", "mnist_resnet18", "mnist_vit"]
+
+
+def _latency(module: torch.nn.Module, x: torch.Tensor, repeats: int = 7) -> float:
+    with torch.no_grad():
+        module(x)  # warm-up (and the patched model's one-time calibration)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            module(x)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run(name: str, data_root: str | None) -> dict[str, Any]:
+    recipe = load_recipe(name)
+    assert recipe.probe is not None
+    train_set, test_set, classes = build_datasets(recipe.data, 0, data_root)
+    settings = recipe.train
+
+    def trained(dataset: Any) -> tuple[torch.nn.Module, float]:
+        torch.manual_seed(0)
+        model = recipe.model.build(classes)
+        start = time.perf_counter()
+        train_classifier(model, TensorLoader.from_dataset(dataset, settings.batch_size, shuffle=True), settings.epochs,
+                         lr=settings.lr, weight_decay=settings.weight_decay, verbose=False)
+        return model.eval(), time.perf_counter() - start
+
+    model, train_seconds = trained(train_set)
+    _, retrain_seconds = trained(class_subsets(train_set, 0)[0])
+    probe = KoopmanProbe(model, list(recipe.probe.layers), verbose=False)
+    start = time.perf_counter()
+    probe.fit(TensorLoader.from_dataset(train_set, 512))
+    fit_seconds = time.perf_counter() - start
+    fitted = probe.fetch_model()
+    metrics = probe.evaluate(TensorLoader.from_dataset(test_set, 1000))
+    stats = probe.unlearning_statistics(TensorLoader.from_dataset(train_set, 1000, limit=20000))
+    edited = probe.unlearn(0, stats)
+    x = TensorLoader.from_dataset(test_set, 256).tensors[0][:256]
+    patched = probe.patch()
+    original_latency, patched_latency = _latency(model, x), _latency(patched, x)
+    sizes = fitted.sizes
+    assert sizes is not None
+    return {
+        "recipe": name, "model_train_seconds": train_seconds, "retrain_without_class_seconds": retrain_seconds,
+        "fit_seconds": fit_seconds, "fit_over_training": fit_seconds / train_seconds,
+        "model_passes": fitted.info["model_passes"], "epochs_run": fitted.info["epochs_run"],
+        "agreement": metrics["agreement"], "linear_agreement": metrics["linear_baseline"]["agreement"],
+        "edit_seconds": edited.info["edit_seconds"], "stats_seconds": stats.seconds,
+        "fit_plus_edit_over_retrain": (fit_seconds + edited.info["edit_seconds"] + stats.seconds) / retrain_seconds,
+        "original_latency_ms": 1000 * original_latency, "patched_latency_ms": 1000 * patched_latency,
+        "patched_over_original": patched_latency / original_latency, "patched_path": patched.path,
+        "skipped_modules": patched.skipped_modules,
+        "surrogate_macs": sizes.surrogate_macs, "replaced_macs": sizes.replaced_macs,
+        "sizes": {"width": sizes.width, "latent_dim": sizes.latent_dim, "hidden": list(sizes.hidden), "steps": list(sizes.steps)},
+    }
+
+
+RSS_CHILD = r"""
+import json, resource, sys, torch
+torch.set_num_threads(1)
+from koopman_hooks import KoopmanProbe
+from koopman_hooks.data import TensorLoader, load_mnist
+from koopman_hooks.recipes import load_recipe
+n, root = int(sys.argv[1]), (sys.argv[2] or None)
+recipe = load_recipe("mnist")
+torch.manual_seed(0)
+model = recipe.model.build(10).eval()
+data = load_mnist(True, root, limit=n, flatten=True)
+loader = TensorLoader.from_dataset(data, 512)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+KoopmanProbe(model, list(recipe.probe.layers), verbose=False).fit(loader, epochs=3)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"samples": n, "peak_rss_mb_before_fit": before, "peak_rss_mb_after_fit": after}))
+"""
+
+
+def rss(data_root: str | None) -> list[dict[str, Any]]:
+    rows = []
+    for n in (10_000, 60_000):
+        out = subprocess.run([sys.executable, "-c", RSS_CHILD, str(n), data_root or ""], capture_output=True, text=True,
+                             check=True)
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        row["fit_growth_mb"] = row["peak_rss_mb_after_fit"] - row["peak_rss_mb_before_fit"]
+        rows.append(row)
+        print(f"{n:>6d} MNIST samples: peak RSS {row['peak_rss_mb_after_fit']:.0f} MB "
+              f"(the fit added {row['fit_growth_mb']:.0f} MB)", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", default=None)
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--skip-rss", action="store_true")
+    parser.add_argument("--out", default=str(RESULTS / "fit_cost.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rows = []
+    for name in RECIPES:
+        if args.only and name not in args.only:
+            continue
+        row = run(name, args.data_root)
+        rows.append(row)
+        print(f"{name:>15}: fit {row['fit_seconds']:.1f} s / training {row['model_train_seconds']:.1f} s "
+              f"= {row['fit_over_training']:.2f}, passes {row['model_passes']}, agreement {row['agreement']:.4f}, "
+              f"edit {row['edit_seconds']:.2f} s, (fit+edit)/retrain {row['fit_plus_edit_over_retrain']:.2f}, "
+              f"latency patched/original {row['patched_over_original']:.2f} ({row['patched_path']}), "
+              f"MACs {row['surrogate_macs']} vs {row['replaced_macs']}", flush=True)
+    result: dict[str, Any] = {"threads": 1, "machine": platform.machine(), "torch": torch.__version__, "recipes": rows}
+    if not args.skip_rss:
+        memory = rss(args.data_root)
+        result["rss"] = memory
+        result["rss_growth_10k_to_60k"] = memory[1]["peak_rss_mb_after_fit"] / memory[0]["peak_rss_mb_after_fit"] - 1
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"written {args.out}")
+
+
+if __name__ == "__main__":
+    main()

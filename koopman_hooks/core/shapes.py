@@ -1,0 +1,53 @@
+"""The shape contract of a fitted probe, checked wherever an activation or a model enters.
+
+A fitted probe records every probed layer's per-sample activation shape; an activation of
+another shape is refused with a :class:`~koopman_hooks.errors.ShapeError` naming the layer, the
+shape fitted on and the one received. A probe file records the shapes of the probed layers'
+parameters, so loading it onto a model of other widths is refused as well.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from koopman_hooks.errors import ShapeError
+
+
+def check_shape(layer: str, value: torch.Tensor, expected: Sequence[int]) -> None:
+    """Raise :class:`ShapeError` unless ``value`` (a batch) has per-sample shape ``expected``."""
+    received = tuple(value.shape[1:])
+    if received != tuple(expected):
+        raise ShapeError(
+            f"layer {layer!r} gave activations of shape {received} per sample, but the probe was fitted on "
+            f"{tuple(expected)}: the inputs differ from the fitting data (another image size or sequence length?)"
+        )
+
+
+def check_shapes(activations: Mapping[str, torch.Tensor], shapes: Mapping[str, Sequence[int]]) -> None:
+    """:func:`check_shape` for every layer of ``shapes`` found in ``activations``."""
+    for name, expected in shapes.items():
+        if name in activations:
+            check_shape(name, activations[name], expected)
+
+
+def parameter_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    """``{name: shape}`` of every parameter and buffer of ``module`` (its fingerprint of widths)."""
+    tensors = [*module.named_parameters(), *module.named_buffers()]
+    return {name: tuple(tensor.shape) for name, tensor in tensors if tensor is not None}
+
+
+def parameter_mismatch(layer: str, saved: Mapping[str, Sequence[int]], module: nn.Module) -> str | None:
+    """What differs between ``saved`` parameter shapes and ``module``'s (``None`` if nothing)."""
+    current = parameter_shapes(module)
+    for name in [*saved, *(n for n in current if n not in saved)]:
+        want, got = saved.get(name), current.get(name)
+        if want is None or got is None or tuple(want) != got:
+            def shown(shape: Sequence[int] | None) -> str:
+                return "none" if shape is None else str(tuple(shape))
+
+            return (f"the probe was fitted on a model whose layer {layer!r} has parameter {name!r} of shape "
+                    f"{shown(want)}; this model's is {shown(got)}")
+    return None

@@ -1,0 +1,622 @@
+"""Reliability: every bad input is refused clearly, recipes are checked before any work, and a
+failed fit leaves nothing half-made.
+
+One test (or parametrized test) per case of the reliability issue, numbered as there, each
+followed by its neighbours: the same mistake at the other entry points.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+import koopman_hooks.fitting.epochs as epochs_module
+import koopman_hooks.recipes.runner as runner_module
+from koopman_hooks import (
+    ConfigError,
+    FittedProbe,
+    IncompatibleFileError,
+    KoopmanProbe,
+    KoopmanSurrogate,
+    LayerError,
+    NotFittedError,
+    ProbeConfig,
+    ShapeError,
+)
+from koopman_hooks.cli import main
+from koopman_hooks.data import TensorLoader
+from koopman_hooks.models import ResMLP
+from koopman_hooks.recipes import check_recipe, load_recipe
+
+TINY: dict[str, Any] = dict(latent_dim=6, steps=1, hidden=(8,), width=4, verbose=False)
+
+
+def resmlp(width: int = 6) -> ResMLP:
+    torch.manual_seed(0)
+    return ResMLP(4, 3, width=width, depth=3)
+
+
+def vectors(n: int = 64, labels: bool = True, seed: int = 0, low: int = 0, high: int = 3) -> TensorLoader:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    if not labels:
+        return TensorLoader(x, batch_size=32)
+    return TensorLoader(x, torch.randint(low, high, (n,), generator=g), batch_size=32)
+
+
+class ConvNet(nn.Module):
+    """1x8x8 images, three conv stages (4x8x8, 8x4x4, 8x4x4), then a head: flatten + linear,
+    which fails on any other image size, or global average pooling, which takes any size."""
+
+    def __init__(self, head: str = "flatten") -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+        self.stage1 = nn.Sequential(nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.ReLU())
+        self.stage2 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        if head == "flatten":
+            self.head = nn.Sequential(nn.Flatten(), nn.Linear(8 * 4 * 4, 3))
+        else:
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stage2(self.stage1(self.stem(x))))
+
+
+def images(size: int, n: int = 64, seed: int = 0) -> TensorLoader:
+    g = torch.Generator().manual_seed(seed)
+    return TensorLoader(torch.randn(n, 1, size, size, generator=g), torch.arange(n) % 3, batch_size=32)
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def fail_second_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second gradient step of the next fit raises: in epoch 1, after one step has already
+    changed the autoencoder's weights."""
+    original = epochs_module.koopman_losses
+    calls = {"n": 0}
+
+    def losses(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise Boom("failed in epoch 1")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(epochs_module, "koopman_losses", losses)
+
+
+def assert_cli_refuses(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """The command exits with status 2 and one line ``koopman-hooks: ...`` containing ``message``."""
+    capsys.readouterr()
+    assert main(argv) == 2, argv
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("koopman-hooks: "), (argv, err)
+    assert message in err[0], (message, err[0])
+
+
+@pytest.fixture()
+def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training a recipe's model fails the test: mistakes must be reported before it."""
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a model was trained before the mistake was reported")
+
+    monkeypatch.setattr(runner_module, "train_classifier", refuse)
+
+
+@pytest.fixture(scope="module")
+def fitted() -> KoopmanProbe:
+    probe = KoopmanProbe(resmlp(), ["blocks.0", "blocks.2"], **TINY)
+    return probe.fit(vectors(), epochs=2)
+
+
+@pytest.fixture()
+def fitted_copy() -> KoopmanProbe:
+    probe = KoopmanProbe(resmlp(), ["blocks.0", "blocks.2"], **TINY)
+    return probe.fit(vectors(), epochs=1)
+
+
+@pytest.fixture(scope="module", params=["flatten", "pool"])
+def conv_probe(request: pytest.FixtureRequest) -> KoopmanProbe:
+    torch.manual_seed(0)
+    probe = KoopmanProbe(ConvNet(request.param), ["stem", "stage2"], latent_dim=8, steps=1, hidden=(8,), width=4,
+                         reduce=["flatten", "pool:2x2"], verbose=False)
+    return probe.fit(images(8), epochs=1)
+
+
+def surrogate_outputs(probe: KoopmanProbe) -> torch.Tensor:
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(1))
+    return probe.surrogate()(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. a fit that raises leaves the probe exactly as it was
+
+
+def test_01_failed_first_fit_leaves_the_probe_unfitted(monkeypatch, tmp_path):
+    probe = KoopmanProbe(resmlp(), ["blocks.0", "blocks.2"], **TINY)
+    fail_second_step(monkeypatch)
+    with pytest.raises(Boom):
+        probe.fit(vectors(), epochs=3)
+    assert not probe.is_fitted and probe.history == [] and probe.fit_seconds is None
+    for use in (probe.surrogate, probe.fetch_model, probe.patch, probe.linear_baseline,
+                lambda: probe.save(tmp_path / "p.safetensors"), lambda: probe.evaluate(vectors()),
+                lambda: probe.unlearn(0, vectors()), lambda: probe.unlearning_statistics(vectors()),
+                lambda: probe.topology(vectors()), lambda: probe.autoencoder, lambda: probe.adapters):
+        with pytest.raises(NotFittedError):
+            use()
+    assert not (tmp_path / "p.safetensors").exists()
+
+
+@pytest.mark.parametrize("failure", ["epoch", "loader", "options"])
+def test_01_failed_second_fit_keeps_the_first(fitted_copy, failure, monkeypatch, tmp_path):
+    probe = fitted_copy
+    first = probe.fetch_model()
+    before = surrogate_outputs(probe)
+    history = [dict(h) for h in probe.history]
+    if failure == "epoch":
+        fail_second_step(monkeypatch)
+        with pytest.raises(Boom):
+            probe.fit(vectors(seed=5), epochs=3)
+    elif failure == "loader":
+        def broken():
+            yield next(iter(vectors(seed=5)))
+            raise Boom("loader broke")
+
+        with pytest.raises(Boom):
+            probe.fit(broken(), epochs=3)
+    else:
+        with pytest.raises(ConfigError, match="epochs"):
+            probe.fit(vectors(), epochs=0)
+    assert probe.fetch_model() is first and probe.history == history
+    assert torch.equal(surrogate_outputs(probe), before)
+    probe.save(tmp_path / "p.safetensors")
+    loaded = KoopmanProbe.load(tmp_path / "p.safetensors", probe.model, verbose=False)
+    assert torch.allclose(surrogate_outputs(loaded), before)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. a layer named twice is refused, never silently de-duplicated
+
+
+@pytest.mark.parametrize(
+    "layers",
+    [["blocks.0", "blocks.1", "blocks.0"], ["blocks.*", "blocks.1"], ["blocks.0", "blocks.**"], "module and name"],
+)
+def test_02_duplicate_layers_are_refused(layers):
+    model = resmlp()
+    if layers == "module and name":
+        layers = [model.blocks[0], "blocks.0", "blocks.2"]
+    with pytest.raises(LayerError, match=r"'blocks\.\d' is named more than once"):
+        KoopmanProbe(model, layers, verbose=False)
+
+
+def test_02_duplicate_layers_at_other_entry_points(fitted, capsys):
+    with pytest.raises(ConfigError, match=r"\['blocks.0'\] more than once"):
+        ProbeConfig(layers=("blocks.0", "blocks.1", "blocks.0"))
+    with pytest.raises(ConfigError, match="more than once"):
+        ProbeConfig.from_dict({"layers": ["blocks.0", "blocks.0"]})
+    with pytest.raises(LayerError, match="more than once"):
+        fitted.topology(vectors(), n_points=32, layers=["blocks.0", "blocks.0"])
+    override = "probe.layers=['blocks.0','blocks.1','blocks.0']"
+    with pytest.raises(LayerError, match="more than once"):
+        check_recipe(load_recipe("yinyang", [override]))
+    assert_cli_refuses(["validate", "yinyang", "--set", override], "more than once", capsys)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. inputs of another shape: a ShapeError naming the layer, the expected and the received shape
+
+SHAPE_MESSAGE = r"'stem'.*\(4, 6, 6\).*\(4, 8, 8\)"
+
+
+SMALL = images(6)  # 1x6x6 images: the stem gives (4, 6, 6) where the probe was fitted on (4, 8, 8)
+X_SMALL = next(iter(SMALL))[0]
+STEM_SMALL = torch.randn(2, 4, 6, 6)
+
+
+def fast_path(probe: KoopmanProbe) -> None:
+    patched = probe.patch()
+    patched(next(iter(images(8)))[0])  # calibrated on good inputs: stage1 is skipped from now on
+    assert patched.path == "fast" and patched.skipped_modules == ["stage1"], patched
+    patched(X_SMALL)
+
+
+ENTRY_POINTS: dict[str, Callable[[KoopmanProbe], Any]] = {
+    "evaluate": lambda probe: probe.evaluate(SMALL),
+    "surrogate": lambda probe: probe.surrogate()(STEM_SMALL),
+    "surrogate.encode": lambda probe: probe.surrogate().encode(STEM_SMALL),
+    "linear_baseline": lambda probe: probe.linear_baseline()(STEM_SMALL),
+    "edited surrogate": lambda probe: probe.surrogate().edited(readout=torch.eye(9))(STEM_SMALL),
+    "patch before calibration": lambda probe: probe.patch()(X_SMALL),
+    "patch fast path": fast_path,
+    "patch full path": lambda probe: probe.patch(fast=False)(X_SMALL),
+    "patch mixed": lambda probe: probe.patch(strict=False)(X_SMALL),
+    "unlearn": lambda probe: probe.unlearn(0, SMALL, refine=0),
+    "unlearning_statistics": lambda probe: probe.unlearning_statistics(SMALL),
+    "topology": lambda probe: probe.topology(SMALL, n_points=32),
+}
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_03_inputs_of_another_shape_name_the_layer(conv_probe, entry):
+    with pytest.raises(ShapeError, match=SHAPE_MESSAGE):
+        ENTRY_POINTS[entry](conv_probe)
+
+
+def test_03_right_shapes_still_work_and_dst_mismatch_is_named(conv_probe, tmp_path):
+    surrogate = conv_probe.surrogate()
+    x = torch.randn(3, 4, 8, 8)
+    assert surrogate(x).shape == (3, 8, 4, 4)
+    with pytest.raises(ShapeError, match=r"'stage2'.*\(8, 3, 3\).*\(8, 4, 4\)"):
+        surrogate(x, like=torch.randn(3, 8, 3, 3))  # the real output handed to a lossy decoder
+    surrogate.save(tmp_path / "s.safetensors")
+    loaded = KoopmanSurrogate.load(tmp_path / "s.safetensors")
+    with pytest.raises(ShapeError, match=SHAPE_MESSAGE):
+        loaded(torch.randn(2, 4, 6, 6))
+    metrics = conv_probe.evaluate(images(8, seed=3))  # the right shape passes every check
+    assert metrics["n_samples"] == 64
+
+
+class FixedPrediction(nn.Module):
+    """A surrogate of one's own: always predicts stage2's fitted shape (8, 4, 4)."""
+
+    def forward(self, x: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.zeros(len(x), 8, 4, 4)
+
+
+def test_03_a_surrogate_of_ones_own_must_fit_the_layer_it_replaces(conv_probe):
+    patched = conv_probe.patch(FixedPrediction(), src="stem", dst="stage2")
+    assert patched(next(iter(images(8)))[0]).shape == (32, 3)
+    with pytest.raises(ShapeError, match=r"'stage2'.*\(8, 3, 3\).*\(8, 4, 4\)"):
+        conv_probe.patch(FixedPrediction(), src="stem", dst="stage2", fast=False)(next(iter(images(6)))[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. labels outside the model's classes
+
+
+@pytest.mark.parametrize("label", [7, -1])
+@pytest.mark.parametrize("entry", ["unlearn", "unlearning_statistics", "evaluate"])
+def test_04_labels_outside_the_classes_are_refused(fitted, entry, label):
+    loader = vectors(low=label, high=label + 1)
+    calls = {
+        "unlearn": lambda: fitted.unlearn(0, loader, refine=0),
+        "unlearning_statistics": lambda: fitted.unlearning_statistics(loader),
+        "evaluate": lambda: fitted.evaluate(loader),
+    }
+    with pytest.raises(ValueError, match=rf"label {label} is out of range.*3 classes"):
+        calls[entry]()
+
+
+def test_04_forget_classes_outside_the_classes_are_refused(fitted, capsys):
+    with pytest.raises(ValueError, match="forget class 7 is out of range"):
+        fitted.unlearn(7, vectors(), refine=0)
+    with pytest.raises(ValueError, match="negative"):
+        fitted.unlearn(-1, vectors(), refine=0)
+    with pytest.raises(ValueError, match="forget class 7 is out of range"):
+        fitted.unlearn(7, fitted.unlearning_statistics(vectors()), refine=0)
+    for override in ("unlearning.classes=[0, 7]", "unlearning.baseline_classes=[-1]"):
+        with pytest.raises(ConfigError, match=r"unlearning\.(baseline_)?classes.*3 classes"):
+            check_recipe(load_recipe("yinyang", [override]))
+        assert_cli_refuses(["validate", "yinyang", "--set", override], "3 classes", capsys)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. latent_dim (and every other size) checked when the probe is built, naming the option
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"latent_dim": 0}, r"latent_dim must be a positive int"),
+        ({"latent_dim": -4}, r"latent_dim must be a positive int"),
+        ({"latent_dim": "8"}, r"latent_dim: expected int \| None, got '8' \(str\)"),
+        ({"latent_dim": 8.0}, r"latent_dim: expected int \| None, got 8.0 \(float\)"),
+        ({"latent_dim": True}, r"latent_dim: expected int \| None, got True \(bool\)"),
+        ({"latent_dim": 4, "width": 6}, r"latent_dim \(4\) must be at least width \(6\)"),
+        ({"width": 0}, r"width must be a positive int"),
+        ({"steps": 0}, r"steps needs 1 positive entries"),
+        ({"steps": [1, 1]}, r"steps needs 1 positive entries"),
+        ({"hidden": [8, 0]}, r"hidden widths must be positive"),
+        ({"batch_size": -1}, r"batch_size must be a positive int"),
+        ({"patience": 0}, r"patience must be a positive int"),
+        ({"rank": 0, "operator": "lowrank"}, r"rank must be in 1..latent_dim"),
+        ({"lr": 0.0}, r"lr must be positive"),
+        ({"val_fraction": 1.0}, r"val_fraction must be in \[0, 1\)"),
+        ({"variance": 0.0}, r"variance must be in \(0, 1\]"),
+        ({"operator": "sparse"}, r"operator: expected 'dense' \| 'exp' \| 'lowrank'"),
+        ({"loss_weights": {"stat": 1.0}}, r"unknown key 'loss_weights.stat'; did you mean 'state'"),
+        ({"reduce": "pool:0x2"}, r"pool sizes must be positive"),
+    ],
+)
+def test_05_options_checked_when_the_probe_is_built(options, message):
+    with pytest.raises(ConfigError, match=message):
+        KoopmanProbe(resmlp(), ["blocks.0", "blocks.2"], verbose=False, **options)
+
+
+def test_05_latent_dim_at_other_entry_points(fitted, capsys):
+    with pytest.raises(ConfigError, match="latent_dim must be a positive int"):
+        ProbeConfig(layers=("a", "b"), latent_dim=0)
+    with pytest.raises(ConfigError, match="latent_dim must be a positive int"):
+        ProbeConfig.from_dict({"layers": ["a", "b"], "latent_dim": -4})
+    with pytest.raises(ConfigError, match="latent_dim must be a positive int"):
+        fitted.config.replace(latent_dim=0)
+    with pytest.raises(ConfigError, match="epochs must be a positive int"):
+        KoopmanProbe(resmlp(), ["blocks.0", "blocks.2"], **TINY).fit(vectors(), epochs=-1)
+    for value in ("0", "-4"):
+        assert_cli_refuses(["validate", "yinyang", "--set", f"probe.latent_dim={value}"],
+                           "probe.latent_dim must be a positive int", capsys)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. a probe file loaded onto a model of other widths
+
+
+@pytest.mark.parametrize("load", [KoopmanProbe.load, FittedProbe.load])
+def test_06_load_refuses_a_model_of_other_widths(fitted, tmp_path, load):
+    path = tmp_path / "p.safetensors"
+    fitted.save(path)
+    with pytest.raises(IncompatibleFileError, match=r"'blocks\.0'.*'linear\.weight'.*\(6, 6\).*\(8, 8\)"):
+        load(path, resmlp(width=8))
+    reloaded = load(path, resmlp())  # same architecture: loads
+    assert reloaded.layers == fitted.layers
+
+
+class Parameterless(nn.Module):
+    """Probed layers without parameters (activations): their width is set by the linear layers."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.first = nn.Linear(4, width)
+        self.act1 = nn.Tanh()
+        self.second = nn.Linear(width, width)
+        self.act2 = nn.Tanh()
+        self.out = nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.act2(self.second(self.act1(self.first(x)))))
+
+
+def test_06_a_mismatch_load_cannot_see_is_named_at_the_first_forward(tmp_path):
+    torch.manual_seed(0)
+    probe = KoopmanProbe(Parameterless(6), ["act1", "act2"], **TINY).fit(vectors(), epochs=1)
+    probe.save(tmp_path / "p.safetensors")
+    other = KoopmanProbe.load(tmp_path / "p.safetensors", Parameterless(8), verbose=False)
+    with pytest.raises(ShapeError, match=r"'act1'.*\(8,\).*\(6,\)"):
+        other.patch()(torch.randn(3, 4))
+    with pytest.raises(ShapeError, match=r"'act1'.*\(8,\).*\(6,\)"):
+        other.evaluate(vectors())
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. corrupt or mistyped metadata: IncompatibleFileError, never a raw TypeError
+
+
+def rewrite_header(path: Path, change: Any) -> None:
+    """Rewrite a koopman_hooks file's JSON header with ``change(config)`` (in place)."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    header = json.loads(meta["koopman_hooks"])
+    header["config"] = change(header["config"])
+    save_file(tensors, str(path), metadata={"koopman_hooks": json.dumps(header)})
+
+
+def _set(path: str, value: Any):
+    def change(config: dict[str, Any]) -> dict[str, Any]:
+        node = config
+        parts = path.split(".")
+        for part in parts[:-1]:
+            node = node[part]
+        if value is KeyError:
+            del node[parts[-1]]
+        else:
+            node[parts[-1]] = value
+        return config
+
+    return change
+
+
+PROBE_CORRUPTIONS = {
+    "config is a list": _set("config", [1, 2]),
+    "latent_dim is a string": _set("config.latent_dim", "8"),
+    "config misses layers": _set("config.layers", KeyError),
+    "config has an unknown key": _set("config.colour", "blue"),
+    "shapes is a string": _set("shapes", "abc"),
+    "shapes has too few entries": _set("shapes", [[6]]),
+    "a shape is negative": _set("shapes", [[-6], [6]]),
+    "reduce is unknown": _set("reduce", ["flatten", "squash"]),
+    "autoencoder width is a string": _set("autoencoder.width", "4"),
+    "autoencoder width is wrong": _set("autoencoder.width", 5),
+    "autoencoder is missing": _set("autoencoder", KeyError),
+    "info is a list": _set("info", [1]),
+    "history is a dict": _set("history", {"a": 1}),
+    "fit_seconds is a string": _set("fit_seconds", "fast"),
+    "parameter shapes are a string": _set("parameter_shapes", "abc"),
+    "the header is a list": lambda config: [config],
+}
+
+
+@pytest.mark.parametrize("corruption", list(PROBE_CORRUPTIONS))
+def test_07_mistyped_probe_metadata_is_an_incompatible_file(fitted, tmp_path, corruption):
+    path = tmp_path / "p.safetensors"
+    fitted.save(path)
+    rewrite_header(path, PROBE_CORRUPTIONS[corruption])
+    with pytest.raises(IncompatibleFileError, match="p.safetensors"):
+        KoopmanProbe.load(path, fitted.model, verbose=False)
+
+
+SURROGATE_CORRUPTIONS = {
+    "steps is a string": _set("steps", "eight"),
+    "steps is a float": _set("steps", 2.5),
+    "src_layer is a list": _set("src_layer", ["blocks.0"]),
+    "in_adapter is a list": _set("in_adapter", [1]),
+    "in_adapter shape is a string": _set("in_adapter.shape", "6"),
+    "in_adapter reduce is unknown": _set("in_adapter.reduce", "squash"),
+    "encoder dims are strings": _set("encoder_dims", ["a", "b"]),
+    "encoder dims are wrong": _set("encoder_dims", [4, 9, 6]),
+    "info is a list": _set("info", [1]),
+    "decoder dims are missing": _set("decoder_dims", KeyError),
+    "an unknown key": _set("colour", "blue"),
+}
+
+
+@pytest.mark.parametrize("corruption", list(SURROGATE_CORRUPTIONS))
+def test_07_mistyped_surrogate_metadata_is_an_incompatible_file(fitted, tmp_path, corruption):
+    path = tmp_path / "s.safetensors"
+    fitted.surrogate().save(path)
+    rewrite_header(path, SURROGATE_CORRUPTIONS[corruption])
+    with pytest.raises(IncompatibleFileError, match="s.safetensors"):
+        KoopmanSurrogate.load(path)
+
+
+def test_07_unreadable_files_and_files_of_another_kind(fitted, tmp_path):
+    probe_file, surrogate_file = tmp_path / "p.safetensors", tmp_path / "s.safetensors"
+    fitted.save(probe_file)
+    fitted.surrogate().save(surrogate_file)
+    with pytest.raises(IncompatibleFileError, match="holds a 'surrogate', not a 'probe'"):
+        KoopmanProbe.load(surrogate_file, fitted.model)
+    with pytest.raises(IncompatibleFileError, match="holds a 'probe', not a 'surrogate'"):
+        KoopmanSurrogate.load(probe_file)
+    truncated = tmp_path / "t.safetensors"
+    truncated.write_bytes(probe_file.read_bytes()[:100])
+    with pytest.raises(IncompatibleFileError):
+        KoopmanProbe.load(truncated, fitted.model)
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, str(plain))
+    with pytest.raises(IncompatibleFileError, match="not a koopman_hooks file"):
+        KoopmanSurrogate.load(plain)
+    with pytest.raises(FileNotFoundError):
+        KoopmanProbe.load(tmp_path / "missing.safetensors", fitted.model)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: one line "koopman-hooks: ...", status 2, and no model trained, for every user mistake
+
+
+def test_08_cli_out_must_be_a_folder(tmp_path, capsys, no_training):
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    assert_cli_refuses(["run", "yinyang", "--out", str(a_file), "--quiet"], "is a file", capsys)
+    assert_cli_refuses(["run", "yinyang", "--out", str(a_file / "below"), "--quiet"], "is a file", capsys)
+    assert a_file.read_text() == "x"
+    assert_cli_refuses(["run", "yinyang", "--out", str(tmp_path / "new"), "--seeds", "0"], "--seeds", capsys)
+    with pytest.raises(ConfigError, match="is a file"):
+        runner_module.run_recipe(load_recipe("yinyang"), a_file)
+
+
+def test_08_cli_creates_a_missing_out_folder_before_training(tmp_path, capsys, no_training):
+    out = tmp_path / "a" / "b"
+    with pytest.raises(AssertionError, match="a model was trained"):
+        main(["run", "yinyang", "--out", str(out), "--quiet"])
+    assert out.is_dir()
+
+
+RECIPE_MISTAKES = [  # (case, override, what the one line must say)
+    ("09", "probe.latent_dimm=8", "unknown key 'probe.latent_dimm'; did you mean 'latent_dim'"),
+    ("09", "probe.epocs=3", "unknown key 'probe.epocs'; did you mean 'epochs'"),
+    ("10", "train.epochss=1", "unknown key 'train.epochss'; did you mean 'epochs'"),
+    ("10", "unlearning.options={'strenght': 2.0}", "unknown key 'unlearning.options.strenght'; did you mean 'strength'"),
+    ("10", "model.widht=3", "unknown key 'model.widht'; did you mean 'width'"),
+    ("11", "topolgy.n_points=5", "unknown section or key 'topolgy'; did you mean 'topology'"),
+    ("11", "threds=2", "unknown section or key 'threds'; did you mean 'threads'"),
+    ("12", "probe.latent_dim='eight'", "probe.latent_dim: expected int | None, got 'eight' (str)"),
+    ("12", "train.epochs='ten'", "train.epochs: expected int, got 'ten' (str)"),
+    ("12", "topology.n_points=1.5", "topology.n_points: expected int, got 1.5 (float)"),
+    ("12", "probe.reduce='squash'", "unknown reduce 'squash'"),
+]
+
+
+@pytest.mark.parametrize("case, override, message", RECIPE_MISTAKES)
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_09_to_12_recipe_mistakes_are_one_line_before_any_training(case, override, message, command, tmp_path, capsys,
+                                                                   no_training):
+    argv = [command, "yinyang", "--set", override]
+    if command == "run":
+        argv += ["--out", str(tmp_path / "out"), "--quiet"]
+    assert_cli_refuses(argv, message, capsys)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "right, wrong, message",
+    [
+        ('layers = ["blocks.0", "blocks.4"]', 'layers = ["blocks.0", "blocks.4"]\nlatent_dimm = 8',
+         "unknown key 'probe.latent_dimm'; did you mean 'latent_dim'"),
+        ("[train]\nepochs = 30", "[train]\nepochss = 30", "unknown key 'train.epochss'; did you mean 'epochs'"),
+        ("[topology]", "[topolgy]", "unknown section or key 'topolgy'; did you mean 'topology'"),
+        ('layers = ["blocks.0", "blocks.4"]', 'layers = ["blocks.0", "blocks.4"]\nlatent_dim = "eight"',
+         "probe.latent_dim: expected int | None, got 'eight' (str)"),
+        ('classes = "all"', "classes = [0, 3]", "unlearning.classes: class 3 is out of range"),
+        ('layers = ["blocks.*"]', 'layers = ["block.*"]', "topology.layers: pattern 'block.*' matches no layer"),
+    ],
+)
+def test_09_to_12_mistakes_in_a_recipe_file(right, wrong, message, tmp_path, capsys, no_training):
+    text = (Path(runner_module.__file__).parent / "library" / "yinyang.toml").read_text()
+    assert right in text
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(text.replace(right, wrong, 1))
+    for command in (["validate", str(recipe)], ["run", str(recipe), "--out", str(tmp_path / "out"), "--quiet"]):
+        assert_cli_refuses(command, message, capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_12_wrong_types_through_the_python_api_name_the_key():
+    with pytest.raises(ConfigError, match=r"latent_dim: expected int \| None, got 'eight' \(str\)"):
+        KoopmanProbe(resmlp(), ["blocks.0", "blocks.2"], latent_dim="eight")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"lr: expected float, got 'fast' \(str\)"):
+        KoopmanProbe(resmlp(), ["blocks.0", "blocks.2"], lr="fast")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------
+# 13. the fit leaves every global random stream as it was
+
+
+def _global_draws() -> tuple[torch.Tensor, float, float]:
+    return torch.rand(4), random.random(), float(np.random.rand())
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_13_fit_leaves_the_global_random_streams_alone(fails, monkeypatch):
+    _seed_everything(123)
+    expected = _global_draws()
+    if fails:
+        fail_second_step(monkeypatch)
+    probe = KoopmanProbe(resmlp(), ["blocks.0", "blocks.2"], **TINY)
+    _seed_everything(123)
+    seeded: list[str] = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: seeded.append("cuda all"))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: seeded.append("cuda"))
+    try:
+        probe.fit(vectors(), epochs=2)
+    except Boom:
+        assert fails
+    got = _global_draws()
+    assert torch.equal(got[0], expected[0]) and got[1:] == expected[1:]
+    assert not seeded  # a fit on the CPU seeds no GPU generator either (they would apply on first use)
+
+
+def test_13_the_fit_depends_on_its_own_seed_only():
+    outputs = []
+    for user_seed in (1, 2):
+        torch.manual_seed(user_seed)
+        probe = KoopmanProbe(resmlp(), ["blocks.0", "blocks.2"], seed=5, **TINY).fit(vectors(), epochs=2)
+        outputs.append(surrogate_outputs(probe))
+    assert torch.equal(outputs[0], outputs[1])
