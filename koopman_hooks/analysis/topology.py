@@ -87,6 +87,7 @@ def compare_topology(
     result["spearman_network"] = betti.spearman(b0_net) if b0_net else None
     result["spearman_surrogate"] = betti.spearman(b0_sur) if b0_sur else None
     if b0_net and b0_sur:
+        result["start_betti0_relative_error"] = abs(b0_sur[0] - b0_net[0]) / max(b0_net[0], 1)
         result["final_betti0_relative_error"] = abs(b0_sur[-1] - b0_net[-1]) / max(b0_net[-1], 1)
     if net.per_class is not None and sur.per_class is not None:
         result["per_class"] = {str(c): {"network": net.per_class[c], "surrogate": sur.per_class[c]} for c in net.per_class}
