@@ -151,8 +151,6 @@ class AdapterFitter:
     Args:
         layers: probed layer names, in forward order.
         reduce: per-layer reduction (``None``: chosen from the first batch's shapes).
-        procrustes: also stream each layer's cross-covariance with the last layer, to rotate
-            its PCA coordinates onto the last layer's.
         device: where the float64 moments live.
     """
 
@@ -160,12 +158,10 @@ class AdapterFitter:
         self,
         layers: Sequence[str],
         reduce: Mapping[str, str | None],
-        procrustes: bool = False,
         device: torch.device | str = "cpu",
     ) -> None:
         self.layers = list(layers)
         self.reduce: dict[str, str | None] = {name: reduce.get(name) for name in self.layers}
-        self.procrustes = procrustes
         self.device = torch.device(device)
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.moments: dict[str, StreamingMoments] = {}
@@ -173,7 +169,6 @@ class AdapterFitter:
         self.n = 0
 
     def _start(self, activations: Mapping[str, torch.Tensor]) -> None:
-        last = self.layers[-1]
         for name in self.layers:
             self.shapes[name] = tuple(activations[name].shape[1:])
             spec = self.reduce[name] or default_reduce(self.shapes[name])
@@ -181,20 +176,16 @@ class AdapterFitter:
             self.reduce[name] = spec
         dims = {name: reduced_dim(self.shapes[name], self.reduce[name] or "flatten") for name in self.layers}
         for name in self.layers:
-            cross = dims[last] if self.procrustes and name != last else None
-            self.moments[name] = StreamingMoments(dims[name], cross, device=self.device)
+            self.moments[name] = StreamingMoments(dims[name], device=self.device)
 
     @torch.no_grad()
     def update(self, activations: Mapping[str, torch.Tensor]) -> AdapterFitter:
         """Fold in one batch of raw activations ``{layer: (B, ...)}``."""
         if not self.moments:
             self._start(activations)
-        last = self.layers[-1]
-        flat = {n: reduce_activation(activations[n].to(self.device, torch.float32), self.reduce[n] or "flatten")
-                for n in self.layers}
         for name in self.layers:
-            cross = flat[last] if self.moments[name].cross_dim is not None else None
-            self.moments[name].update(flat[name], cross)
+            flat = reduce_activation(activations[name].to(self.device, torch.float32), self.reduce[name] or "flatten")
+            self.moments[name].update(flat)
             total = activations[name].to(self.device, torch.float64).sum(0)
             self.sums[name] = total if name not in self.sums else self.sums[name] + total
         self.n += len(next(iter(activations.values())))
@@ -229,12 +220,4 @@ class AdapterFitter:
             spec = self.reduce[name] or "flatten"
             template = (self.sums[name] / self.n).float() if is_lossy(spec, self.shapes[name]) else None
             adapters[name] = adapter_from_moments(self.shapes[name], spec, self.moments[name], width, template)
-        if self.procrustes:
-            last = self.layers[-1]
-            target = adapters[last]
-            for name in self.layers[:-1]:
-                source = adapters[name]
-                cross = source.basis.double().T @ self.moments[name].cov_xy @ target.basis.double()
-                cross /= float(source.scale) * float(target.scale)
-                adapters[name] = source.rotated(procrustes_rotation(cross))
         return adapters

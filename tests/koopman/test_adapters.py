@@ -164,13 +164,13 @@ def test_adapter_fitter_streams_the_whole_batch_statistics_and_merges():
     acts = {"conv": torch.randn(120, 3, 8, 8, generator=g) + 1.0, "tokens": torch.randn(120, 5, 4, generator=g),
             "flat": torch.randn(120, 6, generator=g) * 4}
     reduce = {"conv": "pool:2x2", "tokens": "mean", "flat": None}
-    whole = AdapterFitter(list(acts), reduce, procrustes=True)
+    whole = AdapterFitter(list(acts), reduce)
     for a in range(0, 120, 32):
         assert whole.update({k: v[a : a + 32] for k, v in acts.items()}) is whole
     assert whole.reduce["flat"] == "flatten" and whole.shapes["conv"] == (3, 8, 8)
     pooled = reduce_activation(acts["conv"], "pool:2x2").double()
     torch.testing.assert_close(whole.moments["conv"].cov_xx, torch.cov(pooled.T, correction=0), rtol=0, atol=1e-9)
-    halves = [AdapterFitter(list(acts), reduce, procrustes=True).update({k: v[a:b] for k, v in acts.items()})
+    halves = [AdapterFitter(list(acts), reduce).update({k: v[a:b] for k, v in acts.items()})
               for a, b in ((0, 77), (77, 120))]
     merged = halves[0].merge(halves[1])
     width = whole.width_for(0.99, 16)
