@@ -59,7 +59,8 @@ class KoopmanProbe:
             its target's variance).
         lr, weight_decay: AdamW settings of the autoencoder.
         ridge: relative ridge of the closed-form fits.
-        batch_size: rows per gradient step, read from the fit's cache (``None``: ~100 steps/epoch).
+        batch_size: rows per gradient step, read from the fit's cache (``None``: about 50 steps per
+            epoch, 64 to 512 rows).
         patience: epochs without a better held-out score before the fit stops.
         val_fraction: share of the fit data held out to score and choose the kept state
             (unless ``fit(val_loader=...)``).

@@ -138,7 +138,11 @@ class PatchedModel(nn.Module):
             return self._fast(*args, **kwargs)
         if self.path == "pending":
             with torch.no_grad():
-                return self.calibrate(*args, **kwargs)
+                out = self.calibrate(*args, **kwargs)
+            if not torch.is_grad_enabled():
+                return out
+            if self.path == "fast":  # calibrated without autograd: run again with it
+                return self._fast(*args, **kwargs)
         return self._full(*args, **kwargs)
 
     @property

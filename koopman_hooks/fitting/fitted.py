@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from koopman_hooks.core import distributed
-from koopman_hooks.core.batches import BatchSpec, Inputs, call_model, repeated_rows
+from koopman_hooks.core.batches import BatchSpec, Inputs, batch_size_of, call_model, repeated_rows, select_rows
 from koopman_hooks.core.capture import Captured, capture_batch, iter_captures
 from koopman_hooks.core.layers import get_module, module_device, unwrap_model
 from koopman_hooks.core.patching import PatchedModel, TailRunner
@@ -27,6 +27,7 @@ from koopman_hooks.core.serialization import load_tensors, prefixed, save_tensor
 from koopman_hooks.core.shapes import parameter_mismatch, parameter_shapes
 from koopman_hooks.errors import ConfigError, IncompatibleFileError, LayerError
 from koopman_hooks.fitting.config import ProbeConfig
+from koopman_hooks.fitting.passes import CALIBRATION_ROWS, find_tail
 from koopman_hooks.fitting.sizing import Sizes
 from koopman_hooks.koopman.adapters import LayerAdapter
 from koopman_hooks.koopman.autoencoder import AutoencoderConfig, KoopmanAutoencoder
@@ -83,6 +84,8 @@ class FittedProbe:
         self.info = dict(info or {})
         self.tail = tail
         self.tail_example = tail_example  # stand-in inputs for the tail, or None when it needs the real ones
+        self._tail_searched = tail is not None
+        self._patched: tuple[nn.Module, PatchedModel] | None = None  # the last patch() of patched_outputs
 
     # ------------------------------------------------------------------ layers and data
 
@@ -180,15 +183,30 @@ class FittedProbe:
         return PatchedModel(self.model, surrogate, src_layer, dst_layer, self.selector(src_layer), self.selector(dst_layer),
                             strict=strict, fast=fast)
 
+    def find_tail(self, captured: Captured) -> None:
+        """Look once, on a real batch, for a runner of the model's tail after the last probed
+        layer (a loaded probe has none until then; a fitted one keeps the fit's)."""
+        if self._tail_searched or captured.output is None:
+            return
+        self._tail_searched = True
+        last = self.layers[-1]
+        rows = torch.arange(min(CALIBRATION_ROWS, batch_size_of(captured.inputs)))
+        example = select_rows(captured.inputs, rows)
+        self.tail, kind = find_tail(self.model, example, captured.activations[last][rows], last, self.selector(last))
+        self.tail_example = example if kind == "repeated" else None
+
     def patched_outputs(self, surrogate: nn.Module, inputs: Inputs, states: torch.Tensor | None = None) -> Any:
         """The model's output with ``surrogate`` patched in, for rows with these ``inputs``: from
         their source-layer adapted ``states`` through the model's tail alone when it can be run
-        (no forward pass up to the source layer), else through the patched model."""
+        (no forward pass up to the source layer), else through the patched model (kept for the
+        next call with the same surrogate, so it is calibrated once)."""
         if self.tail is not None and states is not None and hasattr(surrogate, "from_adapted"):
             if getattr(surrogate, "dst_layer", None) == self.tail.dst:
                 stand_in = inputs if self.tail_example is None else repeated_rows(self.tail_example, len(states))
                 return self.tail(stand_in, surrogate.from_adapted(states))  # type: ignore[operator]
-        return call_model(self.patch(surrogate), inputs)
+        if self._patched is None or self._patched[0] is not surrogate:
+            self._patched = (surrogate, self.patch(surrogate))
+        return call_model(self._patched[1], inputs)
 
     # ------------------------------------------------------------------ persistence
 

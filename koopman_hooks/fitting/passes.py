@@ -76,20 +76,30 @@ def calibrate(model: nn.Module, captured: Captured, layers: Sequence[str], selec
         calibration.notes["tail"] = ("output loss switched off" if not want_tail
                                      else "not a classifier (no integer labels within the model's output width)")
         return calibration
-    with torch.no_grad():
-        reference = call_model(model, example)
-        real = captured.activations[last][rows]
-    try:
-        runner = TailRunner(model, last, selectors[last], example)
-    except Exception:  # noqa: BLE001 - a model the trace cannot follow has no tail runner
-        runner = None
-    if runner is not None and runner.check(repeated_rows(example, len(rows)), real, reference):
-        calibration.tail, calibration.tail_inputs = runner, "repeated"
-    elif runner is not None and runner.check(example, real, reference):
-        calibration.tail, calibration.tail_inputs = runner, "real"
-    else:
+    calibration.tail, calibration.tail_inputs = find_tail(model, example, captured.activations[last][rows], last,
+                                                          selectors[last])
+    if calibration.tail is None:
         calibration.notes["tail"] = f"the model's output after {last!r} could not be reproduced from it alone"
     return calibration
+
+
+def find_tail(model: nn.Module, example: Inputs, real: torch.Tensor, last: str,
+              selector: OutputSelector) -> tuple[TailRunner | None, TailInputs | None]:
+    """A runner of the model's tail after ``last`` that reproduces the model's output on ``example``
+    from ``last``'s ``real`` activation, and whether stand-in inputs (the first row repeated) are
+    enough for it (``"repeated"``) or it needs the real inputs (``"real"``); ``(None, None)`` if
+    no tail reproduces the output."""
+    with torch.no_grad():
+        reference = call_model(model, example)
+    try:
+        runner = TailRunner(model, last, selector, example)
+    except Exception:  # noqa: BLE001 - a model the trace cannot follow has no tail runner
+        return None, None
+    if runner.check(repeated_rows(example, len(real)), real, reference):
+        return runner, "repeated"
+    if runner.check(example, real, reference):
+        return runner, "real"
+    return None, None
 
 
 def fit_adapters(

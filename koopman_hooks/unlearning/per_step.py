@@ -32,25 +32,32 @@ def per_step_operator(
     d = stats.latent_dim
     k64, r64 = operator.double(), readout.double()
     goal = endpoint @ r64 @ torch.linalg.matrix_power(k64, steps)
-    terms = metric_terms(stats, options, targets)
-    weights = torch.tensor([t.weight for t in terms], dtype=torch.float64)
-    moments = torch.stack([stats.start[t.group].second_moment() for t in terms])
-    eye = torch.eye(d, dtype=torch.float64)
-    metrics = torch.stack([t.metric if t.metric is not None else eye for t in terms])
-    last = torch.zeros(1, d + 1, dtype=torch.float64)
+    # terms that share a metric are one term with their weighted moments summed: at most one
+    # per class (the metric is the class's), each a pair of d^3 products per evaluation
+    parts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for term in metric_terms(stats, options, targets):
+        key = id(term.metric)
+        moment = term.weight * stats.start[term.group].second_moment()
+        metric = term.metric if term.metric is not None else torch.eye(d, dtype=torch.float64)
+        parts[key] = (metric, moment if key not in parts else parts[key][1] + moment)
+    # float32: the objective is a smooth quadratic in the end map, far above its precision
+    metrics = torch.stack([g for g, _ in parts.values()]).float()
+    moments = torch.stack([m for _, m in parts.values()]).float()
+    goal32, r32 = goal.float(), r64.float()
+    last = torch.zeros(1, d + 1)
     last[0, d] = 1.0
 
     def loss_of(top: torch.Tensor) -> torch.Tensor:
         full = torch.cat([top, last])
-        delta = (r64 @ torch.linalg.matrix_power(full, steps) - goal)[:d]
-        # Σ_g w_g tr(G_g Δ M_g Δᵀ) = Σ_g w_g Σ (G_g Δ M_g) ⊙ Δ
-        return (weights[:, None, None] * (metrics @ delta) * (delta @ moments)).sum()
+        delta = (r32 @ torch.linalg.matrix_power(full, steps) - goal32)[:d]
+        # Σ_p tr(G_p Δ M_p Δᵀ) = Σ_p Σ (G_p Δ M_p) ⊙ Δ, the weights already in M_p
+        return ((metrics @ delta) * (delta @ moments)).sum()
 
     try:
         root = real_matrix_root(torch.linalg.solve(r64, goal), steps)
     except RuntimeError:  # singular readout
         root = k64.clone()
-    candidates = [root[:d], k64[:d]] if torch.isfinite(root).all() else [k64[:d]]
+    candidates = [root[:d].float(), k64[:d].float()] if torch.isfinite(root).all() else [k64[:d].float()]
     with torch.no_grad():
         losses = [float(loss_of(c)) for c in candidates]
     top = candidates[losses.index(min(losses))].clone().requires_grad_(True)
@@ -68,7 +75,7 @@ def per_step_operator(
         with torch.enable_grad():
             optimiser.step(closure)
     with torch.no_grad():
-        result = torch.cat([top.detach(), last])
+        result = torch.cat([top.detach(), last]).double()
         delta = r64 @ torch.linalg.matrix_power(result, steps) - goal
         error = float(delta.norm() / goal.norm().clamp_min(1e-300))
     return result, error

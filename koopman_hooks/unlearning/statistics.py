@@ -59,6 +59,8 @@ class LatentGroupStatistics:
     dst: str | None = None
     power: torch.Tensor | None = None
     reservoir: SampleReservoir | None = None
+    # (rows sampled, their mean metric): every change of `metric` adds sampled rows
+    _pooled: tuple[int, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def classes(self) -> list[int]:
@@ -92,7 +94,13 @@ class LatentGroupStatistics:
 
     def _pooled_metric(self) -> torch.Tensor:
         assert self.metric is not None
-        return torch.stack(list(self.metric.values())).sum(0) / max(sum(self.metric_n.values()), 1)
+        rows = sum(self.metric_n.values())
+        if self._pooled is None or self._pooled[0] != rows:
+            total = torch.zeros_like(next(iter(self.metric.values())))
+            for value in self.metric.values():
+                total += value
+            self._pooled = (rows, total / max(rows, 1))
+        return self._pooled[1]
 
     def metric_trace_total(self) -> float:
         """``Σ_g trace(metric_total(g))`` without forming the matrices."""
@@ -247,6 +255,8 @@ def collect_statistics(
             seen = True
             with torch.no_grad():
                 captured = probe.capture(batch, stop_early=not need_output and i > 0)
+            if i == 0 and stats.reservoir is not None:
+                probe.find_tail(captured)  # a loaded probe: so that refinement runs the tail alone
             scores = None
             if captured.output is not None and (i == 0 or need_output):
                 scores = MODEL_OUTPUT.get(captured.output).detach()

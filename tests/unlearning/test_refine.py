@@ -56,3 +56,21 @@ def test_merged_reservoirs_are_a_sample_of_the_union() -> None:
     assert torch.equal(merged.inputs[:, 0].sort().values, expected)
 
 
+
+
+@pytest.mark.parametrize("loaded", [False, True])
+def test_refinement_lowers_its_loss_on_fitted_and_loaded_probes(setup: dict, tmp_path, loaded: bool) -> None:
+    """The refinement must move the readout: on a fresh fit (the fit's tail runner) and on a
+    probe loaded from disk (which finds the tail on the statistics pass's first batch)."""
+    from koopman_hooks import KoopmanProbe
+
+    probe = setup["probe"]
+    if loaded:
+        probe.save(tmp_path / "probe.safetensors")
+        probe = KoopmanProbe.load(tmp_path / "probe.safetensors", setup["model"], verbose=False)
+        assert probe.fetch_model().tail is None
+    stats = probe.unlearning_statistics(setup["loader"])
+    assert probe.fetch_model().tail is not None
+    edited = probe.unlearn(1, stats, refine=5)
+    before, after = edited.info["refine_loss_before"], edited.info["refine_loss_after"]
+    assert after < before - 1e-4, edited.info
