@@ -2,6 +2,9 @@
 
 - steps per segment: one K step per module the segment spans (the siblings of the later probed
   layer that run after the earlier one, e.g. ``blocks.1 .. blocks.4`` for ``blocks.0 -> blocks.4``);
+- adapted width: enough principal components for ``variance`` of every layer, narrowed to the
+  widest whose surrogate costs no more multiply-adds per sample than the modules it replaces
+  (unless that is below 32: tiny layers keep their components and cost more than they replace);
 - latent dimension: the adapted width (which holds the linear model) plus a lifting of a quarter
   of it, 8 to 64 coordinates;
 - residual width: the widest (8 to 128) whose surrogate costs no more multiply-adds per sample
@@ -29,6 +32,7 @@ from koopman_hooks.core.skipping import Trace
 
 MIN_HIDDEN = 16
 MAX_HIDDEN = 128
+MIN_WIDTH = 32  # below this the budget is not enforced: tiny layers need their few components
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,26 @@ def steps_from_trace(layers: Sequence[str], trace: Trace) -> tuple[tuple[int, ..
                     if _parent(n) == parent and n != src and all(after < s and e <= until for s, e in calls)]
         steps.append(max(1, len(siblings)))
     return tuple(steps), "one step per module between consecutive probed layers"
+
+
+def width_for(variance_width: int, features_in: int, features_out: int, replaced_macs: int | None) -> tuple[int, str]:
+    """The adapted width: ``variance_width`` (the components the variance asks for), narrowed to
+    the widest whose surrogate (with the smallest residual) fits the replaced modules'
+    multiply-adds; kept when only a width below ``MIN_WIDTH`` would fit (tiny layers)."""
+    reason = "principal components for the variance"
+    if replaced_macs is None or variance_width <= MIN_WIDTH:
+        return variance_width, reason
+
+    def cost(w: int) -> int:
+        return surrogate_macs(features_in, features_out, w, latent_dim_for(w)[0], [MIN_HIDDEN])
+
+    if cost(variance_width) <= replaced_macs:
+        return variance_width, reason
+    fitting = [w for w in range(MIN_WIDTH, variance_width) if cost(w) <= replaced_macs]
+    if not fitting:
+        return variance_width, (f"{reason}: even {MIN_WIDTH} would cost more than the {replaced_macs} multiply-adds "
+                                "per sample of the replaced modules")
+    return max(fitting), f"{variance_width} {reason}, narrowed to fit the {replaced_macs} multiply-adds per sample of the replaced modules"
 
 
 def latent_dim_for(width: int) -> tuple[int, str]:

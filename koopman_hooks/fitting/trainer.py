@@ -120,6 +120,9 @@ class _Run:
         width = config.width or fitter.width_for(config.variance, config.max_width)
         if config.latent_dim is not None and config.width is None and width > config.latent_dim:
             width, self.notes["width"] = config.latent_dim, f"capped at latent_dim={config.latent_dim}"
+        elif config.width is None and config.latent_dim is None:
+            features = [fitter.moments[name].dim for name in (self.layers[0], self.layers[-1])]
+            width, self.notes["width"] = sizing.width_for(width, *features, calib.replaced_macs)
         return fitter.finalize(width), calib
 
     def cache(self, cache: StateCache, adapters: Mapping[str, LayerAdapter], calib: Calibration, loader: Iterable[Any],
