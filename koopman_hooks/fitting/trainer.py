@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from koopman_hooks.core.batches import BatchSpec, move_inputs, repeated_rows
+from koopman_hooks.core.batches import BatchSpec, mask_of, move_inputs, repeated_rows
 from koopman_hooks.core.capture import Captured
 from koopman_hooks.core.hooks import frozen_parameters, preserved_state
 from koopman_hooks.core.layers import module_device
@@ -32,6 +32,7 @@ from koopman_hooks.fitting.cache import StateCache
 from koopman_hooks.fitting.config import ProbeConfig
 from koopman_hooks.fitting.epochs import Schedule, Tail, refit_operator, train
 from koopman_hooks.fitting.fitted import FittedProbe
+from koopman_hooks.fitting.head import ignored_part_reaches_output
 from koopman_hooks.fitting.passes import Calibration, calibrate, fill_cache, fit_adapters, inputs_of
 from koopman_hooks.koopman.autoencoder import AutoencoderConfig, KoopmanAutoencoder
 from koopman_hooks.koopman.losses import LossWeights
@@ -87,18 +88,24 @@ def fit_probe(
         torch.manual_seed(config.seed)
         generator = torch.Generator().manual_seed(config.seed)
         want_tail = config.loss_weights.output is None or config.loss_weights.output > 0
+        detect_head = config.per_layer("reduce")[layers[-1]] is None
         found: dict[str, Calibration] = {}
 
-        def on_first(captured: Captured) -> None:
-            found["calibration"] = calibrate(model, captured, layers, selectors, want_tail)
+        def on_first(captured: Captured) -> dict[str, str]:
+            found["calibration"] = calib = calibrate(model, captured, layers, selectors, want_tail, detect_head,
+                                                     config.mask_key)
+            return {} if calib.reduce is None else {layers[-1]: calib.reduce}
 
-        fitter = fit_adapters(model, layers, selectors, loader, spec, config.per_layer("reduce"), device, on_first)
+        fitter = fit_adapters(model, layers, selectors, loader, spec, config.per_layer("reduce"), device, on_first,
+                              config.mask_key)
         calib = found["calibration"]
         notes = dict(calib.notes)
         width = config.width or fitter.width_for(config.variance, config.max_width)
         if config.latent_dim is not None and config.width is None and width > config.latent_dim:
             width, notes["width"] = config.latent_dim, f"capped at latent_dim={config.latent_dim}"
         adapters = fitter.finalize(width)
+        reaches = ignored_part_reaches_output(model, layers[-1], selectors[layers[-1]], adapters[layers[-1]],
+                                              calib.example, mask_of(calib.example, config.mask_key))
         steps = config.steps
         if steps is None:
             steps, notes["steps"] = sizing.steps_from_trace(layers, calib.trace)
@@ -106,12 +113,12 @@ def fit_probe(
             keep_scores = calib.n_outputs is not None
             keep_inputs = calib.tail_inputs == "real"
             fill_cache(cache, model, layers, selectors, adapters, loader, spec, fitter.shapes, device, keep_scores,
-                       keep_inputs)
+                       keep_inputs, config.mask_key)
             passes = 2
             if val_loader is not None:
                 n_fit = cache.n
                 fill_cache(cache, model, layers, selectors, adapters, val_loader, spec, fitter.shapes, device,
-                           keep_scores, keep_inputs)
+                           keep_scores, keep_inputs, config.mask_key)
                 passes += 1
                 cache.finalize()
                 train_rows, val_rows = torch.arange(n_fit), torch.arange(n_fit, cache.n)
@@ -150,6 +157,7 @@ def fit_probe(
                 "model_passes": passes, "fit_samples": len(train_rows), "held_out_samples": len(val_rows),
                 "cache_on_disk": cache.on_disk, "cache_mb": cache.nbytes / 2**20, "epochs_run": outcome.epochs_run,
                 "kept_epoch": outcome.kept_epoch, "output_loss": bool(weights.output), "tail_inputs": calib.tail_inputs,
+                "reduce": dict(fitter.reduce), "lossy_reduction_reaches_output": reaches,
                 "start_score": None if outcome.start_score is None else outcome.start_score.describe(),
                 "kept_score": None if outcome.kept_score is None else outcome.kept_score.describe(),
             }

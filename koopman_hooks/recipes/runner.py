@@ -17,7 +17,7 @@ from koopman_hooks.core.serialization import load_tensors, save_tensors
 from koopman_hooks.data import TensorLoader
 from koopman_hooks.errors import ConfigError
 from koopman_hooks.probe import KoopmanProbe
-from koopman_hooks.recipes.builders import build_datasets, check_model_section, model_factory
+from koopman_hooks.recipes.builders import NUM_CLASSES, build_datasets, check_model_section, model_factory
 from koopman_hooks.recipes.config import Recipe
 from koopman_hooks.recipes.report import build_report, write_report
 from koopman_hooks.recipes.sections import SECTIONS, RunContext
@@ -49,7 +49,7 @@ def make_probe(recipe: Recipe, model: nn.Module, seed: int, verbose: bool) -> Ko
 def check_recipe(recipe: Recipe) -> None:
     """Everything that can be checked before training: the probe's options and layers on an
     untrained model of the recipe's kind."""
-    model = recipe.model.build(3 if recipe.data.dataset == "yinyang" else 10)
+    model = recipe.model.build(NUM_CLASSES[recipe.data.dataset])
     make_probe(recipe, model, 0, verbose=False)
 
 

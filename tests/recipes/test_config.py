@@ -37,7 +37,7 @@ def test_overrides_apply_and_keep_their_types():
         ("probe.latent_dimm=8", r"unknown key 'probe.latent_dimm'; did you mean 'latent_dim'"),
         ("probe.epochs='three'", r"probe.epochs: expected int \| None, got 'three' \(str\)"),
         ("train.lr='fast'", r"train.lr: expected float, got 'fast'"),
-        ("data.dataset='cifar'", r"data.dataset: expected 'yinyang' \| 'mnist', got 'cifar'"),
+        ("data.dataset='cifar'", r"data.dataset: expected 'yinyang' \| 'mnist' \| 'tokens', got 'cifar'"),
         ("model.kind='resnet'", r"model.kind: unknown model kind 'resnet'"),
         ("model.widht=3", r"unknown key 'model.widht'; did you mean 'width'"),
         ("unlearning.methods=['endpoint','magic']", r"unlearning.methods\[1\]: expected"),
