@@ -12,10 +12,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from koopman_hooks.core.layers import resolve_layers
 from koopman_hooks.core.schema import to_mapping
 from koopman_hooks.core.serialization import load_tensors, save_tensors
 from koopman_hooks.data import TensorLoader
-from koopman_hooks.errors import ConfigError
+from koopman_hooks.errors import ConfigError, LayerError
 from koopman_hooks.probe import KoopmanProbe
 from koopman_hooks.recipes.builders import NUM_CLASSES, build_datasets, check_model_section, model_factory
 from koopman_hooks.recipes.config import Recipe
@@ -47,10 +48,17 @@ def make_probe(recipe: Recipe, model: nn.Module, seed: int, verbose: bool) -> Ko
 
 
 def check_recipe(recipe: Recipe) -> None:
-    """Everything that can be checked before training: the probe's options and layers on an
-    untrained model of the recipe's kind."""
+    """Everything that can be checked before training: the probe's options and layers, and the
+    report's and topology's layers, on an untrained model of the recipe's kind."""
     model = recipe.model.build(NUM_CLASSES[recipe.data.dataset])
     make_probe(recipe, model, 0, verbose=False)
+    for key, layers in (("report.pca_layers", recipe.report.pca_layers),
+                        ("topology.layers", recipe.topology.layers if recipe.topology else None)):
+        if layers:
+            try:
+                resolve_layers(model, list(layers), minimum=1)
+            except LayerError as err:
+                raise ConfigError(f"{key}: {err}") from None
 
 
 def run_seed(recipe: Recipe, seed: int, out_dir: Path, data_root: str | None = None, verbose: bool = True) -> dict[str, Any]:
