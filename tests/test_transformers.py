@@ -63,6 +63,7 @@ def test_defaults_follow_the_head_and_flatten_the_rest(fitted):
     assert "reaches the output" in fit.sizes.notes["reduce"]
     assert fit.info["lossy_reduction_reaches_output"] is False
     assert fit.info["reduce"] == {first: "flatten", last: HEAD[fitted["kind"]]}
+    assert fit.sizes.replaced_macs  # GPT-2's Conv1D layers are counted like Linear ones
 
 
 def test_evaluate_with_dict_batches_is_strict_and_honest(fitted, data):
