@@ -1,10 +1,11 @@
 """A held-out zoo: small models nobody tuned the probe for, each fitted with defaults only.
 
 Every entry trains its own model on its own data subset, then calls
-``KoopmanProbe(model, layers).fit(loader)`` with nothing else set, and records agreement (the
-patched model's argmax equals the model's, on held-out data), state FVU and latent FVU per
-probed layer, the linear (DMD) baseline's agreement, and the fit's seconds next to the model's
-training seconds. ``--fast`` shrinks every entry (the test suite runs that variant).
+``KoopmanProbe(model, layers).fit(loader)`` with nothing else set (the HuggingFace entries name
+their dict batches' ``label_key``), and records agreement (the strict patched model's argmax
+equals the model's, on held-out data) and the mixed diagnostic, the reductions, state FVU and
+latent FVU per probed layer, the linear (DMD) baseline's agreement, and the fit's seconds next
+to the model's training seconds. ``--fast`` shrinks every entry.
 
     python benchmarks/zoo.py [--fast] [--only NAME ...] [--out benchmarks/results/zoo.json]
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -24,7 +26,7 @@ import torch
 from torch import nn
 
 from koopman_hooks import KoopmanProbe
-from koopman_hooks.data import TensorLoader, YinYangDataset
+from koopman_hooks.data import TensorLoader, TokenSequenceDataset, YinYangDataset
 from koopman_hooks.training import train_classifier
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -191,6 +193,32 @@ def train_mode(fast: bool) -> tuple[nn.Module, list[str], TensorLoader, TensorLo
         "train_seconds": seconds}
 
 
+def _tokens(kind: str, fast: bool) -> tuple[nn.Module, list[str], TensorLoader, TensorLoader, dict[str, Any]]:
+    from koopman_hooks.text import bert_classifier, gpt2_classifier
+
+    train = TokenSequenceDataset(2000 if fast else 4000, seed=20)
+    test = TokenSequenceDataset(1000, seed=21)
+    depth = 2 if fast else 4
+    torch.manual_seed(8)
+    model = (bert_classifier if kind == "bert" else gpt2_classifier)(4, num_layers=depth)
+    start = time.perf_counter()
+    train_classifier(model, TensorLoader.from_dataset(train, 64, shuffle=True), 6 if fast else 8, lr=3e-3, verbose=False)
+    seconds = time.perf_counter() - start
+    prefix = "bert.encoder.layer" if kind == "bert" else "transformer.h"
+    return model, [f"{prefix}.0", f"{prefix}.{depth - 1}"], TensorLoader.from_dataset(train, 512), TensorLoader.from_dataset(
+        test, 500), {"train_seconds": seconds, "probe": {"label_key": "labels"}}
+
+
+def bert(fast: bool) -> tuple[nn.Module, list[str], TensorLoader, TensorLoader, dict[str, Any]]:
+    """HuggingFace BERT (4 layers, 32 wide, from a config) on the padded token task; first -> last layer."""
+    return _tokens("bert", fast)
+
+
+def gpt2(fast: bool) -> tuple[nn.Module, list[str], TensorLoader, TensorLoader, dict[str, Any]]:
+    """HuggingFace GPT-2 (4 blocks, 32 wide, from a config) on the padded token task; first -> last block."""
+    return _tokens("gpt2", fast)
+
+
 ZOO = [
     Entry("plain_mlp", "3-layer ReLU MLP (64 wide), digits, relu1 -> relu3", plain_mlp),
     Entry("batchnorm_mlp", "residual MLP with batch norm (128 wide, 4 blocks), MNIST subset, all blocks", batchnorm_mlp),
@@ -199,13 +227,17 @@ ZOO = [
     Entry("vit", "timm ViT (4 blocks, CLS token), MNIST subset, blocks.0 -> blocks.3", vit),
     Entry("tuple_outputs", "blocks returning (hidden, aux) tuples, Yin-Yang, blocks.0 -> blocks.3", tuple_outputs),
     Entry("train_mode", "MLP with dropout + batch norm handed over in train mode, digits", train_mode),
+    Entry("bert", "HuggingFace BertForSequenceClassification (4 x 32), token task with attention masks, dict batches",
+          bert),
+    Entry("gpt2", "HuggingFace GPT2ForSequenceClassification (4 x 32), token task with attention masks, dict batches",
+          gpt2),
 ]
 
 
 def run_entry(entry: Entry, fast: bool) -> dict[str, Any]:
     model, layers, fit_loader, test_loader, extra = entry.build(fast)
     was_training = model.training
-    probe = KoopmanProbe(model, layers, verbose=False)  # defaults only
+    probe = KoopmanProbe(model, layers, verbose=False, **extra.get("probe", {}))  # defaults only
     start = time.perf_counter()
     probe.fit(fit_loader)
     fit_seconds = time.perf_counter() - start
@@ -219,6 +251,9 @@ def run_entry(entry: Entry, fast: bool) -> dict[str, Any]:
         "layers": fitted.layers,
         "model_accuracy": metrics.get("model_accuracy"),
         "agreement": metrics["agreement"],
+        "mixed_agreement": metrics["mixed_agreement"],
+        "lossy_reduction_reaches_output": metrics["lossy_reduction_reaches_output"],
+        "reduce": {name: adapter.reduce for name, adapter in fitted.adapters.items()},
         "linear_baseline_agreement": metrics["linear_baseline"]["agreement"],
         "state_fvu_per_layer": metrics["state_fvu_per_layer"],
         "latent_fvu_per_layer": metrics.get("latent_fvu_per_layer", {}),
@@ -237,7 +272,10 @@ def main() -> None:
     parser.add_argument("--fast", action="store_true", help="smaller data and shorter training (the test suite's variant)")
     parser.add_argument("--only", nargs="*", default=None, help="entries to run (default: all)")
     parser.add_argument("--out", default=str(RESULTS / "zoo.json"))
+    parser.add_argument("--data-root", default=None, help="MNIST in torchvision's layout (default: $KOOPMAN_HOOKS_DATA)")
     args = parser.parse_args()
+    if args.data_root:
+        os.environ["KOOPMAN_HOOKS_DATA"] = args.data_root
     torch.set_num_threads(1)
     rows = []
     for entry in ZOO:
@@ -246,7 +284,8 @@ def main() -> None:
         row = run_entry(entry, args.fast)
         rows.append(row)
         fvu = ", ".join(f"{k} {v:.3f}" for k, v in row["state_fvu_per_layer"].items())
-        print(f"{row['name']:>14}: agreement {row['agreement']:.4f} (linear {row['linear_baseline_agreement']:.4f}), "
+        print(f"{row['name']:>14}: agreement {row['agreement']:.4f} (mixed {row['mixed_agreement']:.4f}, "
+              f"linear {row['linear_baseline_agreement']:.4f}), "
               f"state FVU {fvu}, latent FVU {row['latent_fvu']:.3f}, fit {row['fit_seconds']:.1f} s "
               f"(model training {row['model_train_seconds']:.1f} s)", flush=True)
     result = {"fast": args.fast, "threads": torch.get_num_threads(), "machine": platform.machine(),

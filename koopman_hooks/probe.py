@@ -47,8 +47,10 @@ class KoopmanProbe:
             a key or a callable; one for all layers, a list, or a ``{layer: select}`` dict.
         width: common adapter width; ``None`` keeps enough principal components for
             ``variance`` of every layer's variance (at most ``max_width``).
-        reduce: per-layer reduction (``"flatten"``, ``"pool:HxW"``, ``"cls"``, ``"mean"``);
-            ``None`` flattens small layers and pools/averages large ones.
+        reduce: per-layer reduction (``"flatten"``, ``"pool:HxW"``, ``"cls"``, ``"last"``,
+            ``"mean"``); ``None``: at the last layer of a token model, the token the head reads
+            (``"cls"``, ``"last"`` real token or ``"mean"``, found by perturbing a real batch); else
+            ``"flatten"`` for small layers, pooling/averaging for large ones.
         operator: ``"dense"``, ``"exp"`` (K = exp(M/k), the paper's) or ``"lowrank"`` (``rank``).
         operator_fit: ``"gradient"`` (K trained with the autoencoder) or ``"ridge"`` (ridge
             EDMD: K in closed form from latent covariances; one step per layer pair).
@@ -69,6 +71,8 @@ class KoopmanProbe:
             float32 in the adapters); ``None`` runs the model as it is.
         input_key, label_key, ignore_keys: how dict batches reach the model (see
             :class:`~koopman_hooks.core.batches.BatchSpec`): by default every key but the label.
+        mask_key: the key of dict inputs holding the ``(B, N)`` attention mask that the
+            ``"last"`` and ``"mean"`` token reductions read (``None``: no mask).
         device: where the autoencoder is fitted (default: the model's device).
         seed: seeds the fit's own random stream (the global RNG is left as it was).
         verbose: show a progress bar while fitting.
@@ -102,6 +106,7 @@ class KoopmanProbe:
         input_key: str | None = None,
         label_key: str | None = None,
         ignore_keys: Sequence[str] = (),
+        mask_key: str | None = "attention_mask",
         device: str | torch.device | None = None,
         seed: int = 0,
         verbose: bool = True,
@@ -135,6 +140,7 @@ class KoopmanProbe:
             input_key=input_key,
             label_key=label_key,
             ignore_keys=ignore_keys,  # type: ignore[arg-type]
+            mask_key=mask_key,
             seed=seed,
         )
         self._setup(model, config, selectors, device, verbose)

@@ -1,4 +1,10 @@
-"""A plain supervised training loop for the recipes and the retraining baselines."""
+"""A plain supervised training loop for the recipes and the retraining baselines.
+
+Batches are read as the probe reads them (:class:`~koopman_hooks.core.batches.BatchSpec`):
+``(x, y)`` tuples, or dicts that go to the model as ``model(**inputs)`` with every key but the
+label (``labels`` by default). The loss reads the output's ``logits`` (a ``ModelOutput``) or its
+first tensor.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from koopman_hooks.core.batches import call_model, move_inputs, split_batch
+from koopman_hooks.core.batches import BatchSpec, Inputs, call_model, move_inputs
 from koopman_hooks.core.hooks import preserved_state
 from koopman_hooks.core.select import MODEL_OUTPUT
 from koopman_hooks.errors import EmptyLoaderError
@@ -33,8 +39,10 @@ def train_classifier(
     device: str | torch.device = "cpu",
     verbose: bool = True,
     desc: str = "train",
+    spec: BatchSpec = BatchSpec(),
 ) -> list[float]:
-    """Train ``model`` with AdamW and a one-cycle schedule; return the mean loss per epoch."""
+    """Train ``model`` with AdamW and a one-cycle schedule; return the mean loss per epoch.
+    ``spec`` says how batches split into the model's inputs and the labels."""
     model.to(device).train()
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * len(loader)
@@ -45,10 +53,8 @@ def train_classifier(
     for _ in bar:
         total, count = 0.0, 0
         for batch in loader:
-            x, y = split_batch(batch)
-            if y is None:
-                raise ValueError("train_classifier needs labelled batches")
-            loss = loss_fn(call_model(model, move_inputs(x, device)), y.to(device))
+            x, y = labelled(batch, spec, "train_classifier")
+            loss = loss_fn(MODEL_OUTPUT.get(call_model(model, move_inputs(x, device))), y.to(device))
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -61,16 +67,23 @@ def train_classifier(
     return history
 
 
+def labelled(batch: Any, spec: BatchSpec, who: str) -> tuple[Inputs, torch.Tensor]:
+    """``spec.split(batch)``, refusing a batch without labels (``who`` names the caller)."""
+    x, y = spec.split(batch)
+    if y is None:
+        raise ValueError(f"{who} needs labelled batches: (x, y) tuples, or dicts with a label key such as 'labels'")
+    return x, torch.as_tensor(y)
+
+
 @torch.no_grad()
-def predict(model: nn.Module, loader: Iterable, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def predict(model: nn.Module, loader: Iterable, device: str | torch.device = "cpu",
+            spec: BatchSpec = BatchSpec()) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels of ``model`` over a labelled loader, in eval mode (every submodule's
     mode restored afterwards)."""
     logits, labels = [], []
     with preserved_state(model):
         for batch in loader:
-            x, y = split_batch(batch)
-            if y is None:
-                raise ValueError("predict needs labelled batches")
+            x, y = labelled(batch, spec, "predict")
             logits.append(MODEL_OUTPUT.get(call_model(model, move_inputs(x, device))).float().cpu())
             labels.append(y.cpu())
     if not logits:

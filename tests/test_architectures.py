@@ -217,8 +217,11 @@ def test_timm_vit_blocks(vit_trained, blob_data):
     assert probe.layers == ["blocks.0", "blocks.1"]
     probe.fit(TensorLoader(x, y, batch_size=64, shuffle=True), epochs=10)
     assert probe.adapters["blocks.1"].shape == (5, 16)  # CLS + 4 patch tokens, width 16
-    assert probe.adapters["blocks.1"].reduce == "flatten"  # (N, D) small enough: exact
+    # the head reads token 0 of the last block only (found by perturbing a batch): the reduction follows it
+    assert probe.adapters["blocks.1"].reduce == "cls"
+    assert probe.adapters["blocks.0"].reduce == "flatten"  # (N, D) small enough: exact
     metrics = probe.evaluate(TensorLoader(x_test, y_test, batch_size=250))
+    assert metrics["lossy_reduction_reaches_output"] is False and metrics["template_agreement"] == 1.0
     assert metrics["model_accuracy"] >= 0.9
     assert metrics["agreement"] >= 0.95
     assert set(metrics["state_fvu_per_layer"]) == {"blocks.1"}

@@ -16,7 +16,7 @@ LAYERS = [
     {"_version", "errors"},
     {"maths"},
     {"core"},
-    {"koopman", "training", "data", "models", "vision"},
+    {"koopman", "training", "data", "models", "vision", "text"},
     {"fitting"},
     {"analysis", "unlearning"},
     {"probe"},

@@ -1,7 +1,14 @@
-"""How faithful a fitted probe is on held-out data: accuracies, agreement, state and latent FVU."""
+"""How faithful a fitted probe is on held-out data: accuracies, agreement, state and latent FVU.
+
+Every figure that says "surrogate" comes from the surrogate alone: the patched model is strict
+(what a lossy reduction at the last layer ignores is the training mean, never the real forward
+pass's). The "mixed" agreement (that part copied from the real forward pass) is reported only
+as a diagnostic, next to whether that part reaches the model's output at all.
+"""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -12,6 +19,7 @@ from koopman_hooks.core.batches import call_model, class_labels
 from koopman_hooks.core.hooks import preserved_state
 from koopman_hooks.core.select import MODEL_OUTPUT
 from koopman_hooks.fitting.fitted import FittedProbe
+from koopman_hooks.fitting.head import outputs_differ, template_outputs
 from koopman_hooks.maths.scores import ClassificationCounts, StreamingFVU
 
 
@@ -19,18 +27,33 @@ from koopman_hooks.maths.scores import ClassificationCounts, StreamingFVU
 def evaluate(probe: FittedProbe, loader: Iterable[Any], baseline: bool = True) -> dict[str, Any]:
     """Fidelity on held-out data.
 
-    Returns ``n_samples``, ``agreement`` (patched model's argmax equals the model's) and its
-    per-class values, ``state_fvu`` (last layer) and ``state_fvu_per_layer``, ``latent_fvu``
-    (last layer: ``K^k φ(a_0)`` against ``φ(a_L)``) and ``latent_fvu_per_layer``,
+    Returns ``n_samples``, ``agreement`` (the strict patched model's argmax equals the model's)
+    and its per-class values, ``state_fvu`` (last layer) and ``state_fvu_per_layer``,
+    ``latent_fvu`` (last layer: ``K^k φ(a_0)`` against ``φ(a_L)``) and ``latent_fvu_per_layer``,
     with labels ``model_accuracy``/``surrogate_accuracy`` (and per class), and with
     ``baseline`` the same for the linear (DMD) baseline under ``linear_baseline``. Surrogate
     figures go through :meth:`FittedProbe.patch`, i.e. through the model's real head. Labels
     must be classes of the model's scores (``ValueError`` naming one that is not). Under
     ``torch.distributed`` each rank passes its shard and every rank gets the figures of the union.
+
+    ``reduce`` names the last layer's reduction. When it is lossy, ``mixed_agreement`` is the
+    agreement of the mixed patch (``strict=False``: the ignored part from the real forward
+    pass; a diagnostic only), ``template_agreement`` that of the model whose last layer keeps
+    only what the reduction reads (the rest: its training mean), and
+    ``lossy_reduction_reaches_output`` is true when that replacement changes any output or
+    the strict and mixed agreements differ (``None`` for an exact reduction, where both
+    agreements are the same figure).
     """
     ae = probe.autoencoder
     layers = probe.layers
+    last = layers[-1]
+    out_adapter = probe.adapters[last]
+    lossy = out_adapter.lossy and out_adapter.template is not None
     patched = {"surrogate": probe.patch()}
+    if lossy:
+        with warnings.catch_warnings():  # the mixed model is measured here as the diagnostic it is
+            warnings.simplefilter("ignore")
+            patched["mixed"] = probe.patch(strict=False)
     linear = probe.linear_baseline() if baseline and probe.baselines else None
     if linear is not None:
         patched["linear_baseline"] = probe.patch(linear)
@@ -38,40 +61,52 @@ def evaluate(probe: FittedProbe, loader: Iterable[Any], baseline: bool = True) -
     state_fvu = {name: StreamingFVU() for name in layers[1:]}
     latent_fvu = {name: StreamingFVU() for name in layers[1:]}
     baseline_fvu = StreamingFVU()
+    template_moves = 0
     with preserved_state(probe.model):
         for captured in probe.captures(loader):
             acts = captured.activations
-            states = probe.adapted(acts)
+            mask = probe.mask_of(captured.inputs)
+            states = probe.adapted(acts, mask)
             z0 = ae.encoder(states[0])
             for name, offset, state in zip(layers[1:], ae.offsets[1:], states[1:]):
                 adapter = probe.adapters[name]
                 z = ae.operator.step(z0, offset)
-                state_fvu[name].update(adapter.decode_features(ae.decoder(z)), adapter.reduced(acts[name]))
+                state_fvu[name].update(adapter.decode_features(ae.decoder(z)), adapter.reduced(acts[name], mask))
                 latent_fvu[name].update(z, ae.encoder(state))
             if linear is not None:
-                adapter = probe.adapters[layers[-1]]
-                pred = adapter.decode_features(linear.decoder(linear.final_latent(acts[layers[0]])))
-                baseline_fvu.update(pred, adapter.reduced(acts[layers[-1]]))
+                pred = out_adapter.decode_features(linear.decoder(linear.final_latent(acts[layers[0]], mask)))
+                baseline_fvu.update(pred, out_adapter.reduced(acts[last], mask))
             scores = {"model": MODEL_OUTPUT.get(captured.output)}
             labels = captured.labels
             if labels is not None and scores["model"].dim() == 2:  # class indices of the model's scores
                 labels = class_labels(labels, scores["model"].shape[-1])
             for key, module in patched.items():
                 scores[key] = MODEL_OUTPUT.get(call_model(module, captured.inputs))
+            if lossy:
+                filled = template_outputs(probe.model, last, probe.selector(last), out_adapter, captured.inputs, mask)
+                template_moves += int(outputs_differ(filled, captured.output).sum())
+                scores["template"] = MODEL_OUTPUT.get(filled)
             counts.update(labels, **scores)
     # under torch.distributed every rank evaluated its shard: combine the sums exactly
     counts = distributed.merged(counts)
     state_fvu = {name: distributed.merged(fvu) for name, fvu in state_fvu.items()}
     latent_fvu = {name: distributed.merged(fvu) for name, fvu in latent_fvu.items()}
     baseline_fvu = distributed.merged(baseline_fvu)
-    result: dict[str, Any] = {"n_samples": counts.n}
+    template_moves = int(distributed.summed([float(template_moves)])[0])
+    result: dict[str, Any] = {"n_samples": counts.n, "reduce": out_adapter.reduce}
     if counts.has_labels:
         result["model_accuracy"], result["model_per_class_accuracy"] = counts.accuracy("model")
         result["surrogate_accuracy"], result["surrogate_per_class_accuracy"] = counts.accuracy("surrogate")
     result["agreement"], result["agreement_per_class"] = counts.agreement("surrogate")
-    result["state_fvu"] = state_fvu[layers[-1]].compute()
+    if lossy:
+        result["mixed_agreement"], _ = counts.agreement("mixed")
+        result["template_agreement"], _ = counts.agreement("template")
+        result["lossy_reduction_reaches_output"] = template_moves > 0 or result["mixed_agreement"] != result["agreement"]
+    else:
+        result["mixed_agreement"], result["lossy_reduction_reaches_output"] = result["agreement"], None
+    result["state_fvu"] = state_fvu[last].compute()
     result["state_fvu_per_layer"] = {name: fvu.compute() for name, fvu in state_fvu.items()}
-    result["latent_fvu"] = latent_fvu[layers[-1]].compute()
+    result["latent_fvu"] = latent_fvu[last].compute()
     result["latent_fvu_per_layer"] = {name: fvu.compute() for name, fvu in latent_fvu.items()}
     if "linear_baseline" in patched:
         base: dict[str, Any] = {"state_fvu": baseline_fvu.compute()}

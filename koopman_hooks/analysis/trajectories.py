@@ -51,7 +51,9 @@ def collect_trajectories(
             take = min(n_samples - seen, captured.activations[first].shape[0])
             for name in names:
                 network[name].append(captured.activations[name][:take].flatten(1).float().cpu())
-            z = ae.encoder(probe.adapters[first](captured.activations[first][:take].to(probe.device, torch.float32)))
+            mask = probe.mask_of(captured.inputs)
+            mask = None if mask is None else mask[:take]
+            z = ae.encoder(probe.adapters[first](captured.activations[first][:take].to(probe.device, torch.float32), mask))
             for t in range(len(steps)):
                 steps[t].append(ae.decoder(z).cpu())
                 z = ae.operator.step(z, 1)

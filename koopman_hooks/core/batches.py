@@ -15,6 +15,7 @@ from koopman_hooks.errors import ConfigError
 Inputs = torch.Tensor | dict[str, Any]
 
 LABEL_KEYS = ("labels", "label", "targets", "target", "y")
+MASK_KEY = "attention_mask"
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,23 @@ def class_labels(labels: Any, n_classes: int | None) -> torch.Tensor:
 def split_batch(batch: Any, input_key: str | None = None, label_key: str | None = None) -> tuple[Inputs, torch.Tensor | None]:
     """``BatchSpec(input_key, label_key).split(batch)``."""
     return BatchSpec(input_key, label_key).split(batch)
+
+
+def mask_of(inputs: Inputs, key: str | None = MASK_KEY) -> torch.Tensor | None:
+    """The ``(B, N)`` attention mask of dict inputs (``inputs[key]``), else ``None``.
+
+    Token reductions (``"last"``, ``"mean"``) read it to find the real tokens of padded
+    sequences; a tensor input, a missing key or ``key=None`` means there is no mask.
+    """
+    if key is None or not isinstance(inputs, Mapping):
+        return None
+    mask = inputs.get(key)
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.ndim != 2:
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"inputs[{key!r}] must be a (batch, tokens) attention mask, got {shape}")
+    return mask
 
 
 def move_inputs(inputs: Inputs, device: torch.device | str | None) -> Inputs:

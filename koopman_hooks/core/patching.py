@@ -10,13 +10,14 @@ everything before ``dst``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from koopman_hooks.core.batches import Inputs, batch_size_of, call_model
+from koopman_hooks.core.batches import MASK_KEY, Inputs, batch_size_of, call_model
 from koopman_hooks.core.hooks import hooked
 from koopman_hooks.core.layers import get_module
 from koopman_hooks.core.select import MODEL_OUTPUT, OutputSelector
@@ -25,6 +26,31 @@ from koopman_hooks.core.skipping import Trace, batch_of, skip_plan, skipped, tra
 from koopman_hooks.errors import LayerError
 
 Path = Literal["pending", "fast", "full"]
+
+
+def accepts_mask(module: nn.Module) -> bool:
+    """Whether ``module``'s forward takes a ``mask`` argument (a Koopman surrogate does)."""
+    try:
+        parameters = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "mask" in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
+def call_argument(model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any], name: str | None) -> Any:
+    """The value ``model`` gets for its forward argument ``name`` in this call (keyword or
+    positional), else ``None``."""
+    if name is None:
+        return None
+    if name in kwargs:
+        return kwargs[name]
+    if not args:
+        return None
+    try:
+        bound = inspect.signature(model.forward).bind_partial(*args, **kwargs)
+    except (TypeError, ValueError):
+        return None
+    return bound.arguments.get(name)
 
 
 def outputs_agree(a: Any, b: Any, rtol: float = 1e-4, atol: float = 1e-5) -> bool:
@@ -42,6 +68,8 @@ class PatchedModel(nn.Module):
     decoded from the training mean, never from the real forward pass, so every figure of the
     patched model is the surrogate's alone. ``strict=False`` passes ``like=`` the real output
     (the "mixed" diagnostic; it needs the full path). ``fast`` allows the fast path (strict only).
+    The call's ``mask_key`` argument (the attention mask, e.g. of ``model(**batch)``) reaches a
+    surrogate that takes ``mask=``, for token reductions that read it.
     The model is shared, not copied; hooks and replaced ``forward`` methods exist only during
     this wrapper's own forward, so ``model(x)`` still gives the original outputs.
     """
@@ -56,6 +84,7 @@ class PatchedModel(nn.Module):
         dst_selector: OutputSelector | None = None,
         strict: bool = True,
         fast: bool = True,
+        mask_key: str | None = MASK_KEY,
     ) -> None:
         super().__init__()
         dst_selector = dst_selector or OutputSelector(None, dst_layer)
@@ -70,19 +99,29 @@ class PatchedModel(nn.Module):
         self.src_selector = src_selector or OutputSelector(None, src_layer)
         self.dst_selector = dst_selector
         self.strict = strict
+        self.mask_key = mask_key
+        self._mask_aware = accepts_mask(surrogate)
         self.path: Path = "pending" if (fast and strict) else "full"
         self._trace: Trace | None = None
         self._skip: list[str] = []
 
-    def _predict(self, source: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
-        predicted = self.surrogate(source, like=None if self.strict else real)
+    def _predict(self, source: torch.Tensor, real: torch.Tensor | None, mask: Any = None) -> torch.Tensor:
+        like = None if self.strict else real
+        if self._mask_aware and isinstance(mask, torch.Tensor):
+            predicted = self.surrogate(source, like=like, mask=mask)
+        else:
+            predicted = self.surrogate(source, like=like)
         if real is None:
             return predicted
         check_shape(self.dst_layer, real, predicted.shape[1:])  # a prediction must fit what it replaces
         return predicted.to(dtype=real.dtype, device=real.device)
 
+    def _mask(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+        return call_argument(self.model, args, kwargs, self.mask_key) if self._mask_aware else None
+
     def _full(self, *args: Any, **kwargs: Any) -> Any:
         captured: dict[str, torch.Tensor] = {}
+        mask = self._mask(args, kwargs)
 
         def capture(module: nn.Module, inputs: Any, output: Any) -> None:
             captured["src"] = self.src_selector.get(output)
@@ -90,7 +129,7 @@ class PatchedModel(nn.Module):
         def replace(module: nn.Module, inputs: Any, output: Any) -> Any:
             if "src" not in captured:
                 raise LayerError(f"{self.dst_layer!r} ran before {self.src_layer!r}; cannot patch")
-            return self.dst_selector.replace(output, self._predict(captured.pop("src"), self.dst_selector.get(output)))
+            return self.dst_selector.replace(output, self._predict(captured.pop("src"), self.dst_selector.get(output), mask))
 
         with hooked(self.model, {self.src_layer: capture}):
             # prepended, so other hooks on the layer (feature collectors) see the replaced output
@@ -104,13 +143,14 @@ class PatchedModel(nn.Module):
             raise LayerError("the fast path needs a tensor argument to tell the batch size")
         batch, device = found
         captured: dict[str, torch.Tensor] = {}
+        mask = self._mask(args, kwargs)
 
         def capture(module: nn.Module, inputs: Any, output: Any) -> None:
             captured["src"] = self.src_selector.get(output)
 
         def supply(zeros: Any) -> Any:
             template = self.dst_selector.get(zeros)
-            value = self._predict(captured.pop("src"), None)
+            value = self._predict(captured.pop("src"), None, mask)
             return self.dst_selector.replace(zeros, value.to(dtype=template.dtype, device=template.device))
 
         with hooked(self.model, {self.src_layer: capture}):
@@ -118,17 +158,19 @@ class PatchedModel(nn.Module):
                 return self.model(*args, **kwargs)
 
     def calibrate(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the full path on this batch and, where allowed, try the fast one: it is used from
-        now on if both give the same output. Returns the full path's output."""
+        """Run the full path on this batch (in the caller's grad mode) and, where allowed, try the
+        fast one (without grad): it is used from now on if both give the same output. Returns the
+        full path's output."""
         out = self._full(*args, **kwargs)
         if self.path != "pending":
             return out
         self.path = "full"
         try:
-            self._trace = trace(self.model, lambda: self._full(*args, **kwargs))
-            self._skip = skip_plan(self._trace, self.dst_layer, after=self.src_layer)
-            if self._skip and outputs_agree(self._fast(*args, **kwargs), out):
-                self.path = "fast"
+            with torch.no_grad():
+                self._trace = trace(self.model, lambda: self._full(*args, **kwargs))
+                self._skip = skip_plan(self._trace, self.dst_layer, after=self.src_layer)
+                if self._skip and outputs_agree(self._fast(*args, **kwargs), out):
+                    self.path = "fast"
         except Exception:  # noqa: BLE001 - any failure of the short path means: use the full one
             self.path = "full"
         return out
@@ -137,12 +179,7 @@ class PatchedModel(nn.Module):
         if self.path == "fast":
             return self._fast(*args, **kwargs)
         if self.path == "pending":
-            with torch.no_grad():
-                out = self.calibrate(*args, **kwargs)
-            if not torch.is_grad_enabled():
-                return out
-            if self.path == "fast":  # calibrated without autograd: run again with it
-                return self._fast(*args, **kwargs)
+            return self.calibrate(*args, **kwargs)
         return self._full(*args, **kwargs)
 
     @property

@@ -135,8 +135,27 @@ class OutputSelector:
         return None if callable(self.select) else self.select
 
 
-#: Reads a model's output: the first tensor of whatever it returns (logits for classifiers).
-MODEL_OUTPUT = OutputSelector(None, "model output")
+class ModelOutputSelector(OutputSelector):
+    """Reads a model's scores: ``logits`` of a dict/``ModelOutput``-like output that has them
+    (a HuggingFace model given ``labels`` puts its ``loss`` first), else the first tensor."""
+
+    def _path(self, output: Any) -> Path:
+        if self.select is None and _has_logits(output):
+            return ("logits",)
+        return super()._path(output)
+
+
+def _has_logits(output: Any) -> bool:
+    if isinstance(output, Mapping):
+        return isinstance(output.get("logits"), torch.Tensor)
+    if dataclasses.is_dataclass(output) and not isinstance(output, type):
+        return isinstance(getattr(output, "logits", None), torch.Tensor)
+    return False
+
+
+#: Reads a model's output: its ``logits`` when it has them, else the first tensor of whatever
+#: it returns (logits for classifiers).
+MODEL_OUTPUT = ModelOutputSelector(None, "model output")
 
 
 def per_layer(layers: Sequence[str], value: T | Sequence[T] | Mapping[str, T], what: str) -> dict[str, T | None]:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import Subset
@@ -11,13 +12,20 @@ from torch.utils.data import Subset
 class TensorLoader:
     """Yields ``(x, y)`` batches by slicing whole tensors; a drop-in for a ``DataLoader``.
 
-    Reshuffles every epoch with its own seeded generator when ``shuffle=True``.
+    With ``keys`` (one name per tensor) it yields dicts ``{key: slice}`` instead, e.g.
+    ``{"input_ids", "attention_mask", "labels"}`` batches for ``model(**batch)``. Reshuffles
+    every epoch with its own seeded generator when ``shuffle=True``.
     """
 
-    def __init__(self, *tensors: torch.Tensor, batch_size: int = 256, shuffle: bool = False, seed: int = 0) -> None:
+    def __init__(self, *tensors: torch.Tensor, batch_size: int = 256, shuffle: bool = False, seed: int = 0,
+                 keys: Sequence[str] | None = None) -> None:
         if not tensors or any(len(t) != len(tensors[0]) for t in tensors):
             raise ValueError("TensorLoader needs one or more tensors of equal length")
+        if keys is not None and (len(keys) != len(tensors) or len(set(keys)) != len(keys)):
+            raise ValueError(f"TensorLoader needs one distinct key per tensor, got keys {list(keys)} for "
+                             f"{len(tensors)} tensors")
         self.tensors = tensors
+        self.keys = None if keys is None else tuple(keys)
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
         self._generator = torch.Generator().manual_seed(seed)
@@ -27,24 +35,35 @@ class TensorLoader:
         cls, dataset: object, batch_size: int = 256, shuffle: bool = False, seed: int = 0, limit: int | None = None
     ) -> TensorLoader:
         """From a dataset exposing ``tensors`` (TensorDataset) or ``inputs``/``targets``, or a
-        ``Subset`` of one; ``limit`` keeps the first ``limit`` samples."""
+        ``Subset`` of one; ``limit`` keeps the first ``limit`` samples. A dataset with ``keys``
+        (one name per tensor, e.g. the token task's) gives dict batches."""
         tensors = _tensors_of(dataset)
         if limit is not None:
             tensors = tuple(t[:limit] for t in tensors)
-        return cls(*tensors, batch_size=batch_size, shuffle=shuffle, seed=seed)
+        return cls(*tensors, batch_size=batch_size, shuffle=shuffle, seed=seed, keys=_keys_of(dataset))
 
     def __len__(self) -> int:
         return -(-len(self.tensors[0]) // self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+    def _batch(self, parts: tuple[torch.Tensor, ...]) -> Any:
+        return parts if self.keys is None else dict(zip(self.keys, parts))
+
+    def __iter__(self) -> Iterator[Any]:
         n = len(self.tensors[0])
         order = torch.randperm(n, generator=self._generator) if self.shuffle else None
         for start in range(0, n, self.batch_size):
             if order is None:
-                yield tuple(t[start : start + self.batch_size] for t in self.tensors)
+                yield self._batch(tuple(t[start : start + self.batch_size] for t in self.tensors))
             else:
                 idx = order[start : start + self.batch_size]
-                yield tuple(t[idx] for t in self.tensors)
+                yield self._batch(tuple(t[idx] for t in self.tensors))
+
+
+def _keys_of(dataset: object) -> tuple[str, ...] | None:
+    if isinstance(dataset, Subset):
+        return _keys_of(dataset.dataset)
+    keys = getattr(dataset, "keys", None)
+    return tuple(keys) if isinstance(keys, (tuple, list)) else None
 
 
 def _tensors_of(dataset: object) -> tuple[torch.Tensor, ...]:

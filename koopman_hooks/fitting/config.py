@@ -49,6 +49,7 @@ class ProbeConfig:
     input_key: str | None = None
     label_key: str | None = None
     ignore_keys: tuple[str, ...] = ()
+    mask_key: str | None = "attention_mask"
     seed: int = 0
 
     def __post_init__(self) -> None:

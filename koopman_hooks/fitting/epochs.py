@@ -105,6 +105,11 @@ def rotated_states(rows: Mapping[str, torch.Tensor], rotations: Sequence[torch.T
     return out
 
 
+def _mask(rows: Mapping[str, torch.Tensor], device: torch.device) -> torch.Tensor | None:
+    """The cached rows' attention mask (for token reductions), if the inputs had one."""
+    return rows["mask"].to(device) if "mask" in rows else None
+
+
 @torch.no_grad()
 def refit_operator(ae: KoopmanAutoencoder, cache: StateCache, rows: torch.Tensor, rotations: Sequence[torch.Tensor | None],
                    device: torch.device, ridge: float) -> None:
@@ -132,7 +137,7 @@ def score(ae: KoopmanAutoencoder, cache: StateCache, rows: torch.Tensor, rotatio
             state_fvu[j].update(ae.decoder(ae.operator.step(z0, offset)), states[j + 1])
         latent_fvu.update(ae.operator.step(z0, ae.offsets[-1]), ae.encoder(states[-1]))
         if tail is not None:
-            predicted = last.inverse(ae.predict(states[0], ae.offsets[-1]))
+            predicted = last.inverse(ae.predict(states[0], ae.offsets[-1]), mask=_mask(batch, device))
             output = tail(batch, predicted)
             reference = batch["scores"].to(device)
             hits += (MODEL_OUTPUT.get(output).argmax(-1) == reference.argmax(-1)).sum()
@@ -194,7 +199,8 @@ def train(
             losses = koopman_losses(ae, states, weights, topological, schedule.ridge)
             prediction = losses.pop("prediction")
             if tail is not None and weights.output:
-                losses["output"] = output_matching_loss(tail(batch, last.inverse(prediction)), batch["scores"].to(device))
+                predicted = last.inverse(prediction, mask=_mask(batch, device))
+                losses["output"] = output_matching_loss(tail(batch, predicted), batch["scores"].to(device))
                 losses["total"] = losses["total"] + weights.output * losses["output"]
             optimiser.zero_grad(set_to_none=True)
             losses["total"].backward()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from koopman_hooks.core import distributed
-from koopman_hooks.core.batches import BatchSpec, Inputs, batch_size_of, call_model, repeated_rows, select_rows
+from koopman_hooks.core.batches import BatchSpec, Inputs, batch_size_of, call_model, mask_of, repeated_rows, select_rows
 from koopman_hooks.core.capture import Captured, capture_batch, iter_captures
 from koopman_hooks.core.layers import get_module, module_device, unwrap_model
 from koopman_hooks.core.patching import PatchedModel, TailRunner
@@ -124,9 +125,16 @@ class FittedProbe:
         selectors = {name: self.selector(name) for name in self.layers}
         return capture_batch(self.model, selectors, batch, self.batch_spec, stop_early=stop_early, shapes=self.shapes)
 
-    def adapted(self, activations: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Every probed layer's adapted state ``(B, width)``, in layer order."""
-        return [self.adapters[name](activations[name].to(self.device, torch.float32)) for name in self.layers]
+    def mask_of(self, inputs: Inputs) -> torch.Tensor | None:
+        """The attention mask of a batch's inputs (``config.mask_key``), on the probe's device."""
+        mask = mask_of(inputs, self.config.mask_key)
+        return None if mask is None else mask.to(self.device)
+
+    def adapted(self, activations: Mapping[str, torch.Tensor], mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Every probed layer's adapted state ``(B, width)``, in layer order (``mask``: the
+        inputs' attention mask, see :meth:`mask_of`)."""
+        mask = None if mask is None else mask.to(self.device)
+        return [self.adapters[name](activations[name].to(self.device, torch.float32), mask) for name in self.layers]
 
     # ------------------------------------------------------------------ artifacts
 
@@ -174,14 +182,22 @@ class FittedProbe:
 
         ``surrogate`` defaults to :meth:`surrogate` (``src``/``dst`` choose the layers); an
         edited surrogate patches the same way. The model is shared. See
-        :class:`~koopman_hooks.core.patching.PatchedModel` for ``strict`` and ``fast``.
+        :class:`~koopman_hooks.core.patching.PatchedModel` for ``strict`` and ``fast``;
+        ``strict=False`` warns when the fit found that what the last layer's lossy reduction
+        ignores reaches the model's output (the mixed model's figures are then not the
+        surrogate's alone).
         """
         if surrogate is None:
             surrogate = self.surrogate(src, dst)
         src_layer = getattr(surrogate, "src_layer", None) or self.layers[self.layer_index(src, 0)]
         dst_layer = getattr(surrogate, "dst_layer", None) or self.layers[self.layer_index(dst, -1)]
+        if not strict and dst_layer == self.layers[-1] and self.info.get("lossy_reduction_reaches_output"):
+            warnings.warn(
+                f"patch(strict=False): what reduce={self.adapters[dst_layer].reduce!r} ignores at {dst_layer!r} reaches "
+                "the model's output, so this mixed model copies part of the real forward pass: its figures are a "
+                "diagnostic, not the surrogate's; use strict=True (the default) for those", stacklevel=2)
         return PatchedModel(self.model, surrogate, src_layer, dst_layer, self.selector(src_layer), self.selector(dst_layer),
-                            strict=strict, fast=fast)
+                            strict=strict, fast=fast, mask_key=self.config.mask_key)
 
     def find_tail(self, captured: Captured) -> None:
         """Look once, on a real batch, for a runner of the model's tail after the last probed
@@ -203,7 +219,8 @@ class FittedProbe:
         if self.tail is not None and states is not None and hasattr(surrogate, "from_adapted"):
             if getattr(surrogate, "dst_layer", None) == self.tail.dst:
                 stand_in = inputs if self.tail_example is None else repeated_rows(self.tail_example, len(states))
-                return self.tail(stand_in, surrogate.from_adapted(states))  # type: ignore[operator]
+                predicted = surrogate.from_adapted(states, mask=self.mask_of(inputs))  # type: ignore[operator]
+                return self.tail(stand_in, predicted)
         if self._patched is None or self._patched[0] is not surrogate:
             self._patched = (surrogate, self.patch(surrogate))
         return call_model(self._patched[1], inputs)

@@ -16,13 +16,14 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from koopman_hooks.core.batches import BatchSpec, Inputs, batch_size_of, call_model, repeated_rows, select_rows
+from koopman_hooks.core.batches import BatchSpec, Inputs, batch_size_of, call_model, mask_of, repeated_rows, select_rows
 from koopman_hooks.core.capture import Captured, capture_batch, iter_captures
 from koopman_hooks.core.patching import TailRunner
 from koopman_hooks.core.select import MODEL_OUTPUT, OutputSelector
 from koopman_hooks.core.skipping import Trace, skip_plan, trace
 from koopman_hooks.errors import EmptyLoaderError
 from koopman_hooks.fitting.cache import StateCache
+from koopman_hooks.fitting.head import head_reduce
 from koopman_hooks.fitting.sizing import module_macs
 from koopman_hooks.koopman.adapters import AdapterFitter, LayerAdapter
 from koopman_hooks.maths.stats import StreamingMoments
@@ -41,6 +42,7 @@ class Calibration:
     replaced_macs: int | None = None
     tail: TailRunner | None = None
     tail_inputs: TailInputs | None = None
+    reduce: str | None = None  # the token reduction that follows the head at the last layer, if found
     notes: dict[str, str] = field(default_factory=dict)
 
 
@@ -57,9 +59,10 @@ def _per_sample_macs(model: nn.Module, example: Inputs, calib_trace: Trace, laye
 
 
 def calibrate(model: nn.Module, captured: Captured, layers: Sequence[str], selectors: Mapping[str, OutputSelector],
-              want_tail: bool) -> Calibration:
+              want_tail: bool, detect_head: bool = False, mask_key: str | None = None) -> Calibration:
     """Trace the model on (up to 8 rows of) the first batch; find its tail after the last probed
-    layer and whether stand-in inputs (the first row repeated) are enough to run it."""
+    layer and whether stand-in inputs (the first row repeated) are enough to run it; with
+    ``detect_head``, the token reduction that follows what the head reads of the last layer."""
     rows = torch.arange(min(CALIBRATION_ROWS, batch_size_of(captured.inputs)))
     example = select_rows(captured.inputs, rows)
     calib_trace = trace(model, lambda: call_model(model, example))
@@ -68,6 +71,11 @@ def calibrate(model: nn.Module, captured: Captured, layers: Sequence[str], selec
     calibration = Calibration(example, calib_trace, n_outputs)
     last = layers[-1]
     calibration.replaced_macs = _per_sample_macs(model, example, calib_trace, layers)
+    if detect_head and captured.activations[last].ndim == 3:
+        mask = mask_of(example, mask_key)
+        reading = head_reduce(model, last, selectors[last], example, captured.activations[last][rows], mask)
+        calibration.reduce = reading.reduce
+        calibration.notes["reduce"] = reading.reason
     labels = captured.labels
     classifier = (n_outputs is not None and isinstance(labels, torch.Tensor) and labels.dim() == 1
                   and not labels.dtype.is_floating_point and labels.dtype != torch.bool
@@ -105,10 +113,11 @@ def find_tail(model: nn.Module, example: Inputs, real: torch.Tensor, last: str,
 def fit_adapters(
     model: nn.Module, layers: Sequence[str], selectors: Mapping[str, OutputSelector], loader: Iterable[Any],
     spec: BatchSpec, reduce: Mapping[str, str | None], device: torch.device,
-    on_first: Callable[[Captured], None] | None = None,
+    on_first: Callable[[Captured], Mapping[str, str] | None] | None = None, mask_key: str | None = None,
 ) -> AdapterFitter:
     """Pass 1: stream every probed layer's reduced activations, stopping each forward pass after
-    the last probed layer -- except on the first batch, which ``on_first(captured)`` sees whole."""
+    the last probed layer -- except on the first batch, which ``on_first(captured)`` sees whole
+    (it may return reductions for layers left to the default)."""
     fitter = AdapterFitter(layers, reduce, device=device)
     seen = False
     for i, batch in enumerate(loader):
@@ -116,8 +125,9 @@ def fit_adapters(
         with torch.no_grad():
             captured = capture_batch(model, selectors, batch, spec, stop_early=i > 0)
         if i == 0 and on_first is not None:
-            on_first(captured)
-        fitter.update(captured.activations)
+            chosen = on_first(captured) or {}
+            fitter.reduce.update({name: r for name, r in chosen.items() if fitter.reduce.get(name) is None})
+        fitter.update(captured.activations, mask_of(captured.inputs, mask_key))
     if not seen:
         raise EmptyLoaderError()
     return fitter
@@ -154,11 +164,12 @@ def fill_cache(
     keep_inputs: bool,
     sample: Sample | None,
     moments: PairMoments | None = None,
+    mask_key: str | None = None,
 ) -> torch.Tensor:
     """Pass 2: the rows ``sample`` keeps go to the cache -- adapted states (``s0``, ``s1``, ...),
-    scores, labels and, with ``keep_inputs``, inputs (``in`` or ``in.<key>``) -- and every row it
-    does not hold out updates ``moments`` (``sample=None``: every row is kept, as a held-out row).
-    Returns, for each cached row, whether it is held out."""
+    scores, labels, the attention ``mask`` and, with ``keep_inputs``, inputs (``in`` or
+    ``in.<key>``) -- and every row it does not hold out updates ``moments`` (``sample=None``:
+    every row is kept, as a held-out row). Returns, for each cached row, whether it is held out."""
     start = 0
     held: list[torch.Tensor] = []
     for captured in iter_captures(model, selectors, loader, spec, stop_early=not keep_scores, shapes=shapes):
@@ -171,14 +182,18 @@ def fill_cache(
         else:
             keep, out = sample.kept[start : start + n], sample.held_out[start : start + n]
         start += n
+        mask = mask_of(captured.inputs, mask_key)
         with torch.no_grad():
-            states = [adapters[name](captured.activations[name].to(device, torch.float32)) for name in layers]
+            states = [adapters[name](captured.activations[name].to(device, torch.float32),
+                                     None if mask is None else mask.to(device)) for name in layers]
         if moments is not None and (~out).any():
             moments.update([s[(~out).to(s.device)] for s in states])
         if not keep.any():
             continue
         rows = keep.nonzero().squeeze(1)
         fields: dict[str, torch.Tensor] = {f"s{i}": s[rows.to(s.device)] for i, s in enumerate(states)}
+        if mask is not None:
+            fields["mask"] = mask[rows.to(mask.device)]
         if keep_scores:
             fields["scores"] = MODEL_OUTPUT.get(captured.output).detach().float()[rows.to(device)]
         if captured.labels is not None:

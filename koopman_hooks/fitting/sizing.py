@@ -12,7 +12,7 @@
 - batch size: about 50 steps per epoch, 64 to 512 rows.
 
 Multiply-adds are counted on one real sample by hooks on the leaf modules that do them
-(``Linear``, convolutions, ``Bilinear``); matrix products outside such modules, e.g. attention
+(``Linear``, convolutions, ``Bilinear``, HuggingFace's ``Conv1D``); matrix products outside such modules, e.g. attention
 scores, are not counted, so the budget errs on the cheap side for token models.
 """
 
@@ -56,6 +56,9 @@ def _leaf_macs(module: nn.Module, output: Any) -> int:
         return output.numel() * module.in_features
     if isinstance(module, nn.Bilinear):
         return output.numel() * module.in1_features * module.in2_features
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.ndim == 2:
+        return output.numel() * int(weight.shape[0])  # HuggingFace's Conv1D: a Linear with weight (in, out)
     if isinstance(module, nn.modules.conv._ConvNd):
         kernel = 1
         for k in module.kernel_size:

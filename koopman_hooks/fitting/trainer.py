@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from koopman_hooks.core import distributed
-from koopman_hooks.core.batches import BatchSpec, move_inputs, repeated_rows
+from koopman_hooks.core.batches import BatchSpec, mask_of, move_inputs, repeated_rows
 from koopman_hooks.core.capture import Captured
 from koopman_hooks.core.hooks import frozen_parameters, preserved_state
 from koopman_hooks.core.layers import module_device
@@ -33,6 +33,7 @@ from koopman_hooks.fitting.cache import StateCache
 from koopman_hooks.fitting.config import ProbeConfig
 from koopman_hooks.fitting.epochs import Schedule, Tail, refit_operator, train
 from koopman_hooks.fitting.fitted import FittedProbe
+from koopman_hooks.fitting.head import ignored_part_reaches_output
 from koopman_hooks.fitting.passes import Calibration, PairMoments, Sample, calibrate, fill_cache, fit_adapters, inputs_of
 from koopman_hooks.koopman.adapters import LayerAdapter
 from koopman_hooks.koopman.autoencoder import AutoencoderConfig, KoopmanAutoencoder
@@ -105,12 +106,15 @@ class _Run:
         config = self.config
         found: dict[str, Calibration] = {}
         want_tail = config.loss_weights.output is None or config.loss_weights.output > 0
+        detect_head = config.per_layer("reduce")[self.layers[-1]] is None
 
-        def on_first(captured: Captured) -> None:
-            found["calibration"] = calibrate(self.model, captured, self.layers, self.selectors, want_tail)
+        def on_first(captured: Captured) -> dict[str, str]:
+            found["calibration"] = calib = calibrate(self.model, captured, self.layers, self.selectors, want_tail,
+                                                     detect_head, config.mask_key)
+            return {} if calib.reduce is None else {self.layers[-1]: calib.reduce}
 
         fitter = fit_adapters(self.model, self.layers, self.selectors, loader, self.spec, config.per_layer("reduce"),
-                              self.device, on_first)
+                              self.device, on_first, config.mask_key)
         parts = distributed.gathered(fitter.n)
         fitter = distributed.merged(fitter)
         calib = agreed(found["calibration"])
@@ -121,8 +125,8 @@ class _Run:
         if config.latent_dim is not None and config.width is None and width > config.latent_dim:
             width, self.notes["width"] = config.latent_dim, f"capped at latent_dim={config.latent_dim}"
         elif config.width is None and config.latent_dim is None:
-            features = [fitter.moments[name].dim for name in (self.layers[0], self.layers[-1])]
-            width, self.notes["width"] = sizing.width_for(width, *features, calib.replaced_macs)
+            features_in, features_out = fitter.moments[self.layers[0]].dim, fitter.moments[self.layers[-1]].dim
+            width, self.notes["width"] = sizing.width_for(width, features_in, features_out, calib.replaced_macs)
         return fitter.finalize(width), calib
 
     def cache(self, cache: StateCache, adapters: Mapping[str, LayerAdapter], calib: Calibration, loader: Iterable[Any],
@@ -136,11 +140,12 @@ class _Run:
         held = 0 if val_loader is not None else held_out_rows(self.rows, self.config.val_fraction, world)
         sample = Sample.draw(self.rows, held, CACHED_TRAIN_ROWS // world, self.generator)
         args = (self.model, self.layers, self.selectors, adapters)
+        mask_key = self.config.mask_key
         flags = [fill_cache(cache, *args, loader, self.spec, self.shapes, self.device, keep_scores, keep_inputs, sample,
-                            self.moments)]
+                            self.moments, mask_key)]
         if val_loader is not None:
             flags.append(fill_cache(cache, *args, val_loader, self.spec, self.shapes, self.device, keep_scores,
-                                    keep_inputs, None))
+                                    keep_inputs, None, None, mask_key))
         cache.finalize()
         out = torch.cat(flags)
         self.moments = distributed.merged(self.moments)
@@ -185,10 +190,14 @@ class _Run:
         if config.operator_fit == "ridge":
             refit_operator(ae, cache, train_rows, rotations, device, config.ridge)
         held_out = int(distributed.summed([len(val_rows)])[0])
+        last = layers[-1]
+        reaches = ignored_part_reaches_output(self.model, last, self.selectors[last], adapters[last], calib.example,
+                                              mask_of(calib.example, config.mask_key))
         info: dict[str, Any] = {
             "fit_samples": total_rows, "held_out_samples": held_out, "world_size": distributed.world_size(),
             "epochs_run": outcome.epochs_run, "kept_epoch": outcome.kept_epoch, "output_loss": bool(weights.output),
-            "tail_inputs": calib.tail_inputs,
+            "tail_inputs": calib.tail_inputs, "reduce": {name: adapters[name].reduce for name in layers},
+            "lossy_reduction_reaches_output": reaches,
             "start_score": None if outcome.start_score is None else outcome.start_score.describe(),
             "kept_score": None if outcome.kept_score is None else outcome.kept_score.describe(),
         }

@@ -32,7 +32,8 @@ class LayerAdapter(nn.Module):
     ``forward(x) = ((reduce(x) - mean) @ basis) / scale`` and ``inverse`` undoes it. The
     ``basis`` has orthonormal (or zero, when the layer is narrower than ``width``) columns.
     ``template`` (optional) is the layer's mean activation, used to decode a lossy reduction
-    when the real output is not at hand (strict mode).
+    when the real output is not at hand (strict mode). ``mask`` arguments are the inputs'
+    ``(B, N)`` attention mask, which the ``"last"`` and ``"mean"`` token reductions read.
     """
 
     mean: torch.Tensor
@@ -67,21 +68,37 @@ class LayerAdapter(nn.Module):
         """Number of reduced features the PCA acts on."""
         return int(self.basis.shape[0])
 
-    def reduced(self, x: torch.Tensor) -> torch.Tensor:
-        """The reduced features ``(B, F)`` the PCA acts on."""
-        return reduce_activation(x.float(), self.reduce)
+    @property
+    def lossy(self) -> bool:
+        """Whether the reduction ignores part of the layer's output."""
+        return is_lossy(self.reduce, self.shape)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.reduced(x) - self.mean) @ self.basis / self.scale
+    def reduced(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The reduced features ``(B, F)`` the PCA acts on."""
+        return reduce_activation(x.float(), self.reduce, mask)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return (self.reduced(x, mask) - self.mean) @ self.basis / self.scale
 
     def decode_features(self, a: torch.Tensor) -> torch.Tensor:
         """Adapted vectors back to reduced features ``(B, F)``."""
         return a @ self.basis.T * self.scale + self.mean
 
-    def inverse(self, a: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+    def inverse(self, a: torch.Tensor, like: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Adapted vectors back to the layer's own shape; a lossy reduction keeps what it
         ignores from ``like`` (the real output) or, without it, from ``template``."""
-        return expand_activation(self.decode_features(a), self.reduce, self.shape, like if like is not None else self.template)
+        return expand_activation(self.decode_features(a), self.reduce, self.shape,
+                                 like if like is not None else self.template, mask)
+
+    def with_template(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` with what the reduction ignores replaced by the template (the training mean):
+        the layer's output as a strict patch would see it, were the reduced features exact."""
+        if not self.lossy or self.template is None:
+            return x
+        device = self.template.device
+        mask = None if mask is None else mask.to(device)
+        kept = reduce_activation(x.to(device, torch.float32), self.reduce, mask)
+        return expand_activation(kept, self.reduce, self.shape, self.template, mask).to(dtype=x.dtype, device=x.device)
 
     def rotated(self, rotation: torch.Tensor) -> LayerAdapter:
         """A copy whose output is multiplied by the orthogonal ``rotation`` (width x width)."""
@@ -179,12 +196,14 @@ class AdapterFitter:
             self.moments[name] = StreamingMoments(dims[name], device=self.device)
 
     @torch.no_grad()
-    def update(self, activations: Mapping[str, torch.Tensor]) -> AdapterFitter:
-        """Fold in one batch of raw activations ``{layer: (B, ...)}``."""
+    def update(self, activations: Mapping[str, torch.Tensor], mask: torch.Tensor | None = None) -> AdapterFitter:
+        """Fold in one batch of raw activations ``{layer: (B, ...)}`` (``mask``: the inputs'
+        attention mask, for token reductions)."""
         if not self.moments:
             self._start(activations)
+        mask = None if mask is None else mask.to(self.device)
         for name in self.layers:
-            flat = reduce_activation(activations[name].to(self.device, torch.float32), self.reduce[name] or "flatten")
+            flat = reduce_activation(activations[name].to(self.device, torch.float32), self.reduce[name] or "flatten", mask)
             self.moments[name].update(flat)
             total = activations[name].to(self.device, torch.float64).sum(0)
             self.sums[name] = total if name not in self.sums else self.sums[name] + total

@@ -13,6 +13,7 @@ from torch import nn
 from koopman_hooks.core.schema import check_fields
 from koopman_hooks.core.select import MODEL_OUTPUT
 from koopman_hooks.koopman.autoencoder import KoopmanAutoencoder
+from koopman_hooks.koopman.operator import advance
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,7 @@ def koopman_losses(
     offsets = model.offsets
     pairs = [(0, j) for j in range(1, len(states))]
     pairs += [(i, i + 1) for i in range(1, len(states) - 1)]
-    powers = {s: torch.linalg.matrix_power(k, s).T for s in {offsets[j] - offsets[i] for i, j in pairs}}
-    advanced = [latents[i] @ powers[offsets[j] - offsets[i]] for i, j in pairs]
+    advanced = [advance(k, latents[i], offsets[j] - offsets[i]) for i, j in pairs]
     # one decoder call for every reconstruction and every prediction
     decoded = model.decoder(torch.cat([*latents, *advanced])).split(sizes + [len(z) for z in advanced])
     losses: dict[str, torch.Tensor] = {}

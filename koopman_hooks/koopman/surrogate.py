@@ -98,10 +98,11 @@ class KoopmanSurrogate(nn.Module):
     def latent_dim(self) -> int:
         return self.operator.shape[0] - 1
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Latent state ``φ(adapter(x))`` of a batch of source activations."""
+    def encode(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Latent state ``φ(adapter(x))`` of a batch of source activations (``mask``: the
+        inputs' attention mask, read by token reductions)."""
         check_shape(self.src_layer, x, self.in_adapter.shape)
-        return self.encoder(self.in_adapter(x))
+        return self.encoder(self.in_adapter(x, mask))
 
     def advance(self, z: torch.Tensor, steps: int | None = None) -> torch.Tensor:
         """Apply ``K`` ``steps`` times (default: all) to latent rows, in homogeneous form."""
@@ -116,9 +117,9 @@ class KoopmanSurrogate(nn.Module):
         """``E K^k`` in float64: the homogeneous map from ``z_0`` to the latent the decoder reads."""
         return self.readout.double() @ torch.linalg.matrix_power(self.operator.double(), self.steps)
 
-    def latent_trajectory(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def latent_trajectory(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Latent states after 0, 1, ..., ``steps`` applications of K (before the readout)."""
-        z = self.encode(x)
+        z = self.encode(x, mask)
         states = [z]
         for _ in range(self.steps):
             states.append(self.advance(states[-1], 1))
@@ -134,22 +135,26 @@ class KoopmanSurrogate(nn.Module):
             self.__dict__["_endpoint"] = cached = (key, value)
         return cached[1]
 
-    def final_latent(self, x: torch.Tensor) -> torch.Tensor:
+    def final_latent(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The latent state fed to the decoder: ``E K^k φ(adapter(x))``."""
-        return apply_homogeneous(self.endpoint(), self.encode(x))
+        return apply_homogeneous(self.endpoint(), self.encode(x, mask))
 
-    def forward(self, x: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
-        """Predict ``dst_layer``'s activation (``like``, its real output, for lossy adapters);
-        activations of another shape than fitted raise :class:`~koopman_hooks.errors.ShapeError`."""
+    def forward(self, x: torch.Tensor, like: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict ``dst_layer``'s activation. ``like`` is its real output (the "mixed"
+        diagnostic of a lossy reduction; ``None``: the training-mean template, strict), ``mask``
+        the inputs' ``(B, N)`` attention mask, read by the ``"last"``/``"mean"`` reductions.
+        Activations of another shape than fitted raise :class:`~koopman_hooks.errors.ShapeError`."""
         check_shape(self.src_layer, x, self.in_adapter.shape)
         if like is not None:
             check_shape(self.dst_layer, like, self.out_adapter.shape)
-        return self.from_adapted(self.in_adapter(x.to(self.operator.device)), like)
+        device = self.operator.device
+        mask = None if mask is None else mask.to(device)
+        return self.from_adapted(self.in_adapter(x.to(device), mask), like, mask)
 
-    def from_adapted(self, a: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+    def from_adapted(self, a: torch.Tensor, like: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The prediction from ``src_layer``'s *adapted* state ``a`` (what ``in_adapter`` gives)."""
         z = apply_homogeneous(self.endpoint(), self.encoder(a))
-        return self.out_adapter.inverse(self.decoder(z), like)
+        return self.out_adapter.inverse(self.decoder(z), like, None if mask is None else mask.to(z.device))
 
     def edited(self, operator: torch.Tensor | None = None, readout: torch.Tensor | None = None, **info: Any) -> KoopmanSurrogate:
         """A new surrogate with the operator and/or endpoint map replaced."""

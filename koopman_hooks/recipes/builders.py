@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from koopman_hooks.core.schema import closest, from_mapping
-from koopman_hooks.data import YinYangDataset, load_mnist
+from koopman_hooks.data import TokenSequenceDataset, YinYangDataset, load_mnist
 from koopman_hooks.errors import ConfigError
 from koopman_hooks.models import ResMLP
 
@@ -67,10 +67,54 @@ class ViTModel:
         return mnist_vit(num_classes, **options)
 
 
-ModelSection = ResMLPModel | ResNetModel | ViTModel
-MODEL_KINDS: dict[str, type[ResMLPModel] | type[ResNetModel] | type[ViTModel]] = {
-    "resmlp": ResMLPModel, "mnist_resnet18": ResNetModel, "mnist_vit": ViTModel,
+@dataclass(frozen=True)
+class BertModel:
+    """``kind = "hf_bert"``: :func:`~koopman_hooks.text.bert_classifier` (HuggingFace
+    ``BertForSequenceClassification`` from a config; probe ``bert.encoder.layer.*``)."""
+
+    kind: Literal["hf_bert"]
+    vocab_size: int = 16
+    hidden_size: int = 32
+    num_layers: int = 2
+    num_heads: int = 2
+    intermediate_size: int = 64
+    max_positions: int = 64
+    initializer_range: float = 0.1
+    dropout: float = 0.0
+
+    def build(self, num_classes: int) -> nn.Module:
+        from koopman_hooks.text import bert_classifier
+
+        return bert_classifier(num_classes, **{k: v for k, v in asdict(self).items() if k != "kind"})
+
+
+@dataclass(frozen=True)
+class GPT2Model:
+    """``kind = "hf_gpt2"``: :func:`~koopman_hooks.text.gpt2_classifier` (HuggingFace
+    ``GPT2ForSequenceClassification`` from a config; probe ``transformer.h.*``)."""
+
+    kind: Literal["hf_gpt2"]
+    vocab_size: int = 16
+    hidden_size: int = 32
+    num_layers: int = 2
+    num_heads: int = 2
+    max_positions: int = 64
+    initializer_range: float = 0.1
+    dropout: float = 0.0
+
+    def build(self, num_classes: int) -> nn.Module:
+        from koopman_hooks.text import gpt2_classifier
+
+        return gpt2_classifier(num_classes, **{k: v for k, v in asdict(self).items() if k != "kind"})
+
+
+ModelSection = ResMLPModel | ResNetModel | ViTModel | BertModel | GPT2Model
+MODEL_KINDS: dict[str, type[ResMLPModel] | type[ResNetModel] | type[ViTModel] | type[BertModel] | type[GPT2Model]] = {
+    "resmlp": ResMLPModel, "mnist_resnet18": ResNetModel, "mnist_vit": ViTModel, "hf_bert": BertModel,
+    "hf_gpt2": GPT2Model,
 }
+#: classes of each ``[data]`` dataset
+NUM_CLASSES = {"yinyang": 3, "mnist": 10, "tokens": 4}
 
 
 def check_model_section(raw: Any) -> ModelSection:
@@ -84,7 +128,19 @@ def check_model_section(raw: Any) -> ModelSection:
     return from_mapping(MODEL_KINDS[kind], {**raw, "kind": kind}, "model")
 
 
-DATASET_CLASSES = {"yinyang": 3, "mnist": 10}
+def check_data_model(data: Any, model: ModelSection) -> None:
+    """Refuse a model that cannot read the data: text models need the token task and a
+    vocabulary and positions covering it; the other models cannot read tokens."""
+    text = isinstance(model, (BertModel, GPT2Model))
+    if text != (data.dataset == "tokens"):
+        raise ConfigError(f"model.kind {model.kind!r} cannot read data.dataset {data.dataset!r}: "
+                          "the hf_* kinds read the 'tokens' dataset, the others read yinyang/mnist")
+    if text and isinstance(model, (BertModel, GPT2Model)):
+        if model.vocab_size < data.vocab_size:
+            raise ConfigError(f"model.vocab_size ({model.vocab_size}) is smaller than data.vocab_size ({data.vocab_size})")
+        if model.max_positions < data.max_length + 1:
+            raise ConfigError(f"model.max_positions ({model.max_positions}) must be at least data.max_length + 1 "
+                              f"({data.max_length + 1}: [CLS] and the longest sequence)")
 
 
 def build_datasets(data: Any, seed: int, data_root: str | None) -> tuple[Dataset, Dataset, int]:
@@ -92,11 +148,16 @@ def build_datasets(data: Any, seed: int, data_root: str | None) -> tuple[Dataset
     if data.dataset == "yinyang":
         train = YinYangDataset(data.train_size or 10000, seed=data.data_seed + 2 * seed)
         test = YinYangDataset(data.test_size or 2000, seed=data.data_seed + 2 * seed + 1)
-        return train, test, DATASET_CLASSES["yinyang"]
+        return train, test, NUM_CLASSES["yinyang"]
+    if data.dataset == "tokens":
+        options = {"vocab_size": data.vocab_size, "min_length": data.min_length, "max_length": data.max_length}
+        train_tokens = TokenSequenceDataset(data.train_size or 4000, seed=data.data_seed + 2 * seed, **options)
+        test_tokens = TokenSequenceDataset(data.test_size or 1000, seed=data.data_seed + 2 * seed + 1, **options)
+        return train_tokens, test_tokens, NUM_CLASSES["tokens"]
     root = data_root or data.data_root
     train_set = load_mnist(True, root, limit=data.train_size, flatten=data.flatten)
     test_set = load_mnist(False, root, limit=data.test_size, flatten=data.flatten)
-    return train_set, test_set, DATASET_CLASSES["mnist"]
+    return train_set, test_set, NUM_CLASSES["mnist"]
 
 
 def model_factory(model: ModelSection, num_classes: int) -> Callable[[], nn.Module]:

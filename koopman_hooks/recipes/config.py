@@ -22,7 +22,7 @@ import tomllib
 
 from koopman_hooks.core.schema import check, closest, from_mapping
 from koopman_hooks.errors import ConfigError
-from koopman_hooks.recipes.builders import ModelSection, check_model_section
+from koopman_hooks.recipes.builders import ModelSection, check_data_model, check_model_section
 from koopman_hooks.unlearning.options import EditOptions, Method
 
 Baseline = Literal["original", "retrain", "finetune", "neggrad_plus", "leace_baseline"]
@@ -30,12 +30,18 @@ Baseline = Literal["original", "retrain", "finetune", "neggrad_plus", "leace_bas
 
 @dataclass(frozen=True)
 class DataSection:
-    dataset: Literal["yinyang", "mnist"]
+    """``[data]``: the dataset; ``vocab_size``, ``min_length`` and ``max_length`` shape the
+    ``"tokens"`` task (:class:`~koopman_hooks.data.TokenSequenceDataset`)."""
+
+    dataset: Literal["yinyang", "mnist", "tokens"]
     train_size: int | None = None
     test_size: int | None = None
     data_seed: int = 0
     flatten: bool = False
     data_root: str | None = None
+    vocab_size: int = 16
+    min_length: int = 6
+    max_length: int = 16
 
 
 @dataclass(frozen=True)
@@ -142,6 +148,7 @@ def parse_recipe(raw: Mapping[str, Any], default_name: str = "recipe") -> Recipe
         if key in raw:
             values[key] = from_mapping(cls, raw[key], key)
     values["model"] = check_model_section(raw["model"])
+    check_data_model(values["data"], values["model"])
     if "probe" in raw:
         values["probe"] = _probe_section(raw["probe"])
     targets = check(raw.get("targets", {}), dict[str, str], "targets")

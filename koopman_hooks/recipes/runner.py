@@ -19,7 +19,7 @@ from koopman_hooks.core.serialization import load_tensors, save_tensors
 from koopman_hooks.data import TensorLoader
 from koopman_hooks.errors import ConfigError, LayerError
 from koopman_hooks.probe import KoopmanProbe
-from koopman_hooks.recipes.builders import DATASET_CLASSES, build_datasets, check_model_section, model_factory
+from koopman_hooks.recipes.builders import NUM_CLASSES, build_datasets, check_model_section, model_factory
 from koopman_hooks.recipes.config import Recipe
 from koopman_hooks.recipes.report import build_report, write_report
 from koopman_hooks.recipes.sections import SECTIONS, RunContext
@@ -52,7 +52,7 @@ def check_recipe(recipe: Recipe) -> None:
     """Everything that can be checked before training: the probe's options and layers, and the
     layers of ``[topology]`` and ``[report]``, on an untrained model of the recipe's kind; the
     classes of ``[unlearning]`` against the dataset's."""
-    num_classes = DATASET_CLASSES[recipe.data.dataset]
+    num_classes = NUM_CLASSES[recipe.data.dataset]
     model = recipe.model.build(num_classes)
     make_probe(recipe, model, 0, verbose=False)
     for key, layers in (("topology.layers", recipe.topology and recipe.topology.layers),

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from koopman_hooks.core.batches import call_model, move_inputs, split_batch
-from koopman_hooks.training import Loader, train_classifier
+from koopman_hooks.core.batches import BatchSpec, call_model, move_inputs
+from koopman_hooks.core.select import MODEL_OUTPUT
+from koopman_hooks.training import Loader, labelled, train_classifier
 
 # --------------------------------------------------------------------------- training baselines
 
@@ -30,11 +31,13 @@ def retrain(
     weight_decay: float = 0.0,
     device: str | torch.device = "cpu",
     verbose: bool = False,
+    spec: BatchSpec = BatchSpec(),
 ) -> tuple[nn.Module, float]:
-    """Gold standard: train ``model_factory()`` from scratch on the retain set only."""
+    """Gold standard: train ``model_factory()`` from scratch on the retain set only (``spec``:
+    how batches split into inputs and labels, as for the probe)."""
     start = time.perf_counter()
     model = model_factory()
-    train_classifier(model, retain_loader, epochs, lr, weight_decay, device, verbose, desc="retrain")
+    train_classifier(model, retain_loader, epochs, lr, weight_decay, device, verbose, desc="retrain", spec=spec)
     return model, time.perf_counter() - start
 
 
@@ -46,18 +49,17 @@ def finetune(
     weight_decay: float = 0.0,
     device: str | torch.device = "cpu",
     verbose: bool = False,
+    spec: BatchSpec = BatchSpec(),
 ) -> tuple[nn.Module, float]:
     """Fine-tune a copy of ``model`` on the retain set (AdamW, one-cycle, as ``train_classifier``)."""
     start = time.perf_counter()
     tuned = copy.deepcopy(model)
-    train_classifier(tuned, retain_loader, epochs, lr, weight_decay, device, verbose, desc="finetune")
+    train_classifier(tuned, retain_loader, epochs, lr, weight_decay, device, verbose, desc="finetune", spec=spec)
     return tuned, time.perf_counter() - start
 
 
-def _labelled(batch: Any, device: str | torch.device) -> tuple[Any, torch.Tensor]:
-    x, y = split_batch(batch)
-    if y is None:
-        raise ValueError("unlearning baselines need labelled batches")
+def _labelled(batch: Any, device: str | torch.device, spec: BatchSpec) -> tuple[Any, torch.Tensor]:
+    x, y = labelled(batch, spec, "neggrad_plus")
     return move_inputs(x, device), y.to(device)
 
 
@@ -71,6 +73,7 @@ def neggrad_plus(
     weight_decay: float = 0.0,
     max_grad_norm: float | None = None,
     device: str | torch.device = "cpu",
+    spec: BatchSpec = BatchSpec(),
 ) -> tuple[nn.Module, float]:
     """NegGrad+ (Kurmanji et al. 2023) on a copy: minimise ``alpha*CE(retain) - (1-alpha)*CE(forget)``.
 
@@ -91,9 +94,11 @@ def neggrad_plus(
     forget_batches = itertools.cycle(forget_loader)
     for _ in range(epochs):
         for retain_batch in retain_loader:
-            xr, yr = _labelled(retain_batch, device)
-            xf, yf = _labelled(next(forget_batches), device)
-            loss = alpha * loss_fn(call_model(tuned, xr), yr) - (1 - alpha) * loss_fn(call_model(tuned, xf), yf)
+            xr, yr = _labelled(retain_batch, device, spec)
+            xf, yf = _labelled(next(forget_batches), device, spec)
+            retain_logits = MODEL_OUTPUT.get(call_model(tuned, xr))
+            forget_logits = MODEL_OUTPUT.get(call_model(tuned, xf))
+            loss = alpha * loss_fn(retain_logits, yr) - (1 - alpha) * loss_fn(forget_logits, yf)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             if max_grad_norm is not None:

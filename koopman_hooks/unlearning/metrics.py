@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from koopman_hooks.core.batches import BatchSpec
 from koopman_hooks.core.capture import iter_captures
 from koopman_hooks.core.hooks import preserved_state
 from koopman_hooks.core.select import MODEL_OUTPUT, OutputSelector, Select
@@ -128,15 +129,17 @@ def probe_recall(
 
 
 def layer_batches(
-    model: nn.Module, layer: str, loader: Iterable[Any], select: Select = None, hook_on: nn.Module | None = None
+    model: nn.Module, layer: str, loader: Iterable[Any], select: Select = None, hook_on: nn.Module | None = None,
+    spec: BatchSpec = BatchSpec(),
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, Any]]:
     """Yield ``(features, labels, output)`` per labelled batch: ``layer``'s flattened output on
     the CPU and the model's output, in eval mode under ``no_grad`` (modes restored afterwards).
     For a wrapper around a shared model (a patched or LEACE-erased model), pass that model as
-    ``hook_on``: ``layer`` is then read there, after the wrapper's own edit."""
+    ``hook_on``: ``layer`` is then read there, after the wrapper's own edit. ``spec`` splits
+    the batches (dict batches go to the model as ``model(**inputs)``)."""
     selectors = {layer: OutputSelector(select, layer)}
     with preserved_state(model):
-        for captured in iter_captures(model, selectors, loader, hook_on=hook_on):
+        for captured in iter_captures(model, selectors, loader, spec, hook_on=hook_on):
             if captured.labels is None:
                 raise ValueError("unlearning metrics need labelled batches")
             features = captured.activations[layer]
@@ -144,12 +147,13 @@ def layer_batches(
 
 
 def predict_with_features(
-    model: nn.Module, layer: str, loader: Iterable[Any], select: Select = None, hook_on: nn.Module | None = None
+    model: nn.Module, layer: str, loader: Iterable[Any], select: Select = None, hook_on: nn.Module | None = None,
+    spec: BatchSpec = BatchSpec(),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits ``(n, C)``, labels ``(n,)`` and ``layer``'s flattened features ``(n, d)`` in one pass
     (see :func:`layer_batches`)."""
     logits, labels, feats = [], [], []
-    for f, y, out in layer_batches(model, layer, loader, select, hook_on):
+    for f, y, out in layer_batches(model, layer, loader, select, hook_on, spec):
         logits.append(MODEL_OUTPUT.get(out).float().cpu())
         labels.append(y)
         feats.append(f)

@@ -29,6 +29,7 @@ from koopman_hooks.unlearning.options import EditOptions
 from koopman_hooks.unlearning.statistics import Group, LatentGroupStatistics
 
 CG_TOLERANCE = 1e-4  # relative residual at which the conjugate-gradient solve stops (the moments are noisier)
+FLOAT32_CONDITION = 1e5  # moments conditioned worse than this are solved in float64
 DIRECT_LIMIT = 2500  # "auto" solves directly up to this many unknowns, d (d + 1)
 
 
@@ -115,21 +116,32 @@ def solve_metric_least_squares(
         # column-major vec: vec(G X M) = (Mᵀ ⊗ G) vec(X)
         return torch.linalg.solve(big, rhs.T.reshape(-1)).reshape(d1, d).T
     # conjugate gradients on the same SPD operator, from the Euclidean solution; the
-    # preconditioner inverts the Kronecker average X -> Ḡ X M̄. In float32: twice as fast, and
-    # the 1e-4 stopping residual is far above its precision.
+    # preconditioner inverts the Kronecker average X -> Ḡ X M̄. In float32 (twice as fast; the
+    # 1e-4 stopping residual is far above its precision) unless the moments are so ill-conditioned
+    # (a latent endpoint confined to a subspace) that float32 products break CG: then in float64,
+    # as also when a float32 solve did not converge.
     weight = sum(float(m[-1, -1]) for _, m, _ in parts)  # Σ w: the moments' constant entry is 1
     m_bar = torch.stack([m for _, m, _ in parts]).sum(0) + ridge * torch.eye(d1, dtype=torch.float64)
     g_bar = torch.stack([float(m[-1, -1]) * g for g, m, _ in parts]).sum(0) / weight
-    m_inv, g_inv = torch.linalg.inv(m_bar).float(), torch.linalg.inv(g_bar).float()
-    g32 = torch.stack([g.float() for g, _, _ in parts])
-    m32 = torch.stack([m.float() for _, m, _ in parts])
     start = torch.linalg.solve(m_bar.T, (torch.stack([tm for _, _, tm in parts]).sum(0) + ridge * identity).T).T
+    eigenvalues = torch.linalg.eigvalsh(m_bar)
+    well_conditioned = float(eigenvalues[-1]) <= FLOAT32_CONDITION * max(float(eigenvalues[0]), 1e-300)
+    for dtype in (torch.float32, torch.float64) if well_conditioned else (torch.float64,):
+        m_inv, g_inv = torch.linalg.inv(m_bar).to(dtype), torch.linalg.inv(g_bar).to(dtype)
+        gs = torch.stack([g.to(dtype) for g, _, _ in parts])
+        ms = torch.stack([m.to(dtype) for _, m, _ in parts])
 
-    def operator(x: torch.Tensor) -> torch.Tensor:
-        return (g32 @ x @ m32).sum(0) + ridge * x
+        def operator(x: torch.Tensor, gs: torch.Tensor = gs, ms: torch.Tensor = ms) -> torch.Tensor:
+            return (gs @ x @ ms).sum(0) + ridge * x
 
-    x = solve_spd(operator, rhs.float(), start.float(), lambda r: g_inv @ r @ m_inv, rtol=CG_TOLERANCE, max_iter=10 * d1)
-    return x.double()
+        def precondition(r: torch.Tensor, g: torch.Tensor = g_inv, m: torch.Tensor = m_inv) -> torch.Tensor:
+            return g @ r @ m
+
+        x = solve_spd(operator, rhs.to(dtype), start.to(dtype), precondition, rtol=CG_TOLERANCE, max_iter=10 * d1).double()
+        residual = (torch.stack([g @ x @ m for g, m, _ in parts]).sum(0) + ridge * x - rhs).norm() / rhs.norm()
+        if bool(torch.isfinite(residual)) and float(residual) <= 10 * CG_TOLERANCE:
+            break
+    return x
 
 
 def redirect_map(stats: LatentGroupStatistics, retained: list[int], options: EditOptions = EditOptions()) -> torch.Tensor:

@@ -269,8 +269,10 @@ def collect_statistics(
             if keys is None:
                 keys = torch.full_like(y, NO_GROUP)
             x0 = captured.activations[surrogate.src_layer].to(device, torch.float32)
+            mask = probe.mask_of(captured.inputs)
+            mask = None if mask is None else mask.to(device)
             with torch.no_grad():
-                z0 = surrogate.encode(x0).double()
+                z0 = surrogate.encode(x0, mask).double()
                 z = apply_homogeneous(power.to(z0.device), z0)
             jac = rows = None
             if metric == "decoder":  # the pull-back metric is averaged over a seeded subsample of rows
@@ -280,7 +282,7 @@ def collect_statistics(
             if stats.reservoir is not None:
                 predictions = scores.argmax(-1).cpu() if scores is not None else None
                 with torch.no_grad():
-                    states = surrogate.in_adapter(x0)
+                    states = surrogate.in_adapter(x0, mask)
                 stats.reservoir.update(captured.inputs, y, keys, predictions, states)
     if not distributed.summed([float(seen)])[0]:
         raise EmptyLoaderError()

@@ -31,3 +31,26 @@ def test_missing_mnist_says_what_to_do(tmp_path):
         load_mnist(True, data_root=tmp_path)
 
 
+
+
+def test_token_dataset_is_balanced_seeded_padded_and_labelled_by_its_rule():
+    from koopman_hooks.data import TensorLoader, TokenSequenceDataset, token_class
+
+    data = TokenSequenceDataset(400, seed=3)
+    again = TokenSequenceDataset(400, seed=3)
+    assert torch.equal(data.input_ids, again.input_ids) and torch.equal(data.targets, again.targets)
+    assert not torch.equal(data.input_ids, TokenSequenceDataset(400, seed=4).input_ids)
+    assert torch.bincount(data.targets).tolist() == [100] * 4
+    lengths = data.attention_mask.sum(1)
+    assert data.input_ids.shape == (400, 17) and lengths.min() >= 7 and lengths.max() <= 17  # [CLS] + 6..16 tokens
+    assert len(set(lengths.tolist())) > 5  # variable lengths: the mask matters
+    for ids, mask, label in zip(*data.tensors):
+        n = int(mask.sum())
+        assert ids[0] == 1 and (ids[n:] == 0).all() and (ids[1:n] >= 2).all() and mask[:n].all()
+        assert token_class(ids[1:n].numpy(), data.vocab_size) == label
+    item = data[0]
+    assert set(item) == {"input_ids", "attention_mask", "labels"}
+    batches = list(TensorLoader.from_dataset(data, 128))
+    assert len(batches) == 4 and set(batches[0]) == set(item) and batches[-1]["labels"].shape == (16,)
+    with pytest.raises(ValueError, match="one distinct key per tensor"):
+        TensorLoader(data.input_ids, data.targets, keys=("x",))

@@ -96,3 +96,14 @@ def test_operator_is_differentiable():
     assert op.generator.grad is not None and op.generator.grad.abs().sum() > 0
 
 
+
+
+@pytest.mark.parametrize("rows", [3, 40])
+def test_advance_applies_the_power_either_way(rows):
+    from koopman_hooks.koopman.operator import advance
+
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(12, 12, generator=g, dtype=torch.float64) / 4
+    z = torch.randn(rows, 12, generator=g, dtype=torch.float64)
+    for steps in (0, 1, 3, 5):
+        torch.testing.assert_close(advance(k, z, steps), z @ torch.linalg.matrix_power(k, steps).T)

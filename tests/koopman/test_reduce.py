@@ -33,6 +33,7 @@ def fit(x: torch.Tensor, width: int, reduce: str = "flatten") -> LayerAdapter:
         ((3, 6, 6), "pool", 12),
         ((2, 6, 9), "pool:2x3", 12),
         ((5, 4), "cls", 4),
+        ((5, 4), "last", 4),
         ((5, 4), "mean", 4),
     ],
 )
@@ -157,7 +158,7 @@ TOKENS = (5, 4)
 @pytest.mark.parametrize(
     "shape, reduce",
     [(CONV, "flatten"), (CONV, "pool:2x2"), (CONV, "pool:3x5"), (CONV, "pool:7x7"), (CONV, "pool:1x1"),
-     (TOKENS, "flatten"), (TOKENS, "cls"), (TOKENS, "mean")],
+     (TOKENS, "flatten"), (TOKENS, "cls"), (TOKENS, "last"), (TOKENS, "mean")],
 )
 def test_reduce_round_trips(shape, reduce):
     g = torch.Generator().manual_seed(0)
@@ -188,8 +189,71 @@ def test_reduce_round_trips(shape, reduce):
 def test_reductions_refuse_the_wrong_kind_of_activation():
     with pytest.raises(ValueError, match="pool"):
         reduce_activation(torch.zeros(2, *TOKENS), "pool:2x2")
-    for mode in ("cls", "mean"):
+    for mode in ("cls", "last", "mean"):
         with pytest.raises(ValueError, match=mode):
             reduce_activation(torch.zeros(2, *CONV), mode)
+
+
+def padded(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tokens ``(6, 5, 3)`` of rows with 5, 3, 1, 4, 2, 5 real tokens, their mask and lengths."""
+    lengths = torch.tensor([5, 3, 1, 4, 2, 5])
+    mask = (torch.arange(5)[None] < lengths[:, None]).long()
+    return torch.randn(6, 5, 3, generator=gen(seed)), mask, lengths
+
+
+def test_last_and_mean_read_the_real_tokens_of_padded_rows():
+    x, mask, lengths = padded()
+    rows = torch.arange(6)
+    torch.testing.assert_close(reduce_activation(x, "last", mask), x[rows, lengths - 1])
+    torch.testing.assert_close(reduce_activation(x, "last"), x[:, -1])  # no mask: the last position
+    means = torch.stack([x[i, : lengths[i]].mean(0) for i in range(6)])
+    torch.testing.assert_close(reduce_activation(x, "mean", mask), means)
+    torch.testing.assert_close(reduce_activation(x, "mean"), x.mean(1))
+    torch.testing.assert_close(reduce_activation(x, "cls", mask), x[:, 0])  # the mask does not move token 0
+
+
+@pytest.mark.parametrize("mode", ["last", "mean"])
+def test_token_expansion_writes_where_the_reduction_read(mode):
+    x, mask, lengths = padded(1)
+    flat = torch.randn(6, 3, generator=gen(2))
+    out = expand_activation(flat, mode, (5, 3), like=x, mask=mask)
+    torch.testing.assert_close(reduce_activation(out, mode, mask), flat, rtol=0, atol=1e-5)  # a right inverse
+    real = mask.bool()
+    if mode == "last":
+        touched = torch.zeros_like(real)
+        touched[torch.arange(6), lengths - 1] = True
+        torch.testing.assert_close(out[~touched], x[~touched])  # every other token is like's
+    else:
+        torch.testing.assert_close(out[~real], x[~real])  # padding is left alone
+        shift = (out - x)[real]
+        assert shift.abs().sum() > 0
+
+
+def test_strict_decoding_puts_the_prediction_where_the_head_reads():
+    x, mask, lengths = padded(3)
+    template = torch.randn(5, 3, generator=gen(4))
+    adapter = LayerAdapter((5, 3), "last", torch.zeros(3), torch.eye(3), 1.0, template)
+    a = torch.randn(6, 3, generator=gen(5))
+    out = adapter.inverse(a, mask=mask)  # strict: no real output at hand
+    rows = torch.arange(6)
+    torch.testing.assert_close(out[rows, lengths - 1], a)
+    for i, n in enumerate(lengths.tolist()):
+        keep = [j for j in range(5) if j != n - 1]
+        torch.testing.assert_close(out[i, keep], template[keep])
+    # with_template keeps what the reduction reads and puts the training mean everywhere else
+    filled = adapter.with_template(x, mask)
+    torch.testing.assert_close(filled[rows, lengths - 1], x[rows, lengths - 1])
+    torch.testing.assert_close(filled[0, :4], template[:4])
+    assert adapter.lossy and not fit(x, width=15).lossy
+
+
+def test_a_mask_that_does_not_index_the_tokens_is_refused():
+    x, mask, _ = padded()
+    for mode in ("last", "mean"):
+        with pytest.raises(ValueError, match="attention mask has shape"):
+            reduce_activation(x, mode, mask[:, :4])
+    assert parse_reduce("last") == ("last", None)
+    with pytest.raises(ValueError, match="takes no size"):
+        parse_reduce("last:2")
 
 

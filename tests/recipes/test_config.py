@@ -7,7 +7,7 @@ import json
 import pytest
 
 from koopman_hooks.cli import main
-from koopman_hooks.errors import ConfigError
+from koopman_hooks.errors import ConfigError, LayerError
 from koopman_hooks.recipes import check_recipe, load_recipe
 from koopman_hooks.recipes.config import packaged_names, parse_recipe, read_recipe
 from koopman_hooks.recipes.summary import get_path
@@ -37,7 +37,7 @@ def test_overrides_apply_and_keep_their_types():
         ("probe.latent_dimm=8", r"unknown key 'probe.latent_dimm'; did you mean 'latent_dim'"),
         ("probe.epochs='three'", r"probe.epochs: expected int \| None, got 'three' \(str\)"),
         ("train.lr='fast'", r"train.lr: expected float, got 'fast'"),
-        ("data.dataset='cifar'", r"data.dataset: expected 'yinyang' \| 'mnist', got 'cifar'"),
+        ("data.dataset='cifar'", r"data.dataset: expected 'yinyang' \| 'mnist' \| 'tokens', got 'cifar'"),
         ("model.kind='resnet'", r"model.kind: unknown model kind 'resnet'"),
         ("model.widht=3", r"unknown key 'model.widht'; did you mean 'width'"),
         ("unlearning.methods=['endpoint','magic']", r"unlearning.methods\[1\]: expected"),
@@ -110,3 +110,21 @@ def test_target_paths_reach_keys_that_contain_dots():
     assert get_path(report, "surrogate.state_fvu_per_layer.blocks.10") == 0.5
     assert get_path(report, "surrogate.agreement") == 0.9
     assert get_path(report, "surrogate.missing") is None
+
+
+def test_token_recipes_pair_text_models_with_the_token_task():
+    pytest.importorskip("transformers")
+    assert {"tokens_bert", "tokens_gpt2"} <= set(packaged_names())
+    recipe = load_recipe("tokens_gpt2")
+    assert recipe.data.dataset == "tokens" and recipe.model.kind == "hf_gpt2"
+    assert recipe.probe is not None and recipe.probe.options == {"label_key": "labels"}  # defaults only
+    with pytest.raises(ConfigError, match="cannot read data.dataset 'yinyang'"):
+        load_recipe("tokens_bert", ["data.dataset='yinyang'"])
+    with pytest.raises(ConfigError, match="cannot read data.dataset 'tokens'"):
+        load_recipe("yinyang", ["data.dataset='tokens'"])
+    with pytest.raises(ConfigError, match=r"model.vocab_size \(8\) is smaller"):
+        load_recipe("tokens_bert", ["model.vocab_size=8"])
+    with pytest.raises(ConfigError, match="max_positions"):
+        load_recipe("tokens_bert", ["data.max_length=80"])
+    with pytest.raises(LayerError, match="report.pca_layers: no layer named 'transformer.h.9'"):
+        check_recipe(load_recipe("tokens_gpt2", ["report.pca_layers=['transformer.h.9']"]))

@@ -92,3 +92,45 @@ def test_probe_topology_per_class_on_knn_graphs(tiny_run):
     assert topo["network_betti1"] is None
 
 
+
+
+def test_the_report_flags_a_strict_vs_mixed_gap():
+    from koopman_hooks.recipes.sections.fidelity import honesty_lines
+
+    base = {"surrogate": {"reduce": {"a": "flatten", "b": "cls"}}}
+    quiet = honesty_lines({**base, "per_seed_honesty": [{"seed": 0, "agreement": 0.99, "mixed_agreement": 0.99,
+                                                         "strict_mixed_gap": 0.0, "lossy_reduction_reaches_output": False}]})
+    assert "`b` cls" in quiet[0] and not any("Flag" in line for line in quiet)
+    for honesty in ({"strict_mixed_gap": 0.02, "lossy_reduction_reaches_output": False},
+                    {"strict_mixed_gap": 0.0, "lossy_reduction_reaches_output": True}):
+        lines = honesty_lines({**base, "per_seed_honesty": [{"seed": 3, "agreement": 0.9, "mixed_agreement": 0.92,
+                                                             **honesty}]})
+        assert any("**Flag" in line and "seed 3: strict 0.9000 vs mixed 0.9200" in line for line in lines)
+
+
+TOKENS_TINY = [
+    "data.train_size=400", "data.test_size=200", "model.num_layers=2", "train.epochs=4",
+    "probe.layers=['transformer.h.0','transformer.h.1']", "probe.epochs=2",
+    "report.pca_layers=['transformer.h.0','transformer.h.1']", "topology.n_points=100", "topology.per_class=false",
+    "unlearning.classes=[1]", "unlearning.baseline_classes=[1]", "unlearning.baselines=['original','retrain']",
+    "unlearning.eval_train_samples=400",
+]
+
+
+def test_a_token_recipe_runs_on_dict_batches_end_to_end(tmp_path):
+    pytest.importorskip("transformers")
+    argv = ["run", "tokens_gpt2", "--out", str(tmp_path), "--quiet"]
+    for item in TOKENS_TINY:
+        argv += ["--set", item]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    surrogate = report["surrogate"]
+    assert surrogate["reduce"] == {"transformer.h.0": "flatten", "transformer.h.1": "last"}
+    assert surrogate["mixed_agreement"] == surrogate["agreement"] and surrogate["lossy_reduction_reaches_output"] is False
+    assert report["per_seed_honesty"][0]["strict_mixed_gap"] == 0.0
+    assert {r["method"] for r in report["unlearning"]["rows"]} == {"koopman_endpoint", "original", "retrain"}
+    assert len(report["topology"]["network_betti0"]) == 2
+    md = (tmp_path / "report.md").read_text()
+    assert "Reductions: `transformer.h.0` flatten, `transformer.h.1` last" in md and "**Flag" not in md
+    model, probe = load_run(tmp_path / "seed0")
+    assert type(model).__name__ == "GPT2ForSequenceClassification" and probe.layers == ["transformer.h.0", "transformer.h.1"]

@@ -19,6 +19,23 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def honesty_lines(report: Mapping[str, Any]) -> list[str]:
+    """The reductions used, and a flag whenever a lossy one lets the real forward pass reach the
+    output (its strict and mixed figures differ, or its ignored part moves the output)."""
+    surrogate = report["surrogate"]
+    reduce = surrogate.get("reduce") or {}
+    lines = ["Reductions: " + ", ".join(f"`{k}` {v}" for k, v in reduce.items()) + ". Agreement is strict: what a "
+             "lossy reduction ignores at the last layer is its training mean, never the real forward pass's.", ""]
+    runs = report.get("per_seed_honesty") or []
+    flagged = [r for r in runs if r.get("lossy_reduction_reaches_output") or (r.get("strict_mixed_gap") or 0.0) != 0.0]
+    if flagged:
+        gaps = ", ".join(f"seed {r['seed']}: strict {fmt(r['agreement'])} vs mixed {fmt(r['mixed_agreement'])}" for r in flagged)
+        lines += [f"**Flag: the part the last layer's reduction ignores reaches the model's output** ({gaps}). "
+                  "The mixed figure copies that part from the real forward pass and flatters the surrogate; only the "
+                  "strict agreement above is the surrogate's.", ""]
+    return lines
+
+
 def _per_class_list(per_class: Mapping[int, float], num_classes: int) -> list[float | None]:
     return [per_class.get(c) for c in range(num_classes)]
 
@@ -46,6 +63,10 @@ class Fidelity:
             "surrogate": {
                 "test_accuracy": metrics["surrogate_accuracy"],
                 "agreement": metrics["agreement"],
+                "mixed_agreement": metrics["mixed_agreement"],
+                "strict_mixed_gap": abs(metrics["mixed_agreement"] - metrics["agreement"]),
+                "lossy_reduction_reaches_output": metrics["lossy_reduction_reaches_output"],
+                "reduce": dict(fitted.info.get("reduce") or {name: a.reduce for name, a in fitted.adapters.items()}),
                 "accuracy_drop": metrics["model_accuracy"] - metrics["surrogate_accuracy"],
                 "per_class_accuracy": _per_class_list(metrics["surrogate_per_class_accuracy"], k),
                 "state_fvu": metrics["state_fvu"],
@@ -77,6 +98,13 @@ class Fidelity:
     def aggregate(self, runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         report = {key: mean([r[key] for r in runs]) for key in SUMMARY_KEYS}
         report["spread"] = spread(runs, (*SUMMARY_KEYS, "seconds"))
+        report["per_seed_honesty"] = [
+            {"seed": r["seed"], **{k: r["surrogate"].get(k) for k in ("agreement", "mixed_agreement", "strict_mixed_gap",
+                                                                      "lossy_reduction_reaches_output")}}
+            for r in runs]
+        report["surrogate"]["lossy_reduction_reaches_output"] = any(
+            bool(h["lossy_reduction_reaches_output"]) or (h["strict_mixed_gap"] or 0.0) != 0.0
+            for h in report["per_seed_honesty"])
         return report
 
     def markdown(self, report: Mapping[str, Any]) -> list[str]:
@@ -106,7 +134,7 @@ class Fidelity:
         per_layer = surrogate.get("state_fvu_per_layer") or {}
         if len(per_layer) > 1:
             lines += ["State FVU per probed layer: " + ", ".join(f"`{k}` {fmt(v)}" for k, v in per_layer.items()), ""]
-        return lines
+        return lines + honesty_lines(report)
 
     def figures(self, report: Mapping[str, Any], out: Path) -> dict[str, Path]:
         return {}

@@ -55,12 +55,15 @@ def score(
     """Accuracies on forget/retain splits, MIA efficacy and probe recall for one model-like module.
 
     ``feature_layer`` is read on ``hook_on`` (the shared model, for wrappers) or ``module``.
-    ``cache`` (keyed by module identity) keeps a module's outputs for its next forget class."""
+    ``cache`` (keyed by module identity) keeps a module's outputs for its next forget class.
+    Batches are split as the probe splits them."""
+    spec = context.probe.fetch_model().batch_spec
     if cache is not None and id(module) in cache:
         outputs = cache[id(module)]
     else:
-        test_logits, test_labels, features = predict_with_features(module, feature_layer, test_eval, hook_on=hook_on)
-        outputs = (*predict(module, train_eval), test_logits, test_labels, features)
+        test_logits, test_labels, features = predict_with_features(module, feature_layer, test_eval, hook_on=hook_on,
+                                                                   spec=spec)
+        outputs = (*predict(module, train_eval, spec=spec), test_logits, test_labels, features)
         if cache is not None:
             cache[id(module)] = outputs
     train_logits, train_labels, test_logits, test_labels, features = outputs
@@ -102,6 +105,7 @@ def run_unlearning(context: RunContext) -> dict[str, Any]:
     test_eval = context.loader(context.test_set, 1000)
     stats_loader = context.loader(context.train_set, 1000, limit=cfg.stats_samples, shard=True)
     rows: list[dict[str, Any]] = []
+    spec = probe.fetch_model().batch_spec
     original_outputs: dict[int, Outputs] = {}
     fit_seconds = probe.fit_seconds or 0.0
 
@@ -147,18 +151,19 @@ def run_unlearning(context: RunContext) -> dict[str, Any]:
                 add("original", "baseline", c, context.model, 0.0, cache=original_outputs)
             elif name == "retrain":
                 model, seconds = retrain(context.new_model, retain_loader, train_cfg.epochs, lr=lr,
-                                         weight_decay=train_cfg.weight_decay)
+                                         weight_decay=train_cfg.weight_decay, spec=spec)
                 add("retrain", "baseline", c, model, seconds)
             elif name == "finetune":
-                model, seconds = finetune(context.model, retain_loader, cfg.finetune_epochs, lr=cfg.finetune_lr or lr / 10)
+                model, seconds = finetune(context.model, retain_loader, cfg.finetune_epochs, lr=cfg.finetune_lr or lr / 10,
+                                          spec=spec)
                 add("finetune", "baseline", c, model, seconds)
             elif name == "neggrad_plus":
                 model, seconds = neggrad_plus(context.model, retain_loader, forget_loader, cfg.neggrad_epochs,
-                                              lr=cfg.neggrad_lr or lr / 10, alpha=cfg.neggrad_alpha)
+                                              lr=cfg.neggrad_lr or lr / 10, alpha=cfg.neggrad_alpha, spec=spec)
                 add("neggrad_plus", "baseline", c, model, seconds)
             else:  # leace_baseline
                 whole = context.loader(context.train_set, 1000, limit=cfg.stats_samples)  # every row, on rank 0
-                features = ((f, y) for f, y, _ in layer_batches(context.model, last, whole))
+                features = ((f, y) for f, y, _ in layer_batches(context.model, last, whole, spec=spec))
                 wrapped, seconds = leace_erasure(context.model, last, features, [c])
                 add("leace_baseline", "baseline", c, wrapped, seconds, hook_on=context.model)
     return {"rows": rows, "retrain_seconds_mean": _mean_of(rows, "retrain", "seconds")}

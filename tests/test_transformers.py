@@ -1,0 +1,164 @@
+"""HuggingFace BERT and GPT-2 classifiers (built from configs, nothing downloaded) on the synthetic
+token task, probed with dict batches ``{"input_ids", "attention_mask", "labels"}``: fit,
+evaluate, patch, save/load, unlearn, topology and the baselines, with the defaults."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from koopman_hooks import KoopmanProbe, PatchedModel
+from koopman_hooks.data import TensorLoader, TokenSequenceDataset
+from koopman_hooks.text import bert_classifier, gpt2_classifier
+from koopman_hooks.training import predict, train_classifier
+from koopman_hooks.unlearning import finetune, layer_batches, leace_erasure, neggrad_plus, retrain
+
+LAYERS = {"bert": ["bert.encoder.layer.0", "bert.encoder.layer.1"], "gpt2": ["transformer.h.0", "transformer.h.1"]}
+BUILD = {"bert": bert_classifier, "gpt2": gpt2_classifier}
+HEAD = {"bert": "cls", "gpt2": "last"}
+
+
+@pytest.fixture(scope="module")
+def data() -> dict[str, TokenSequenceDataset]:
+    return {"train": TokenSequenceDataset(2000, seed=0), "test": TokenSequenceDataset(600, seed=1)}
+
+
+def loader(dataset: TokenSequenceDataset, batch_size: int = 500, shuffle: bool = False) -> TensorLoader:
+    return TensorLoader.from_dataset(dataset, batch_size, shuffle=shuffle)
+
+
+@pytest.fixture(scope="module")
+def fits(data: dict[str, TokenSequenceDataset]) -> dict[str, dict]:
+    """Per kind, on first use: a 2-layer model trained for a few seconds (~99% test accuracy) and a
+    probe with the defaults (layers and label_key; a short fit)."""
+
+    class Fits(dict):
+        def __missing__(self, kind: str) -> dict:
+            torch.manual_seed(0)
+            model = BUILD[kind](4)
+            train_classifier(model, loader(data["train"], 64, shuffle=True), 6, lr=3e-3, verbose=False)
+            probe = KoopmanProbe(model, LAYERS[kind], label_key="labels", verbose=False)
+            probe.fit(loader(data["train"]), epochs=8)
+            self[kind] = {"kind": kind, "model": model, "probe": probe}
+            return self[kind]
+
+    return Fits()
+
+
+@pytest.fixture(params=["bert", "gpt2"])
+def fitted(request: pytest.FixtureRequest, fits: dict[str, dict]) -> dict:
+    return fits[request.param]
+
+
+def test_defaults_follow_the_head_and_flatten_the_rest(fitted):
+    fit = fitted["probe"].fetch_model()
+    first, last = fit.layers
+    assert fit.adapters[last].reduce == HEAD[fitted["kind"]]
+    assert fit.adapters[first].reduce == "flatten"
+    assert "reaches the output" in fit.sizes.notes["reduce"]
+    assert fit.info["lossy_reduction_reaches_output"] is False
+    assert fit.info["reduce"] == {first: "flatten", last: HEAD[fitted["kind"]]}
+    assert fit.sizes.replaced_macs  # GPT-2's Conv1D layers are counted like Linear ones
+
+
+def test_evaluate_with_dict_batches_is_strict_and_honest(fitted, data):
+    metrics = fitted["probe"].evaluate(loader(data["test"]))
+    assert metrics["model_accuracy"] >= 0.95
+    assert metrics["agreement"] >= 0.95  # strict: the ignored tokens are their training mean
+    assert metrics["mixed_agreement"] == metrics["agreement"]
+    assert metrics["template_agreement"] == 1.0 and metrics["lossy_reduction_reaches_output"] is False
+    assert metrics["reduce"] == HEAD[fitted["kind"]]
+    assert 0.0 <= metrics["linear_baseline"]["agreement"] <= 1.0
+
+
+def test_patch_takes_the_batch_as_the_model_does_and_leaves_the_model_alone(fitted, data):
+    model, probe = fitted["model"], fitted["probe"]
+    batch = next(iter(loader(data["test"], 64)))
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    state = copy.deepcopy(model.state_dict())
+    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        patched = probe.patch()
+        out = patched(**inputs).logits
+        if fitted["kind"] == "bert":  # BERT's forward takes (input_ids, attention_mask, ...)
+            positional = probe.patch()(inputs["input_ids"], inputs["attention_mask"]).logits
+        else:  # GPT-2's second argument is the cache
+            positional = probe.patch()(inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    assert out.shape == reference.shape
+    torch.testing.assert_close(positional, out)
+    assert (out.argmax(1) == reference.argmax(1)).float().mean() >= 0.9
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, reference)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # noqa: SLF001
+    assert not model.training
+    assert all((g is None and p.grad is None) or torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+
+
+def test_save_and_load_with_dict_batches(fitted, data, tmp_path):
+    probe = fitted["probe"]
+    probe.save(tmp_path / "probe.safetensors")
+    loaded = KoopmanProbe.load(tmp_path / "probe.safetensors", fitted["model"], verbose=False)
+    assert loaded.config == probe.config and loaded.fetch_model().info["reduce"] == probe.fetch_model().info["reduce"]
+    batch = next(iter(loader(data["test"], 50)))
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.patch()(**inputs).logits, probe.patch()(**inputs).logits)
+    assert loaded.evaluate(loader(data["test"]))["agreement"] == probe.evaluate(loader(data["test"]))["agreement"]
+
+
+def test_unlearn_with_the_readme_call_on_dict_batches(fits, data):
+    model, probe = fits["gpt2"]["model"], fits["gpt2"]["probe"]
+    edited = probe.unlearn(1, loader(data["train"]))  # the README call
+    logits, labels = predict(probe.patch(edited), loader(data["test"]))
+    reference, _ = predict(model, loader(data["test"]))
+    forget = labels == 1
+    assert (logits[forget].argmax(1) == 1).float().mean() <= 0.02
+    retain = (logits[~forget].argmax(1) == labels[~forget]).float().mean()
+    assert retain >= (reference[~forget].argmax(1) == labels[~forget]).float().mean() - 0.02
+
+
+def test_topology_and_baselines_read_dict_batches(fits, data):
+    model, probe = fits["bert"]["model"], fits["bert"]["probe"]
+    topo = probe.topology(loader(data["test"]), n_points=150, dims=(0,))
+    assert len(topo["network_betti0"]) == 2 and len(topo["surrogate_betti0"]) == 2
+    small = TokenSequenceDataset(256, seed=5)
+    tuned, _ = finetune(model, loader(small, 64), 1, lr=1e-4)
+    negated, _ = neggrad_plus(model, loader(small, 64), loader(small, 64), 1, lr=1e-4)
+    fresh, _ = retrain(lambda: bert_classifier(4), loader(small, 64), 1)
+    for module in (tuned, negated, fresh):
+        logits, labels = predict(module, loader(small, 128))
+        assert logits.shape == (256, 4) and labels.shape == (256,)
+    features = ((f, y) for f, y, _ in layer_batches(model, LAYERS["bert"][-1], loader(small, 128)))
+    erased, _ = leace_erasure(model, LAYERS["bert"][-1], features, [0])
+    logits, _ = predict(erased, loader(small, 128))
+    assert logits.shape == (256, 4)
+
+
+def test_a_reduction_whose_ignored_part_reaches_the_output_is_flagged(fits, data):
+    model = fits["gpt2"]["model"]
+    # GPT-2's head reads the last real token: the token mean ignores what it reads
+    probe = KoopmanProbe(model, LAYERS["gpt2"], reduce=[None, "mean"], label_key="labels", verbose=False)
+    probe.fit(loader(data["train"]), epochs=1)
+    assert probe.fetch_model().info["lossy_reduction_reaches_output"] is True
+    metrics = probe.evaluate(loader(data["test"]))
+    assert metrics["lossy_reduction_reaches_output"] is True and metrics["template_agreement"] < 1.0
+    assert metrics["reduce"] == "mean" and "mixed_agreement" in metrics
+    with pytest.warns(UserWarning, match="reaches the model's output"):
+        mixed = probe.patch(strict=False)
+    assert isinstance(mixed, PatchedModel) and not mixed.strict
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        probe.patch()  # strict: nothing to warn about
+
+
+def test_naming_one_input_key_cannot_drop_the_mask(fitted, data):
+    probe = KoopmanProbe(fitted["model"], LAYERS[fitted["kind"]], input_key="input_ids", verbose=False)
+    with pytest.raises(ValueError, match="attention_mask"):
+        probe.fit(loader(data["test"]), epochs=1)
