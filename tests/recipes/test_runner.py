@@ -55,7 +55,7 @@ def test_report_files_and_schema(tiny_run):
             assert key in row
     assert {t["figure"] for t in report["targets"]} >= {"surrogate.agreement", "model.test_accuracy"}
     md = (tiny_run / "report.md").read_text()
-    assert "## Fidelity" in md and "## Topology" in md and "## Unlearning" in md
+    assert "## Fidelity" in md and "## Topology" in md and "## Unlearning" in md and "## Wall time" in md
     for path in report["plots"].values():
         assert (tiny_run / path).exists()
     assert (tiny_run / "seed0" / "probe.safetensors").exists()
@@ -92,3 +92,22 @@ def test_probe_topology_per_class_on_knn_graphs(tiny_run):
     assert topo["network_betti1"] is None
 
 
+
+def test_report_splits_the_wall_time_and_gives_latent_fvu_per_layer(tiny_run):
+    report = json.loads((tiny_run / "report.json").read_text())
+    parts = ("setup", "model_training", "probe_fit", "fidelity", "topology", "unlearning")
+    for key in ("wall_time", "cpu_time"):
+        split = report[key]
+        assert all(split[part] >= 0 for part in parts)
+        assert sum(split[part] for part in parts) <= split["total"] + 1e-6
+        assert set(split["unlearning_parts"]) == {"koopman_statistics", "koopman_edits", "leace_baseline", "scoring"}
+        assert sum(split["unlearning_parts"].values()) <= split["unlearning"] + 1e-6
+    assert report["wall_time"]["total"] == pytest.approx(report["seconds"])
+    assert report["wall_time"]["model_training"] == pytest.approx(report["model"]["train_seconds"], rel=0.05, abs=0.05)
+    surrogate = report["surrogate"]
+    assert set(surrogate["latent_fvu_per_layer"]) == set(surrogate["state_fvu_per_layer"]) == {"blocks.1"}
+    assert surrogate["latent_fvu_per_layer"]["blocks.1"] == pytest.approx(surrogate["latent_fvu"])
+    assert "surrogate.latent_fvu_per_layer.blocks.1" in report["spread"]
+    md = (tiny_run / "report.md").read_text()
+    assert "| layer | state FVU | latent FVU |" in md and "| `blocks.1` |" in md
+    assert "| part | wall s | share | CPU s |" in md and "↳ LEACE baseline" in md
