@@ -124,7 +124,8 @@ def run_seed(recipe: Recipe, seed: int, out_dir: Path, data_root: str | None = N
     context = RunContext(recipe, seed, out_dir, train_set, test_set, num_classes, new_model, model, probe,
                          train_seconds, train_loss, verbose and main, {"seed": seed})
     with clock.part("probe_fit"):
-        probe.fit(context.loader(train_set, FIT_LOADER_BATCH, shard=True), epochs=recipe.probe.epochs)
+        fit_loader = context.loader(train_set, FIT_LOADER_BATCH, limit=recipe.probe.samples, shard=True)
+        probe.fit(fit_loader, epochs=recipe.probe.epochs)
         probe.save(out_dir / "probe.safetensors")
     context.results["peak_rss_mb"] = peak_rss_mb()
     wall: dict[str, Any] = {}

@@ -21,7 +21,8 @@ TINY = [
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    overrides = [*TINY, "unlearning.classes=[2]", "unlearning.baseline_classes=[2]", "unlearning.methods=['endpoint']",
+    overrides = [*TINY, "probe.samples=500", "unlearning.classes=[2]", "unlearning.baseline_classes=[2]",
+                 "unlearning.methods=['endpoint']",
                  "unlearning.baselines=['original','leace_baseline']"]
     argv = ["run", "yinyang", "--out", str(out), "--quiet", "--seeds", "2"]
     for item in overrides:
@@ -34,6 +35,8 @@ def tiny_run(tmp_path_factory):
 def test_report_files_and_schema(tiny_run):
     report = json.loads((tiny_run / "report.json").read_text())
     assert report["recipe"] == "yinyang" and report["seeds"] == [0, 1]
+    fit = report["surrogate"]["fit"]
+    assert fit["fit_samples"] + fit["held_out_samples"] == 500  # probe.samples of the 600 training rows
     for key in ("test_accuracy", "per_class_accuracy"):
         assert key in report["model"]
     for key in ("test_accuracy", "agreement", "per_class_accuracy", "state_fvu", "fit_seconds", "peak_rss_mb"):
