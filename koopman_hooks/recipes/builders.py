@@ -59,6 +59,8 @@ class ViTModel:
     in_chans: int = 1
     global_pool: Literal["token", "avg"] = "token"
     class_token: bool = True
+    drop_path_rate: float = 0.0  # stochastic depth while training (timm's); identity in eval mode
+    proj_drop_rate: float = 0.0  # dropout after attention and MLP projections while training
 
     def build(self, num_classes: int) -> nn.Module:
         from koopman_hooks.vision import mnist_vit

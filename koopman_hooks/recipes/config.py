@@ -1,7 +1,7 @@
 """Recipes are TOML files checked against one schema before any work is done.
 
 Sections: ``[data]``, ``[model]`` (per ``kind``), ``[train]``, ``[probe]`` (the
-:class:`~koopman_hooks.KoopmanProbe` options plus ``epochs``), ``[report]`` and
+:class:`~koopman_hooks.KoopmanProbe` options plus ``epochs`` and ``samples``), ``[report]`` and
 the optional ``[topology]``, ``[unlearning]`` and ``[targets]``. Unknown sections or keys are
 refused naming the closest valid one; wrong types name the key, what was expected and what
 was given (:class:`~koopman_hooks.errors.ConfigError`).
@@ -93,12 +93,14 @@ class UnlearningSection:
 
 @dataclass(frozen=True)
 class ProbeSection:
-    """``[probe]``: ``layers``, any :class:`~koopman_hooks.KoopmanProbe` option, and the fit's
-    ``epochs`` (an upper bound; default: the probe's)."""
+    """``[probe]``: ``layers``, any :class:`~koopman_hooks.KoopmanProbe` option, the fit's
+    ``epochs`` (an upper bound; default: the probe's) and ``samples``, the training images the
+    probe is fitted on (the first ``samples``; default: the whole training set)."""
 
     layers: tuple[str, ...]
     epochs: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    samples: int | None = None
 
 
 @dataclass(frozen=True)
@@ -164,7 +166,7 @@ def _probe_section(raw: Any) -> ProbeSection:
     raw = dict(raw)
     if "layers" not in raw:
         raise ConfigError("[probe] needs layers = [...]")
-    valid = [*probe_options(), "epochs"]
+    valid = [*probe_options(), "epochs", "samples"]
     for key in raw:
         if key not in valid:
             raise ConfigError(f"unknown key 'probe.{key}'{closest(key, valid)} (valid: {', '.join(valid)})")
@@ -173,7 +175,10 @@ def _probe_section(raw: Any) -> ProbeSection:
     epochs = check(raw.pop("epochs", None), int | None, "probe.epochs")
     if epochs is not None and epochs < 1:
         raise ConfigError("probe.epochs must be >= 1")
-    return ProbeSection(layers, epochs, raw)
+    samples = check(raw.pop("samples", None), int | None, "probe.samples")
+    if samples is not None and samples < 1:
+        raise ConfigError("probe.samples must be >= 1")
+    return ProbeSection(layers, epochs, raw, samples)
 
 
 _COMPARE_OPS = (">=", "<=", ">", "<")

@@ -25,6 +25,9 @@ def build_report(recipe: Recipe, runs: Sequence[Mapping[str, Any]]) -> dict[str,
     """Every enabled section's aggregate over seeds, the targets checked, and the environment."""
     report: dict[str, Any] = {"recipe": recipe.name, "seeds": [r["seed"] for r in runs]}
     report["seconds"] = mean([r["seconds"] for r in runs])
+    for key in ("wall_time", "cpu_time"):
+        if all(key in r for r in runs):
+            report[key] = mean([r[key] for r in runs])
     for section in SECTIONS:
         if section.enabled(recipe):
             report.update(section.aggregate(runs))
@@ -70,11 +73,62 @@ def render_markdown(recipe: Recipe, report: Mapping[str, Any]) -> str:
         lines.append("")
     for section in enabled[1:]:
         lines += section.markdown(report)
+    if report.get("wall_time"):
+        lines += wall_time_markdown(report["wall_time"], report.get("cpu_time") or {})
     if report.get("plots"):
         lines += ["## Plots", ""]
         lines += [f"![{name}]({path})" for name, path in report["plots"].items()]
         lines.append("")
     return "\n".join(lines)
+
+
+# the parts of a seed's run, in run order
+_WALL_PARTS = {
+    "setup": "setup (data, model, saving it)",
+    "model_training": "model training (`[train]`)",
+    "probe_fit": "probe fit (model passes, closed-form start, epochs)",
+    "fidelity": "fidelity (test evaluation, plots)",
+    "topology": "topology",
+    "unlearning": "unlearning",
+}
+_SUB_PARTS = {
+    "koopman_statistics": "Koopman statistics pass (shared by all classes)",
+    "koopman_edits": "Koopman edits",
+    "retrain": "retrain",
+    "finetune": "fine-tune",
+    "neggrad_plus": "NegGrad+",
+    "leace_baseline": "LEACE baseline",
+    "original": "original",
+    "scoring": "scoring every row (accuracies, MIA, probe recall)",
+}
+
+
+def wall_time_markdown(wall: Mapping[str, Any], cpu: Mapping[str, Any]) -> list[str]:
+    """Where a seed's time goes (means over seeds): wall seconds, their share, and CPU seconds."""
+    total = wall.get("total") or 0.0
+
+    def row(label: str, key: str, parts: str | None = None) -> str:
+        seconds = (wall.get(parts) or {}).get(key) if parts else wall.get(key)
+        used = (cpu.get(parts) or {}).get(key) if parts else cpu.get(key)
+        share = f"{100 * seconds / total:.1f}%" if seconds is not None and total else "–"
+        return f"| {label} | {fmt(seconds, 1)} | {share} | {fmt(used, 1)} |"
+
+    lines = ["## Wall time", "",
+             "Per seed (means over seeds). CPU seconds are this process's own; where the wall time is larger, other "
+             "processes on the machine took the difference.", "",
+             "| part | wall s | share | CPU s |", "|---|---|---|---|"]
+    for key, label in _WALL_PARTS.items():
+        if wall.get(key) is None:
+            continue
+        lines.append(row(label, key))
+        for part in wall.get(f"{key}_parts") or {}:
+            lines.append(row(f"&nbsp;&nbsp;↳ {_SUB_PARTS.get(part, part)}", part, f"{key}_parts"))
+    counted = sum(wall.get(key) or 0.0 for key in _WALL_PARTS)
+    used = sum(cpu.get(key) or 0.0 for key in _WALL_PARTS)
+    other_wall, other_cpu = max(total - counted, 0.0), max((cpu.get("total") or 0.0) - used, 0.0)
+    lines += [f"| other | {fmt(other_wall, 1)} | {100 * other_wall / total if total else 0:.1f}% | {fmt(other_cpu, 1)} |",
+              row("**whole run**", "total"), ""]
+    return lines
 
 
 def write_report(recipe: Recipe, report: dict[str, Any], runs: Sequence[Mapping[str, Any]], out: Path) -> None:

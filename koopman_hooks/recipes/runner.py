@@ -24,6 +24,7 @@ from koopman_hooks.recipes.config import Recipe
 from koopman_hooks.recipes.report import build_report, write_report
 from koopman_hooks.recipes.sections import SECTIONS, RunContext
 from koopman_hooks.recipes.sections.fidelity import peak_rss_mb
+from koopman_hooks.recipes.timing import Stopwatch
 from koopman_hooks.training import train_classifier
 
 FIT_LOADER_BATCH = 512  # rows per model pass while fitting (the probe's own batch size is separate)
@@ -86,41 +87,60 @@ def prepare_out(out: Path) -> None:
 
 
 def run_seed(recipe: Recipe, seed: int, out_dir: Path, data_root: str | None = None, verbose: bool = True) -> dict[str, Any]:
-    """Run one seed of ``recipe`` and return its results; artefacts go to ``out_dir``."""
-    start = time.perf_counter()
+    """Run one seed of ``recipe`` and return its results; artefacts go to ``out_dir``.
+
+    ``wall_time`` and ``cpu_time`` (this process's CPU seconds) split the run into setup, model
+    training, probe fit and each enabled section (with the parts a section reports itself)."""
+    start, start_cpu = time.perf_counter(), time.process_time()
+    clock = Stopwatch()
     main = distributed.is_main()
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    seed_everything(seed)
-    train_set, test_set, num_classes = build_datasets(recipe.data, seed, data_root)
-    new_model = model_factory(recipe.model, num_classes)
-    model = new_model()
+    with clock.part("setup"):
+        if main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        seed_everything(seed)
+        train_set, test_set, num_classes = build_datasets(recipe.data, seed, data_root)
+        new_model = model_factory(recipe.model, num_classes)
+        model = new_model()
     train = recipe.train
     t0 = time.perf_counter()
     train_loss: list[float] = []
-    if main:  # one model for every rank: trained once, then shared
-        train_loss = train_classifier(
-            model, TensorLoader.from_dataset(train_set, train.batch_size, shuffle=True, seed=seed), train.epochs,
-            lr=train.lr, weight_decay=train.weight_decay, verbose=verbose, desc=f"train model (seed {seed})",
-        )
-    train_seconds = time.perf_counter() - t0
-    state, train_loss, train_seconds = distributed.gathered((model.state_dict(), train_loss, train_seconds))[0]
-    model.load_state_dict(state)
-    model.eval()
-    if main:  # the trained model, so the run's probe can be reloaded: load_run(out_dir)
-        save_tensors(out_dir / "model.safetensors", model.state_dict(), "model",
-                     {"recipe": recipe.name, "model": to_mapping(recipe.model), "num_classes": num_classes, "seed": seed})
+    with clock.part("model_training"):
+        if main:  # one model for every rank: trained once, then shared
+            train_loss = train_classifier(
+                model, TensorLoader.from_dataset(train_set, train.batch_size, shuffle=True, seed=seed), train.epochs,
+                lr=train.lr, weight_decay=train.weight_decay, verbose=verbose, desc=f"train model (seed {seed})",
+            )
+        train_seconds = time.perf_counter() - t0
+    with clock.part("setup"):
+        state, train_loss, train_seconds = distributed.gathered((model.state_dict(), train_loss, train_seconds))[0]
+        model.load_state_dict(state)
+        model.eval()
+        if main:  # the trained model, so the run's probe can be reloaded: load_run(out_dir)
+            save_tensors(out_dir / "model.safetensors", model.state_dict(), "model",
+                         {"recipe": recipe.name, "model": to_mapping(recipe.model), "num_classes": num_classes,
+                          "seed": seed})
     assert recipe.probe is not None
     probe = make_probe(recipe, model, seed, verbose and main)
     context = RunContext(recipe, seed, out_dir, train_set, test_set, num_classes, new_model, model, probe,
                          train_seconds, train_loss, verbose and main, {"seed": seed})
-    probe.fit(context.loader(train_set, FIT_LOADER_BATCH, shard=True), epochs=recipe.probe.epochs)
-    probe.save(out_dir / "probe.safetensors")
+    with clock.part("probe_fit"):
+        fit_loader = context.loader(train_set, FIT_LOADER_BATCH, limit=recipe.probe.samples, shard=True)
+        probe.fit(fit_loader, epochs=recipe.probe.epochs)
+        probe.save(out_dir / "probe.safetensors")
     context.results["peak_rss_mb"] = peak_rss_mb()
+    wall: dict[str, Any] = {}
+    cpu: dict[str, Any] = {}
     for section in SECTIONS:
         if section.enabled(recipe):
-            context.results.update(section.run(context))
+            with clock.part(section.name):
+                output = section.run(context)
+            parts = output.pop("time_parts", None)  # where the section's own time went
+            if parts is not None:
+                wall[f"{section.name}_parts"], cpu[f"{section.name}_parts"] = dict(parts.wall), dict(parts.cpu)
+            context.results.update(output)
     context.results["seconds"] = time.perf_counter() - start
+    context.results["wall_time"] = {**clock.wall, **wall, "total": context.results["seconds"]}
+    context.results["cpu_time"] = {**clock.cpu, **cpu, "total": time.process_time() - start_cpu}
     return context.results
 
 

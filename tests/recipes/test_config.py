@@ -22,8 +22,9 @@ def test_packaged_recipes_load_by_name_and_pass_every_check():
 
 
 def test_overrides_apply_and_keep_their_types():
-    recipe = load_recipe("yinyang", ["probe.epochs=3", "train.lr=0.5", "unlearning.classes=[2]"])
-    assert recipe.probe is not None and recipe.probe.epochs == 3
+    recipe = load_recipe("yinyang", ["probe.epochs=3", "train.lr=0.5", "unlearning.classes=[2]", "probe.samples=500"])
+    assert recipe.probe is not None and recipe.probe.epochs == 3 and recipe.probe.samples == 500
+    assert "samples" not in recipe.probe.options  # the runner's, not a KoopmanProbe option
     assert recipe.train.lr == 0.5 and recipe.unlearning is not None and recipe.unlearning.classes == (2,)
     with pytest.raises(ConfigError, match="not of the form"):
         load_recipe("yinyang", ["probe.epochs"])
@@ -36,6 +37,7 @@ def test_overrides_apply_and_keep_their_types():
         ("train.epochss=1", r"unknown key 'train.epochss'; did you mean 'epochs'"),
         ("probe.latent_dimm=8", r"unknown key 'probe.latent_dimm'; did you mean 'latent_dim'"),
         ("probe.epochs='three'", r"probe.epochs: expected int \| None, got 'three' \(str\)"),
+        ("probe.samples=0", r"probe.samples must be >= 1"),
         ("train.lr='fast'", r"train.lr: expected float, got 'fast'"),
         ("data.dataset='cifar'", r"data.dataset: expected 'yinyang' \| 'mnist' \| 'tokens', got 'cifar'"),
         ("model.kind='resnet'", r"model.kind: unknown model kind 'resnet'"),

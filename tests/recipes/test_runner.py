@@ -21,7 +21,8 @@ TINY = [
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    overrides = [*TINY, "unlearning.classes=[2]", "unlearning.baseline_classes=[2]", "unlearning.methods=['endpoint']",
+    overrides = [*TINY, "probe.samples=500", "unlearning.classes=[2]", "unlearning.baseline_classes=[2]",
+                 "unlearning.methods=['endpoint']",
                  "unlearning.baselines=['original','leace_baseline']"]
     argv = ["run", "yinyang", "--out", str(out), "--quiet", "--seeds", "2"]
     for item in overrides:
@@ -34,6 +35,8 @@ def tiny_run(tmp_path_factory):
 def test_report_files_and_schema(tiny_run):
     report = json.loads((tiny_run / "report.json").read_text())
     assert report["recipe"] == "yinyang" and report["seeds"] == [0, 1]
+    fit = report["surrogate"]["fit"]
+    assert fit["fit_samples"] + fit["held_out_samples"] == 500  # probe.samples of the 600 training rows
     for key in ("test_accuracy", "per_class_accuracy"):
         assert key in report["model"]
     for key in ("test_accuracy", "agreement", "per_class_accuracy", "state_fvu", "fit_seconds", "peak_rss_mb"):
@@ -55,7 +58,7 @@ def test_report_files_and_schema(tiny_run):
             assert key in row
     assert {t["figure"] for t in report["targets"]} >= {"surrogate.agreement", "model.test_accuracy"}
     md = (tiny_run / "report.md").read_text()
-    assert "## Fidelity" in md and "## Topology" in md and "## Unlearning" in md
+    assert "## Fidelity" in md and "## Topology" in md and "## Unlearning" in md and "## Wall time" in md
     for path in report["plots"].values():
         assert (tiny_run / path).exists()
     assert (tiny_run / "seed0" / "probe.safetensors").exists()
@@ -134,3 +137,23 @@ def test_a_token_recipe_runs_on_dict_batches_end_to_end(tmp_path):
     assert "Reductions: `transformer.h.0` flatten, `transformer.h.1` last" in md and "**Flag" not in md
     model, probe = load_run(tmp_path / "seed0")
     assert type(model).__name__ == "GPT2ForSequenceClassification" and probe.layers == ["transformer.h.0", "transformer.h.1"]
+
+
+def test_report_splits_the_wall_time_and_gives_latent_fvu_per_layer(tiny_run):
+    report = json.loads((tiny_run / "report.json").read_text())
+    parts = ("setup", "model_training", "probe_fit", "fidelity", "topology", "unlearning")
+    for key in ("wall_time", "cpu_time"):
+        split = report[key]
+        assert all(split[part] >= 0 for part in parts)
+        assert sum(split[part] for part in parts) <= split["total"] + 1e-6
+        assert set(split["unlearning_parts"]) == {"koopman_statistics", "koopman_edits", "leace_baseline", "scoring"}
+        assert sum(split["unlearning_parts"].values()) <= split["unlearning"] + 1e-6
+    assert report["wall_time"]["total"] == pytest.approx(report["seconds"])
+    assert report["wall_time"]["model_training"] == pytest.approx(report["model"]["train_seconds"], rel=0.05, abs=0.05)
+    surrogate = report["surrogate"]
+    assert set(surrogate["latent_fvu_per_layer"]) == set(surrogate["state_fvu_per_layer"]) == {"blocks.1"}
+    assert surrogate["latent_fvu_per_layer"]["blocks.1"] == pytest.approx(surrogate["latent_fvu"])
+    assert "surrogate.latent_fvu_per_layer.blocks.1" in report["spread"]
+    md = (tiny_run / "report.md").read_text()
+    assert "| layer | state FVU | latent FVU |" in md and "| `blocks.1` |" in md
+    assert "| part | wall s | share | CPU s |" in md and "↳ LEACE baseline" in md

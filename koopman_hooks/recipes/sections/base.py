@@ -47,7 +47,9 @@ class RunContext:
 class Section(Protocol):
     """One part of a recipe's report.
 
-    ``run`` returns a seed's results (merged into that seed's results), ``aggregate`` the
+    ``run`` returns a seed's results (merged into that seed's results; an optional
+    ``"time_parts"`` entry, a :class:`~koopman_hooks.recipes.timing.Stopwatch`, says where the
+    section's time went and is moved to the seed's ``wall_time`` and ``cpu_time``), ``aggregate`` the
     report entries over seeds (merged into the report), ``markdown`` the report's lines and
     ``figures`` the report-level figures it drew (``{name: path}``).
     """

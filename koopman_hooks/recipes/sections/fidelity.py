@@ -72,6 +72,7 @@ class Fidelity:
                 "state_fvu": metrics["state_fvu"],
                 "state_fvu_per_layer": metrics["state_fvu_per_layer"],
                 "latent_fvu": metrics["latent_fvu"],
+                "latent_fvu_per_layer": metrics["latent_fvu_per_layer"],
                 "fit_seconds": fitted.fit_seconds,
                 "peak_rss_mb": context.results.get("peak_rss_mb", peak_rss_mb()),
                 "layers": fitted.layers,
@@ -122,7 +123,8 @@ class Fidelity:
             "",
             f"Latent FVU: {with_spread(report, 'surrogate.latent_fvu')}. "
             f"Probe fit: {with_spread(report, 'surrogate.fit_seconds')} s, peak RSS {with_spread(report, 'surrogate.peak_rss_mb')} MB. "
-            f"Model training: {with_spread(report, 'model.train_seconds')} s. Whole run per seed: {with_spread(report, 'seconds')} s.",
+            f"Model training: {with_spread(report, 'model.train_seconds')} s. Whole run per seed: {with_spread(report, 'seconds')} s "
+            "(split under Wall time).",
             "",
             "Per-class test accuracy (model / surrogate): "
             + ", ".join(
@@ -131,9 +133,17 @@ class Fidelity:
             ),
             "",
         ]
-        per_layer = surrogate.get("state_fvu_per_layer") or {}
-        if len(per_layer) > 1:
-            lines += ["State FVU per probed layer: " + ", ".join(f"`{k}` {fmt(v)}" for k, v in per_layer.items()), ""]
+        state = surrogate.get("state_fvu_per_layer") or {}
+        latent = surrogate.get("latent_fvu_per_layer") or {}
+        if state or latent:
+            lines += ["Per probed layer, on the test set: state FVU (`ψ(K^k φ(a_0))` decoded into the layer, against "
+                      "the layer's adapted state) and latent FVU (`K^k φ(a_0)` against `φ(a_layer)`: how linear the "
+                      "latent dynamics really are).", "",
+                      "| layer | state FVU | latent FVU |", "|---|---|---|"]
+            for name in dict.fromkeys([*state, *latent]):
+                lines.append(f"| `{name}` | {with_spread(report, f'surrogate.state_fvu_per_layer.{name}')} | "
+                             f"{with_spread(report, f'surrogate.latent_fvu_per_layer.{name}')} |")
+            lines.append("")
         return lines + honesty_lines(report)
 
     def figures(self, report: Mapping[str, Any], out: Path) -> dict[str, Path]:

@@ -19,6 +19,7 @@ from torch import nn
 from koopman_hooks.core import distributed
 from koopman_hooks.recipes.config import Recipe
 from koopman_hooks.recipes.sections.base import RunContext
+from koopman_hooks.recipes.timing import Stopwatch
 from koopman_hooks.training import predict
 from koopman_hooks.unlearning import (
     EditOptions,
@@ -108,11 +109,13 @@ def run_unlearning(context: RunContext) -> dict[str, Any]:
     spec = probe.fetch_model().batch_spec
     original_outputs: dict[int, Outputs] = {}
     fit_seconds = probe.fit_seconds or 0.0
+    clock = Stopwatch()  # where this section's time goes: each method's own work, and scoring every row
 
     def add(method: str, kind: str, c: int, module: nn.Module, seconds: float, hook_on: nn.Module | None = None,
             cache: dict[int, Outputs] | None = None, **extra: Any) -> None:
-        row = {"method": method, "kind": kind, "forget_class": c,
-               **score(module, last, context, c, train_eval, test_eval, hook_on, cache)}
+        with clock.part("scoring"):
+            row = {"method": method, "kind": kind, "forget_class": c,
+                   **score(module, last, context, c, train_eval, test_eval, hook_on, cache)}
         row.update(seconds=seconds, **extra)
         rows.append(row)
 
@@ -123,20 +126,22 @@ def run_unlearning(context: RunContext) -> dict[str, Any]:
         options = EditOptions.for_method(method, cfg.options)
         key = (options.redirect, options.metric, options.sample_rows)
         if key not in statistics:  # under torch.distributed every rank streams its shard
-            statistics[key] = probe.unlearning_statistics(stats_loader, method=method, **cfg.options)
+            with clock.part("koopman_statistics"):
+                statistics[key] = probe.unlearning_statistics(stats_loader, method=method, **cfg.options)
         return statistics[key]
 
     for method in cfg.methods:
         stats_for(method)
     if not distributed.is_main():  # the edits and the baselines' scores are rank 0's
-        return {"rows": [], "retrain_seconds_mean": None}
+        return {"rows": [], "retrain_seconds_mean": None, "time": clock}
 
     for c in sorted(set(koopman_classes) | set(baseline_classes)):
         if c in koopman_classes:
             for method in cfg.methods:
                 stats = stats_for(method)
                 start = time.perf_counter()
-                edited = probe.unlearn(c, stats, method=method, **cfg.options)
+                with clock.part("koopman_edits"):
+                    edited = probe.unlearn(c, stats, method=method, **cfg.options)
                 seconds = time.perf_counter() - start + stats.seconds  # as if the pass ran for this class alone
                 add(f"koopman_{method}", "koopman", c, probe.patch(edited), seconds, hook_on=context.model,
                     edit_seconds=edited.info.get("edit_seconds"), fit_plus_edit_seconds=fit_seconds + seconds)
@@ -150,23 +155,27 @@ def run_unlearning(context: RunContext) -> dict[str, Any]:
             if name == "original":  # the same model for every class: its outputs are computed once
                 add("original", "baseline", c, context.model, 0.0, cache=original_outputs)
             elif name == "retrain":
-                model, seconds = retrain(context.new_model, retain_loader, train_cfg.epochs, lr=lr,
-                                         weight_decay=train_cfg.weight_decay, spec=spec)
+                with clock.part(name):
+                    model, seconds = retrain(context.new_model, retain_loader, train_cfg.epochs, lr=lr,
+                                             weight_decay=train_cfg.weight_decay, spec=spec)
                 add("retrain", "baseline", c, model, seconds)
             elif name == "finetune":
-                model, seconds = finetune(context.model, retain_loader, cfg.finetune_epochs, lr=cfg.finetune_lr or lr / 10,
-                                          spec=spec)
+                with clock.part(name):
+                    model, seconds = finetune(context.model, retain_loader, cfg.finetune_epochs,
+                                              lr=cfg.finetune_lr or lr / 10, spec=spec)
                 add("finetune", "baseline", c, model, seconds)
             elif name == "neggrad_plus":
-                model, seconds = neggrad_plus(context.model, retain_loader, forget_loader, cfg.neggrad_epochs,
-                                              lr=cfg.neggrad_lr or lr / 10, alpha=cfg.neggrad_alpha, spec=spec)
+                with clock.part(name):
+                    model, seconds = neggrad_plus(context.model, retain_loader, forget_loader, cfg.neggrad_epochs,
+                                                  lr=cfg.neggrad_lr or lr / 10, alpha=cfg.neggrad_alpha, spec=spec)
                 add("neggrad_plus", "baseline", c, model, seconds)
             else:  # leace_baseline
-                whole = context.loader(context.train_set, 1000, limit=cfg.stats_samples)  # every row, on rank 0
-                features = ((f, y) for f, y, _ in layer_batches(context.model, last, whole, spec=spec))
-                wrapped, seconds = leace_erasure(context.model, last, features, [c])
+                with clock.part(name):
+                    whole = context.loader(context.train_set, 1000, limit=cfg.stats_samples)  # every row, on rank 0
+                    features = ((f, y) for f, y, _ in layer_batches(context.model, last, whole, spec=spec))
+                    wrapped, seconds = leace_erasure(context.model, last, features, [c])
                 add("leace_baseline", "baseline", c, wrapped, seconds, hook_on=context.model)
-    return {"rows": rows, "retrain_seconds_mean": _mean_of(rows, "retrain", "seconds")}
+    return {"rows": rows, "retrain_seconds_mean": _mean_of(rows, "retrain", "seconds"), "time": clock}
 
 
 def _mean_of(rows: list[dict[str, Any]], method: str, key: str) -> float | None:
@@ -304,7 +313,8 @@ class Unlearning:
         return recipe.unlearning is not None
 
     def run(self, context: RunContext) -> dict[str, Any]:
-        return {"unlearning": run_unlearning(context)}
+        result = run_unlearning(context)
+        return {"unlearning": result, "time_parts": result.pop("time")}
 
     def aggregate(self, runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         return {"unlearning": aggregate_unlearning([r["unlearning"] for r in runs])}
