@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -35,15 +34,21 @@ RESULTS = Path(__file__).resolve().parent / "results"
 RECIPES = ["yinyang", "mnist", "mnist_resnet18", "mnist_vit"]
 
 
-def _latency(module: torch.nn.Module, x: torch.Tensor, repeats: int = 7) -> float:
+def _latency(module: torch.nn.Module, x: torch.Tensor, repeats: int = 15, block_seconds: float = 0.2) -> float:
+    """Seconds per call: the fastest of ``repeats`` blocks of calls, each at least
+    ``block_seconds`` long (the minimum is the least disturbed by other jobs on the machine)."""
     with torch.no_grad():
         module(x)  # warm-up (and the patched model's one-time calibration)
+        start = time.perf_counter()
+        module(x)
+        calls = max(1, int(block_seconds / max(time.perf_counter() - start, 1e-6)))
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            module(x)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+            for _ in range(calls):
+                module(x)
+            times.append((time.perf_counter() - start) / calls)
+    return min(times)
 
 
 def run(name: str, data_root: str | None) -> dict[str, Any]:

@@ -37,20 +37,29 @@ def accepts_mask(module: nn.Module) -> bool:
     return "mask" in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
-def call_argument(model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any], name: str | None) -> Any:
-    """The value ``model`` gets for its forward argument ``name`` in this call (keyword or
-    positional), else ``None``."""
+def call_argument(signature: inspect.Signature | None, args: Sequence[Any], kwargs: Mapping[str, Any],
+                  name: str | None) -> Any:
+    """The value a forward with this ``signature`` gets for its argument ``name`` in this call
+    (keyword or positional), else ``None``."""
     if name is None:
         return None
     if name in kwargs:
         return kwargs[name]
-    if not args:
+    if not args or signature is None or name not in signature.parameters:
         return None
     try:
-        bound = inspect.signature(model.forward).bind_partial(*args, **kwargs)
-    except (TypeError, ValueError):
+        bound = signature.bind_partial(*args, **kwargs)
+    except TypeError:
         return None
     return bound.arguments.get(name)
+
+
+def forward_signature(model: nn.Module) -> inspect.Signature | None:
+    """``model.forward``'s signature (``None`` where it has none)."""
+    try:
+        return inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return None
 
 
 def outputs_agree(a: Any, b: Any, rtol: float = 1e-4, atol: float = 1e-5) -> bool:
@@ -101,6 +110,7 @@ class PatchedModel(nn.Module):
         self.strict = strict
         self.mask_key = mask_key
         self._mask_aware = accepts_mask(surrogate)
+        self._signature = forward_signature(model)  # read once: binding a call to it finds the mask
         self.path: Path = "pending" if (fast and strict) else "full"
         self._trace: Trace | None = None
         self._skip: list[str] = []
@@ -117,7 +127,7 @@ class PatchedModel(nn.Module):
         return predicted.to(dtype=real.dtype, device=real.device)
 
     def _mask(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
-        return call_argument(self.model, args, kwargs, self.mask_key) if self._mask_aware else None
+        return call_argument(self._signature, args, kwargs, self.mask_key) if self._mask_aware else None
 
     def _full(self, *args: Any, **kwargs: Any) -> Any:
         captured: dict[str, torch.Tensor] = {}
