@@ -61,8 +61,9 @@ class KoopmanProbe:
             its target's variance).
         lr, weight_decay: AdamW settings of the autoencoder.
         ridge: relative ridge of the closed-form fits.
-        batch_size: rows per gradient step, read from the fit's cache (``None``: about 50 steps per
-            epoch, 64 to 512 rows).
+        batch_size: rows per gradient step and process, read from the fit's cache (``None``: about
+            50 steps per epoch over all processes' rows, 64 to 512 rows; under ``torch.distributed``
+            each of W processes then takes 1/W of the steps, as with DDP).
         patience: epochs without a better held-out score before the fit stops.
         val_fraction: share of the fit data held out to score and choose the kept state
             (unless ``fit(val_loader=...)``).

@@ -1,9 +1,10 @@
 """torch.distributed, when a process group is initialised: every rank holds a shard of the data.
 
 Streaming statistics are combined exactly by gathering every rank's fitter and merging them in
-rank order (:func:`merged`), so every rank ends with the same result; gradients are averaged
-(:func:`average_gradients`); decisions (keep a state, stop) are taken on reduced figures, so all
-ranks take them together. Without a process group every function is the identity.
+rank order (:func:`merged`), so every rank ends with the same result; the autoencoder trains by
+post-local SGD (:func:`local_sgd`: each rank steps on its own shard, the parameters are averaged
+every few steps and after every epoch); decisions (keep a state, stop) are taken on reduced
+figures, so all ranks take them together. Without a process group every function is the identity.
 """
 
 from __future__ import annotations
@@ -78,13 +79,25 @@ def minimum(value: int) -> int:
     return int(tensor.item())
 
 
-def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
-    """Replace every parameter's ``.grad`` by its mean over ranks (one all-reduce per tensor)."""
+def local_sgd(optimiser: torch.optim.Optimizer, period: int) -> torch.optim.Optimizer:
+    """Under a process group, ``optimiser`` wrapped in torch's post-local SGD: every rank steps on
+    its own gradients and the parameters are averaged over ranks every ``period`` steps (one
+    flat all-reduce). Without one, ``optimiser`` itself."""
+    if not active():
+        return optimiser
+    from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
+    from torch.distributed.optim import PostLocalSGDOptimizer
+
+    return PostLocalSGDOptimizer(optimiser, PeriodicModelAverager(period=period))
+
+
+def average_parameters(params: Iterable[torch.nn.Parameter]) -> None:
+    """Replace every parameter by its mean over ranks (one flat all-reduce), so that all ranks
+    hold the same model."""
     if not active():
         return
-    size = float(world_size())
-    for param in params:
-        if param.grad is None:
-            param.grad = torch.zeros_like(param)
-        dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
-        param.grad /= size
+    from torch.distributed.algorithms.model_averaging.utils import average_parameters as average
+
+    group = dist.group.WORLD
+    assert group is not None
+    average(iter(list(params)), group)

@@ -61,6 +61,7 @@ class Score:
 
 
 EPOCH_ROWS = 16384  # an epoch reads at most this many random cached rows
+AVERAGE_EVERY = 4  # under torch.distributed: steps between two averages of the parameters over ranks
 PROGRESS = 0.005  # a held-out loss this much (relatively) below the last progress resets the patience
 
 
@@ -173,7 +174,9 @@ def train(
     named = [(n, p) for n, p in ae.named_parameters() if not (schedule.ridge is not None and n.startswith("operator."))]
     ae.operator.requires_grad_(schedule.ridge is None)
     params = [p for _, p in named]
-    optimiser = torch.optim.AdamW(parameter_groups(named, schedule.lr), weight_decay=schedule.weight_decay, foreach=True)
+    optimiser = distributed.local_sgd(
+        torch.optim.AdamW(parameter_groups(named, schedule.lr), weight_decay=schedule.weight_decay, foreach=True),
+        AVERAGE_EVERY)
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimiser, factor=0.5, patience=max(schedule.patience // 2 - 1, 0),
                                                          threshold=PROGRESS)
     topological = TopologicalLoss() if weights.topological else None
@@ -190,7 +193,7 @@ def train(
     for epoch in bar:
         ae.train()
         order = train_rows[torch.randperm(len(train_rows), generator=generator)[: EPOCH_ROWS // distributed.world_size()]]
-        # every rank takes the same number of full batches (their gradients are averaged)
+        # every rank takes the same number of full batches (their parameters are averaged in step)
         n_steps = distributed.minimum(max(len(order) // schedule.batch_size, 1 if len(order) > 1 else 0))
         sums: dict[str, torch.Tensor] = {}
         steps = 0
@@ -204,12 +207,12 @@ def train(
                 losses["total"] = losses["total"] + weights.output * losses["output"]
             optimiser.zero_grad(set_to_none=True)
             losses["total"].backward()
-            distributed.average_gradients(params)
             nn.utils.clip_grad_norm_(params, 1.0)
             optimiser.step()
             for key, value in losses.items():
                 sums[key] = sums.get(key, torch.zeros((), device=device)) + value.detach()
             steps += 1
+        distributed.average_parameters(params)  # every rank scores, keeps and goes on from the same state
         record: dict[str, float] = {"epoch": float(epoch), "lr": optimiser.param_groups[0]["lr"],
                                     **{k: float(v) / max(steps, 1) for k, v in sums.items()}}
         outcome.epochs_run = epoch + 1

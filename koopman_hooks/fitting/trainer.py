@@ -175,7 +175,10 @@ class _Run:
         batch_size = config.batch_size
         if batch_size is None:
             batch_size, notes["batch_size"] = sizing.batch_size_for(int(distributed.summed([len(train_rows)])[0]))
-        per_rank = max(1, batch_size // distributed.world_size())
+        # per process, as DDP: every rank takes batches of this size from its own shard, so a fit over
+        # W processes takes 1/W of the steps per epoch (the autoencoder's steps are overhead-bound:
+        # halving the batch per rank barely shortens a step)
+        per_rank = batch_size
         ae_config = AutoencoderConfig(width, latent_dim, tuple(hidden), config.operator, config.rank, tuple(steps))
         ae = KoopmanAutoencoder.from_linear(ae_config, start.operator, seed=config.seed).to(device)
         rotations = [None] + [start.rotations[n].to(device) for n in layers[1:]]

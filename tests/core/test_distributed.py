@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from koopman_hooks import KoopmanProbe
+from koopman_hooks.core.distributed import average_parameters
 from koopman_hooks.data import TensorLoader, YinYangDataset
 from koopman_hooks.models import ResMLP
 from koopman_hooks.training import train_classifier
@@ -48,6 +49,18 @@ def _figures(metrics: dict) -> dict:
             "latent_fvu": metrics["latent_fvu"], "n": metrics["n_samples"]}
 
 
+def _averaged_parameters(rank: int) -> list[torch.Tensor]:
+    """Parameters of two dtypes, rank-dependent, averaged over ranks in one call."""
+    params = [torch.nn.Parameter(_rank_value(rank, (3, 2), torch.float32, 0)),
+              torch.nn.Parameter(_rank_value(rank, (4,), torch.float64, 1))]
+    average_parameters(params)
+    return [p.detach().clone() for p in params]
+
+
+def _rank_value(rank: int, shape: tuple[int, ...], dtype: torch.dtype, i: int) -> torch.Tensor:
+    return (rank + 1) * (i + 1) + rank * torch.arange(torch.Size(shape).numel(), dtype=dtype).reshape(shape)
+
+
 def _worker(rank: int, world: int, port: int, folder: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -73,6 +86,7 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
             "starts": {k: (m.n, m.mean_x) for k, m in stats.start.items()},
             "operator": fitted.autoencoder.operator.matrix().detach(),
         }
+        result["averaged"] = _averaged_parameters(rank)
         torch.save(result, out / f"result_{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -139,3 +153,11 @@ def test_the_distributed_fit_is_as_faithful_and_only_rank_0_writes(runs):
         assert abs(result["fitted_figures"]["agreement"] - reference["agreement"]) <= 0.005 + 1e-9
     assert (runs["folder"] / "fitted_0.safetensors").exists()
     assert not (runs["folder"] / "fitted_1.safetensors").exists()
+
+
+def test_parameters_are_averaged_over_ranks(runs):
+    shapes = [((3, 2), torch.float32), ((4,), torch.float64)]
+    for result in runs["ranks"]:
+        for i, ((shape, dtype), value) in enumerate(zip(shapes, result["averaged"])):
+            expected = (_rank_value(0, shape, dtype, i) + _rank_value(1, shape, dtype, i)) / 2
+            assert value.dtype == dtype and torch.allclose(value, expected, rtol=0, atol=1e-6)
