@@ -10,6 +10,7 @@ loaded; the state cache fills up to 16,384 + 5,000 rows, so it grows up to ~21,0
 is flat beyond). Everything runs on one thread; ratios are side by side.
 
     python benchmarks/fit_cost.py [--only yinyang mnist ...] [--data-root PATH] [--skip-rss]
+    python benchmarks/fit_cost.py --latency-only --out benchmarks/results/latency.json
 """
 
 from __future__ import annotations
@@ -51,6 +52,30 @@ def _latency(module: torch.nn.Module, x: torch.Tensor, repeats: int = 15, block_
                 module(x)
             times.append((time.perf_counter() - start) / calls)
     return min(times)
+
+
+def latency_only(name: str, data_root: str | None, samples: int = 2000) -> dict[str, Any]:
+    """Patched against original latency without training: the model as built (latency depends on
+    the architecture, not the weights) and a one-epoch probe on ``samples`` training images. The
+    fast path is still checked against the full one on a real batch before it is used."""
+    recipe = load_recipe(name)
+    assert recipe.probe is not None
+    train_set, test_set, classes = build_datasets(recipe.data, 0, data_root)
+    torch.manual_seed(0)
+    model = recipe.model.build(classes).eval()
+    probe = KoopmanProbe(model, list(recipe.probe.layers), verbose=False)
+    probe.fit(TensorLoader.from_dataset(train_set, 256, limit=samples), epochs=1)
+    x = TensorLoader.from_dataset(test_set, 256).tensors[0][:256]
+    patched = probe.patch()
+    original_latency, patched_latency = _latency(model, x), _latency(patched, x)
+    sizes = probe.fetch_model().sizes
+    assert sizes is not None
+    return {
+        "recipe": name, "weights": "untrained (as built)", "original_latency_ms": 1000 * original_latency,
+        "patched_latency_ms": 1000 * patched_latency, "patched_over_original": patched_latency / original_latency,
+        "patched_path": patched.path, "skipped_modules": patched.skipped_modules,
+        "surrogate_macs": sizes.surrogate_macs, "replaced_macs": sizes.replaced_macs,
+    }
 
 
 def run(name: str, data_root: str | None) -> dict[str, Any]:
@@ -145,12 +170,21 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None)
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--skip-rss", action="store_true")
+    parser.add_argument("--latency-only", action="store_true",
+                        help="only the patched/original latency, on untrained models (minutes, not hours)")
     parser.add_argument("--out", default=str(RESULTS / "fit_cost.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = []
     for name in RECIPES:
         if args.only and name not in args.only:
+            continue
+        if args.latency_only:
+            row = latency_only(name, args.data_root)
+            rows.append(row)
+            print(f"{name:>15}: latency patched/original {row['patched_over_original']:.2f} ({row['patched_path']}; "
+                  f"{row['patched_latency_ms']:.1f} vs {row['original_latency_ms']:.1f} ms), "
+                  f"MACs {row['surrogate_macs']} vs {row['replaced_macs']}", flush=True)
             continue
         row = run(name, args.data_root)
         rows.append(row)
@@ -160,7 +194,7 @@ def main() -> None:
               f"latency patched/original {row['patched_over_original']:.2f} ({row['patched_path']}), "
               f"MACs {row['surrogate_macs']} vs {row['replaced_macs']}", flush=True)
     result: dict[str, Any] = {"threads": 1, "machine": platform.machine(), "torch": torch.__version__, "recipes": rows}
-    if not args.skip_rss:
+    if not args.skip_rss and not args.latency_only:
         memory = rss(args.data_root)
         result["rss"] = memory
         # what the fit itself adds (the data set's own tensor grows with n whatever the fit does), and the peak
