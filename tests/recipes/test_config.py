@@ -130,3 +130,29 @@ def test_token_recipes_pair_text_models_with_the_token_task():
         load_recipe("tokens_bert", ["data.max_length=80"])
     with pytest.raises(LayerError, match="report.pca_layers: no layer named 'transformer.h.9'"):
         check_recipe(load_recipe("tokens_gpt2", ["report.pca_layers=['transformer.h.9']"]))
+
+
+@pytest.mark.parametrize("name, accuracy", [("mnist_resnet18", 0.99), ("mnist_vit", 0.985)])
+def test_vision_recipes_are_as_complete_as_mnist(name, accuracy):
+    """Issue 15: the whole MNIST training and test sets, every baseline, the Koopman edit on every
+    class, MNIST's unlearning targets, and per-layer FVU and topology targets, with the probe's
+    default loss settings."""
+    from koopman_hooks.core.layers import resolve_layers
+    from koopman_hooks.recipes.builders import model_factory
+
+    recipe, mnist = load_recipe(name), load_recipe("mnist")
+    assert recipe.data.train_size is None and recipe.data.test_size == 10000
+    assert recipe.unlearning is not None and mnist.unlearning is not None and recipe.unlearning.classes == "all"
+    assert set(recipe.unlearning.baselines) == set(mnist.unlearning.baselines)
+    assert recipe.probe is not None and not any("weight" in key for key in recipe.probe.options)
+    unlearning = {k: v for k, v in mnist.targets.items() if k.startswith("unlearning.")}
+    assert unlearning.items() <= recipe.targets.items()
+    layers = resolve_layers(model_factory(recipe.model, 10)(), list(recipe.probe.layers), minimum=2)
+    for layer in layers[1:]:  # FVU is measured where the surrogate predicts: every layer but the first
+        for figure in ("state_fvu_per_layer", "latent_fvu_per_layer"):
+            assert recipe.targets[f"surrogate.{figure}.{layer}"] == "<= 0.1"
+    assert recipe.targets["model.test_accuracy"] == f">= {accuracy}" and recipe.targets["seconds"] == "<= 2400"
+    for key in ("spearman_network", "spearman_surrogate"):
+        assert recipe.targets[f"topology.{key}"] == "<= -0.9"
+    for key in ("start_betti0_relative_error", "final_betti0_relative_error"):
+        assert recipe.targets[f"topology.{key}"] == "<= 0.1"
