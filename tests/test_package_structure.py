@@ -147,3 +147,14 @@ def test_importing_the_package_pulls_in_no_optional_dependency():
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
     importlib.import_module("koopman_hooks")
+
+
+def test_no_merge_conflict_markers_are_left_in_the_sources_or_docs():
+    root = PACKAGE.parent
+    files = [p for pattern in ("*.md", "*.toml", "*.py") for folder in ("", "koopman_hooks", "tests", "benchmarks", "reports")
+             for p in (root / folder).rglob(pattern) if ".git" not in p.parts]
+    assert len(files) > 50
+    marked = [f"{p.relative_to(root)}:{i + 1}" for p in set(files)
+              for i, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines())
+              if line.startswith(("<<<<<<< ", ">>>>>>> ")) or line == "======="]
+    assert not marked, f"merge conflict markers at {marked}"
