@@ -54,6 +54,21 @@ def _latency(module: torch.nn.Module, x: torch.Tensor, repeats: int = 15, block_
     return min(times)
 
 
+def _latency_figures(model: torch.nn.Module, probe: KoopmanProbe, test_set: Any) -> dict[str, Any]:
+    """Original against patched (fast path) latency on a batch of 256 test inputs, and the sizes."""
+    x = TensorLoader.from_dataset(test_set, 256).tensors[0][:256]
+    patched = probe.patch()
+    original_latency, patched_latency = _latency(model, x), _latency(patched, x)
+    sizes = probe.fetch_model().sizes
+    assert sizes is not None
+    return {
+        "original_latency_ms": 1000 * original_latency, "patched_latency_ms": 1000 * patched_latency,
+        "patched_over_original": patched_latency / original_latency, "patched_path": patched.path,
+        "skipped_modules": patched.skipped_modules,
+        "surrogate_macs": sizes.surrogate_macs, "replaced_macs": sizes.replaced_macs,
+    }
+
+
 def latency_only(name: str, data_root: str | None, samples: int = 2000) -> dict[str, Any]:
     """Patched against original latency without training: the model as built (latency depends on
     the architecture, not the weights) and a one-epoch probe on ``samples`` training images. The
@@ -65,17 +80,7 @@ def latency_only(name: str, data_root: str | None, samples: int = 2000) -> dict[
     model = recipe.model.build(classes).eval()
     probe = KoopmanProbe(model, list(recipe.probe.layers), verbose=False)
     probe.fit(TensorLoader.from_dataset(train_set, 256, limit=samples), epochs=1)
-    x = TensorLoader.from_dataset(test_set, 256).tensors[0][:256]
-    patched = probe.patch()
-    original_latency, patched_latency = _latency(model, x), _latency(patched, x)
-    sizes = probe.fetch_model().sizes
-    assert sizes is not None
-    return {
-        "recipe": name, "weights": "untrained (as built)", "original_latency_ms": 1000 * original_latency,
-        "patched_latency_ms": 1000 * patched_latency, "patched_over_original": patched_latency / original_latency,
-        "patched_path": patched.path, "skipped_modules": patched.skipped_modules,
-        "surrogate_macs": sizes.surrogate_macs, "replaced_macs": sizes.replaced_macs,
-    }
+    return {"recipe": name, "weights": "untrained (as built)", **_latency_figures(model, probe, test_set)}
 
 
 def run(name: str, data_root: str | None) -> dict[str, Any]:
@@ -102,9 +107,6 @@ def run(name: str, data_root: str | None) -> dict[str, Any]:
     metrics = probe.evaluate(TensorLoader.from_dataset(test_set, 1000))
     stats = probe.unlearning_statistics(TensorLoader.from_dataset(train_set, 1000, limit=20000))
     edited = probe.unlearn(0, stats)
-    x = TensorLoader.from_dataset(test_set, 256).tensors[0][:256]
-    patched = probe.patch()
-    original_latency, patched_latency = _latency(model, x), _latency(patched, x)
     sizes = fitted.sizes
     assert sizes is not None
     return {
@@ -114,10 +116,7 @@ def run(name: str, data_root: str | None) -> dict[str, Any]:
         "agreement": metrics["agreement"], "linear_agreement": metrics["linear_baseline"]["agreement"],
         "edit_seconds": edited.info["edit_seconds"], "stats_seconds": stats.seconds,
         "fit_plus_edit_over_retrain": (fit_seconds + edited.info["edit_seconds"] + stats.seconds) / retrain_seconds,
-        "original_latency_ms": 1000 * original_latency, "patched_latency_ms": 1000 * patched_latency,
-        "patched_over_original": patched_latency / original_latency, "patched_path": patched.path,
-        "skipped_modules": patched.skipped_modules,
-        "surrogate_macs": sizes.surrogate_macs, "replaced_macs": sizes.replaced_macs,
+        **_latency_figures(model, probe, test_set),
         "sizes": {"width": sizes.width, "latent_dim": sizes.latent_dim, "hidden": list(sizes.hidden), "steps": list(sizes.steps)},
     }
 

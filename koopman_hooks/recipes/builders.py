@@ -15,6 +15,11 @@ from koopman_hooks.errors import ConfigError
 from koopman_hooks.models import ResMLP
 
 
+def _options(section: Any) -> dict[str, Any]:
+    """A ``[model]`` section's fields as the builder's keyword arguments (all but ``kind``)."""
+    return {k: v for k, v in asdict(section).items() if k != "kind"}
+
+
 @dataclass(frozen=True)
 class ResMLPModel:
     """``kind = "resmlp"``: :class:`~koopman_hooks.models.ResMLP`."""
@@ -65,8 +70,7 @@ class ViTModel:
     def build(self, num_classes: int) -> nn.Module:
         from koopman_hooks.vision import mnist_vit
 
-        options = {k: v for k, v in asdict(self).items() if k != "kind"}
-        return mnist_vit(num_classes, **options)
+        return mnist_vit(num_classes, **_options(self))
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,7 @@ class BertModel:
     def build(self, num_classes: int) -> nn.Module:
         from koopman_hooks.text import bert_classifier
 
-        return bert_classifier(num_classes, **{k: v for k, v in asdict(self).items() if k != "kind"})
+        return bert_classifier(num_classes, **_options(self))
 
 
 @dataclass(frozen=True)
@@ -107,7 +111,7 @@ class GPT2Model:
     def build(self, num_classes: int) -> nn.Module:
         from koopman_hooks.text import gpt2_classifier
 
-        return gpt2_classifier(num_classes, **{k: v for k, v in asdict(self).items() if k != "kind"})
+        return gpt2_classifier(num_classes, **_options(self))
 
 
 ModelSection = ResMLPModel | ResNetModel | ViTModel | BertModel | GPT2Model
