@@ -38,7 +38,7 @@ class ProbeConfig:
     operator_fit: OperatorFit = "gradient"
     hidden: tuple[int, ...] | None = None
     loss_weights: LossWeights = field(default_factory=LossWeights)
-    lr: float = 3e-3
+    lr: float = 6e-3
     weight_decay: float = 0.0
     ridge: float = 1e-6
     batch_size: int | None = None

@@ -6,14 +6,19 @@ the fraction of the last layer's variance it leaves unexplained. The closed-form
 first. A later state is kept if it has a lower loss (the mean state FVU over the later layers,
 plus the KL divergence when there is one) and agrees with the model as often as the start does,
 up to the held-out set's sampling noise (one row, or two standard errors), so the fit is not
-worse on held-out data than where it started. The learning rate halves after ``patience // 2`` epochs
-without progress (a held-out loss at least 0.5% below the last progress); training stops after
-``patience``.
+worse on held-out data than where it started.
+
+The learning rate follows a cosine from ``lr`` to zero over each cycle of ``CYCLE_EPOCHS`` epochs
+(warm restarts; the last cycle takes the remainder of ``epochs``). A cycle that lowers the kept held-out loss
+by less than ``CYCLE_GAIN`` (relatively) ends the fit, and so do ``patience`` epochs without
+progress (a held-out loss at least 0.5% below the last progress): easy fits stop after one or
+two cycles, hard ones go on up to ``epochs``.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +68,8 @@ class Score:
 EPOCH_ROWS = 16384  # an epoch reads at most this many random cached rows
 AVERAGE_EVERY = 4  # under torch.distributed: steps between two averages of the parameters over ranks
 PROGRESS = 0.005  # a held-out loss this much (relatively) below the last progress resets the patience
+CYCLE_EPOCHS = 5  # epochs per cosine cycle of the learning rate
+CYCLE_GAIN = 0.05  # a cycle that lowers the kept held-out loss by less than this (relatively) ends the fit
 
 
 @dataclass
@@ -83,6 +90,7 @@ class Outcome:
     kept_score: Score | None = None
     start_score: Score | None = None
     epochs_run: int = 0
+    stopped_because: str = "the epoch limit"
 
 
 def parameter_groups(named: Sequence[tuple[str, nn.Parameter]], lr: float) -> list[dict[str, Any]]:
@@ -157,6 +165,21 @@ def score(ae: KoopmanAutoencoder, cache: StateCache, rows: torch.Tensor, rotatio
     return Score(figures["val_agreement"], trajectory + figures["val_kl"], fvu, n), figures
 
 
+def cycle_of(epoch: int, epochs: int) -> tuple[int, int]:
+    """The first epoch and the length of the cycle holding ``epoch``: cycles of ``CYCLE_EPOCHS``
+    epochs, the last one taking the remainder of ``epochs`` (one cycle when there are fewer)."""
+    last = max(epochs // CYCLE_EPOCHS - 1, 0) * CYCLE_EPOCHS
+    first = min(epoch - epoch % CYCLE_EPOCHS, last)
+    return first, (epochs - first if first == last else CYCLE_EPOCHS)
+
+
+def cycle_factor(epoch: int, step: int, steps: int, epochs: int) -> float:
+    """The learning rate's factor at ``step`` of ``steps`` in ``epoch``: a cosine from 1 to 0 over
+    each cycle (:func:`cycle_of`)."""
+    first, length = cycle_of(epoch, epochs)
+    return 0.5 * (1.0 + math.cos(math.pi * ((epoch - first) * steps + step) / max(length * steps, 1)))
+
+
 def train(
     ae: KoopmanAutoencoder,
     cache: StateCache,
@@ -177,8 +200,8 @@ def train(
     optimiser = distributed.local_sgd(
         torch.optim.AdamW(parameter_groups(named, schedule.lr), weight_decay=schedule.weight_decay, foreach=True),
         AVERAGE_EVERY)
-    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimiser, factor=0.5, patience=max(schedule.patience // 2 - 1, 0),
-                                                         threshold=PROGRESS)
+    # W processes take 1/W of the steps, each averaging W batches: the learning rate scales with W
+    base_lrs = [group["lr"] * distributed.world_size() for group in optimiser.param_groups]
     topological = TopologicalLoss() if weights.topological else None
     outcome = Outcome()
     has_val = distributed.summed([len(val_rows)])[0] > 0
@@ -189,6 +212,7 @@ def train(
     best = copy.deepcopy(ae.state_dict())
     stale = 0
     mark = outcome.kept_score.loss if outcome.kept_score is not None else float("inf")
+    cycle_start = mark
     bar = tqdm(range(schedule.epochs), desc="koopman fit", disable=not schedule.verbose)
     for epoch in bar:
         ae.train()
@@ -198,6 +222,9 @@ def train(
         sums: dict[str, torch.Tensor] = {}
         steps = 0
         for batch in cache.batches(order[: n_steps * schedule.batch_size], schedule.batch_size):
+            factor = cycle_factor(epoch, steps, n_steps, schedule.epochs)
+            for group, base in zip(optimiser.param_groups, base_lrs):
+                group["lr"] = base * factor
             states = rotated_states(batch, rotations, device)
             losses = koopman_losses(ae, states, weights, topological, schedule.ridge)
             prediction = losses.pop("prediction")
@@ -213,7 +240,7 @@ def train(
                 sums[key] = sums.get(key, torch.zeros((), device=device)) + value.detach()
             steps += 1
         distributed.average_parameters(params)  # every rank scores, keeps and goes on from the same state
-        record: dict[str, float] = {"epoch": float(epoch), "lr": optimiser.param_groups[0]["lr"],
+        record: dict[str, float] = {"epoch": float(epoch), "lr": base_lrs[0] * cycle_factor(epoch, 0, 1, schedule.epochs),
                                     **{k: float(v) / max(steps, 1) for k, v in sums.items()}}
         outcome.epochs_run = epoch + 1
         if schedule.ridge is not None:
@@ -222,7 +249,6 @@ def train(
             current, figures = score(ae, cache, val_rows, rotations, device, tail, last, schedule.batch_size)
             record.update(figures)
             assert outcome.kept_score is not None and outcome.start_score is not None
-            plateau.step(current.loss)
             if current.better_than(outcome.kept_score, outcome.start_score):
                 outcome.kept_score, outcome.kept_epoch = current, epoch
                 best = copy.deepcopy(ae.state_dict())
@@ -234,8 +260,18 @@ def train(
             best, outcome.kept_epoch = copy.deepcopy(ae.state_dict()), epoch
         outcome.history.append(record)
         bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k in ("total", "val_agreement", "val_state_fvu_1")})
-        if has_val and stale >= schedule.patience:
+        if not has_val:
+            continue
+        if stale >= schedule.patience:
+            outcome.stopped_because = f"{schedule.patience} epochs without progress"
             break
+        if sum(cycle_of(epoch, schedule.epochs)) == epoch + 1:  # the end of a cycle
+            assert outcome.kept_score is not None
+            gain = 1.0 - outcome.kept_score.loss / cycle_start if math.isfinite(cycle_start) and cycle_start > 0 else 0.0
+            if gain < CYCLE_GAIN:
+                outcome.stopped_because = f"a cycle lowered the held-out loss by {gain:.1%} (< {CYCLE_GAIN:.0%})"
+                break
+            cycle_start = outcome.kept_score.loss
     ae.load_state_dict(best)
     ae.eval()
     return outcome

@@ -111,6 +111,18 @@ class SampleReservoir:
         return 0 if self.labels is None else len(self.labels)
 
 
+class _KnownCodes(nn.Module):
+    """The surrogate's encoder, answering from a table for the one tensor whose codes are known:
+    the refinement only moves the readout, so the sampled rows' codes never change."""
+
+    def __init__(self, encoder: nn.Module, states: torch.Tensor, codes: torch.Tensor) -> None:
+        super().__init__()
+        self.encoder, self.states, self.codes = encoder, states, codes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.codes if x is self.states else self.encoder(x)
+
+
 def _detached(inputs: Inputs) -> Inputs:
     if isinstance(inputs, torch.Tensor):
         return inputs.detach()
@@ -166,6 +178,9 @@ def refine_readout(
     top = start[:d].clone().requires_grad_(True)
     scale = float(start[:d].pow(2).sum().clamp_min(1e-12))
     editable = surrogate.edited()
+    if states is not None:
+        with torch.no_grad():
+            editable.encoder = _KnownCodes(editable.encoder, states, editable.encoder(states))
     weights = torch.where(forgotten, (1.0 - retain_weight) / forgotten.sum(), retain_weight / (~forgotten).sum().clamp_min(1))
 
     def loss_fn() -> torch.Tensor:
