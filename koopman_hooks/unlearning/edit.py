@@ -26,7 +26,7 @@ from koopman_hooks.fitting.fitted import FittedProbe
 from koopman_hooks.koopman.surrogate import KoopmanSurrogate
 from koopman_hooks.unlearning.options import EditOptions, LabelSource, Method
 from koopman_hooks.unlearning.per_step import per_step_operator
-from koopman_hooks.unlearning.redirect import redirect_map, redirect_targets
+from koopman_hooks.unlearning.redirect import CG_TOLERANCE, CG_TOLERANCE_REFINED, redirect_map, redirect_targets
 from koopman_hooks.unlearning.refine import refine_readout
 from koopman_hooks.unlearning.statistics import LatentGroupStatistics, collect_statistics
 
@@ -163,7 +163,7 @@ def unlearn(
     retained = check_classes(forget, stats, labels)
 
     start = time.perf_counter()
-    endpoint = redirect_map(stats, retained, opts)
+    endpoint = redirect_map(stats, retained, opts, CG_TOLERANCE_REFINED if opts.refine else CG_TOLERANCE)
     base = surrogate.readout.double()
     operator: torch.Tensor | None = None
     readout: torch.Tensor | None = None

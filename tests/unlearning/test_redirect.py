@@ -2,28 +2,32 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from koopman_hooks.unlearning.options import EditOptions
-from koopman_hooks.unlearning.redirect import redirect_map
+from koopman_hooks.unlearning.redirect import CG_TOLERANCE, CG_TOLERANCE_REFINED, redirect_map
 from koopman_hooks.unlearning.statistics import collect_statistics
 
 DOT = 2
 
 
-def test_metric_solvers_agree(setup: dict) -> None:
+@pytest.mark.parametrize("rtol", [CG_TOLERANCE, CG_TOLERANCE_REFINED])
+def test_metric_solvers_agree(setup: dict, rtol: float) -> None:
     stats = collect_statistics(setup["probe"].fetch_model(), setup["loader"], [DOT])
     direct = redirect_map(stats, [0, 1], EditOptions(solver="direct"))
-    cg = redirect_map(stats, [0, 1], EditOptions(solver="cg"))
-    # CG stops at a 1e-4 relative residual: entries along directions the data barely span stay
-    # loose, but where the samples lie (every group's mapped mean and spread) the maps agree
+    cg = redirect_map(stats, [0, 1], EditOptions(solver="cg"), rtol=rtol)
+    # CG stops at a small relative residual (looser when the output refinement follows): entries along
+    # directions the data barely span stay loose, but where the samples lie (every group's mapped
+    # mean and spread) the maps agree, twice as loosely at the looser tolerance
+    loose = 1.0 if rtol == CG_TOLERANCE else 2.0
     for m in stats.groups.values():
         d = len(m.mean_x)
         ends = [h[:d, :d] @ m.mean_x + h[:d, d] for h in (direct, cg)]
         spread = float(m.cov_xx.trace().sqrt()) + float(ends[0].norm())
-        assert float((ends[0] - ends[1]).norm()) <= 0.02 * spread
+        assert float((ends[0] - ends[1]).norm()) <= 0.02 * loose * spread
         covs = [h[:d, :d] @ m.cov_xx @ h[:d, :d].T for h in (direct, cg)]
-        assert float((covs[0] - covs[1]).norm()) <= 0.05 * float(covs[0].norm()) + 1e-9
+        assert float((covs[0] - covs[1]).norm()) <= 0.05 * loose * float(covs[0].norm()) + 1e-9
     euclid = redirect_map(stats, [0, 1], EditOptions(metric="euclidean"))
     assert euclid.shape == direct.shape
     assert torch.equal(direct[-1], torch.eye(len(direct), dtype=direct.dtype)[-1])
