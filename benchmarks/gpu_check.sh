@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 DATA_ROOT="${1:-${KOOPMAN_HOOKS_DATA:-../shared/data}}"
 OUT="${OUT:-benchmarks/results}"
 mkdir -p "$OUT"
-python -m pip install --quiet -e ".[dev]" || true
+PYTHON="${PYTHON:-python3}"
+"$PYTHON" -c "import koopman_hooks" 2>/dev/null || "$PYTHON" -m pip install --quiet -e ".[dev]" || true
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-python -m pytest -q -m cuda tests/test_cuda.py 2>&1 | tail -5 | tee "$OUT/gpu_tests.txt"
-KOOPMAN_HOOKS_DATA="$DATA_ROOT" timeout 420 python benchmarks/gpu_fit.py --out "$OUT/gpu.json"
+"$PYTHON" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt" || true
+KOOPMAN_HOOKS_DATA="$DATA_ROOT" timeout 420 "$PYTHON" benchmarks/gpu_fit.py --out "$OUT/gpu.json"

@@ -55,12 +55,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="benchmarks/results/gpu.json")
     args = parser.parse_args()
-    rows = [run("mnist", None, None), run("mnist", None, "bf16"), run("mnist_resnet18", None, None)]
-    for row in rows:
-        print(json.dumps(row))
     device = torch.cuda.get_device_name(0)
-    Path(args.out).write_text(json.dumps({"device": device, "torch": torch.__version__, "python": platform.python_version(),
-                                          "runs": rows}, indent=2))
+    rows: list[dict[str, object]] = []
+    for name, amp in (("mnist", None), ("mnist_resnet18", None), ("mnist", "bf16")):
+        rows.append(run(name, None, amp))
+        print(json.dumps(rows[-1]), flush=True)
+        # written after every run, so a run cut short by the time limit keeps what finished
+        Path(args.out).write_text(json.dumps({"device": device, "torch": torch.__version__,
+                                              "python": platform.python_version(), "runs": rows}, indent=2))
 
 
 if __name__ == "__main__":
