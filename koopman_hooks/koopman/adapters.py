@@ -133,7 +133,7 @@ def pca_basis(cov: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor
     evecs = evecs[:, :keep]
     # sign convention: the largest-magnitude entry of each component is positive
     idx = evecs.abs().argmax(0)
-    evecs = evecs * torch.sign(evecs[idx, torch.arange(keep)]).unsqueeze(0)
+    evecs = evecs * torch.sign(evecs[idx, torch.arange(keep, device=evecs.device)]).unsqueeze(0)
     basis = torch.zeros(cov.shape[0], width, dtype=cov.dtype, device=cov.device)
     basis[:, :keep] = evecs
     return basis, evals
@@ -153,7 +153,7 @@ def components_for_variance(moments: StreamingMoments, fraction: float) -> int:
     """Smallest number of principal components explaining ``fraction`` of the variance."""
     evals = torch.linalg.eigvalsh(moments.cov_xx).flip(0).clamp_min(0)
     cumulative = torch.cumsum(evals, 0) / evals.sum().clamp_min(1e-30)
-    return int(torch.searchsorted(cumulative, torch.tensor(fraction, dtype=cumulative.dtype)).item()) + 1
+    return int(torch.searchsorted(cumulative, torch.tensor(fraction, dtype=cumulative.dtype, device=cumulative.device)).item()) + 1
 
 
 def procrustes_rotation(cross_cov: torch.Tensor) -> torch.Tensor:

@@ -102,16 +102,17 @@ def _pooled_operator(consecutive: Sequence[StreamingMoments], offsets: Sequence[
     """One step of the pooled layer-to-layer regression (EDMD), with ``align`` each layer first
     rotated onto the one before it (real principal root of the pooled map when a segment spans
     several steps)."""
-    frame = torch.eye(consecutive[0].dim, dtype=torch.float64)  # rotation of layer j-1's coordinates
+    # rotation of layer j-1's coordinates
+    frame = torch.eye(consecutive[0].dim, dtype=torch.float64, device=consecutive[0].mean_x.device)
     xx = torch.zeros_like(frame)
     yx = torch.zeros_like(frame)
     for m in consecutive:
         pxx, pyx, _ = _second_moments(m)
         pxx, pyx = frame.T @ pxx @ frame, pyx @ frame  # a_{j-1} in its aligned frame
-        frame = procrustes_rotation(pyx) if align else torch.eye(len(frame), dtype=frame.dtype)
+        frame = procrustes_rotation(pyx) if align else torch.eye(len(frame), dtype=frame.dtype, device=frame.device)
         xx, yx = xx + pxx, yx + frame.T @ pyx
     scale = xx.diagonal().mean().clamp_min(1e-12)
-    pooled = torch.linalg.solve(xx + ridge * scale * torch.eye(len(xx), dtype=xx.dtype), yx.T).T
+    pooled = torch.linalg.solve(xx + ridge * scale * torch.eye(len(xx), dtype=xx.dtype, device=xx.device), yx.T).T
     steps = max(1, round(offsets[-1] / (len(offsets) - 1)))
     if steps == 1:
         return pooled
@@ -144,7 +145,7 @@ def _refine(layers: Sequence[str], moments: Sequence[StreamingMoments], offsets:
     terms = [_second_moments(m) for m in moments]
 
     def loss(k: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros((), dtype=k.dtype)
+        total = torch.zeros((), dtype=k.dtype, device=k.device)
         for j, (xx, yx, yy) in enumerate(terms, start=1):
             p = torch.linalg.matrix_power(k, offsets[j])
             r = rotations[layers[j]]

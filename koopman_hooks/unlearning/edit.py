@@ -164,7 +164,7 @@ def unlearn(
 
     start = time.perf_counter()
     endpoint = redirect_map(stats, retained, opts, CG_TOLERANCE_REFINED if opts.refine else CG_TOLERANCE)
-    base = surrogate.readout.double()
+    base = surrogate.readout.double().cpu()  # the edit's algebra runs in float64 on the CPU, as the statistics
     operator: torch.Tensor | None = None
     readout: torch.Tensor | None = None
     extra: dict[str, float] = {}
@@ -183,7 +183,7 @@ def unlearn(
 
         readout = latent_leace_map(stats, retained, endpoint) @ base
     else:
-        operator, err = per_step_operator(stats, surrogate.operator, surrogate.readout, surrogate.steps, endpoint,
+        operator, err = per_step_operator(stats, surrogate.operator.cpu(), surrogate.readout.cpu(), surrogate.steps, endpoint,
                                           redirect_targets(stats, retained, opts), opts)
         extra["power_error"] = err
     info = {
