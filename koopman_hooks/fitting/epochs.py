@@ -201,7 +201,13 @@ def train(
         torch.optim.AdamW(parameter_groups(named, schedule.lr), weight_decay=schedule.weight_decay, foreach=True),
         AVERAGE_EVERY)
     # W processes take 1/W of the steps, each averaging W batches: the learning rate scales with W
-    base_lrs = [group["lr"] * distributed.world_size() for group in optimiser.param_groups]
+    for group in optimiser.param_groups:
+        group["lr"] *= distributed.world_size()
+    # every rank takes the same number of full batches per epoch (their parameters are averaged in step)
+    rows = min(len(train_rows), EPOCH_ROWS // distributed.world_size())
+    n_steps = distributed.minimum(max(rows // schedule.batch_size, 1 if rows > 1 else 0))
+    cycles = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda t: cycle_factor(t // max(n_steps, 1), t % max(n_steps, 1), n_steps, schedule.epochs))
     topological = TopologicalLoss() if weights.topological else None
     outcome = Outcome()
     has_val = distributed.summed([len(val_rows)])[0] > 0
@@ -217,14 +223,10 @@ def train(
     for epoch in bar:
         ae.train()
         order = train_rows[torch.randperm(len(train_rows), generator=generator)[: EPOCH_ROWS // distributed.world_size()]]
-        # every rank takes the same number of full batches (their parameters are averaged in step)
-        n_steps = distributed.minimum(max(len(order) // schedule.batch_size, 1 if len(order) > 1 else 0))
+        lr = float(cycles.get_last_lr()[0])
         sums: dict[str, torch.Tensor] = {}
         steps = 0
         for batch in cache.batches(order[: n_steps * schedule.batch_size], schedule.batch_size):
-            factor = cycle_factor(epoch, steps, n_steps, schedule.epochs)
-            for group, base in zip(optimiser.param_groups, base_lrs):
-                group["lr"] = base * factor
             states = rotated_states(batch, rotations, device)
             losses = koopman_losses(ae, states, weights, topological, schedule.ridge)
             prediction = losses.pop("prediction")
@@ -236,11 +238,12 @@ def train(
             losses["total"].backward()
             nn.utils.clip_grad_norm_(params, 1.0)
             optimiser.step()
+            cycles.step()
             for key, value in losses.items():
                 sums[key] = sums.get(key, torch.zeros((), device=device)) + value.detach()
             steps += 1
         distributed.average_parameters(params)  # every rank scores, keeps and goes on from the same state
-        record: dict[str, float] = {"epoch": float(epoch), "lr": base_lrs[0] * cycle_factor(epoch, 0, 1, schedule.epochs),
+        record: dict[str, float] = {"epoch": float(epoch), "lr": lr,
                                     **{k: float(v) / max(steps, 1) for k, v in sums.items()}}
         outcome.epochs_run = epoch + 1
         if schedule.ridge is not None:

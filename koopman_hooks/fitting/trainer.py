@@ -176,10 +176,6 @@ class _Run:
         batch_size = config.batch_size
         if batch_size is None:
             batch_size, notes["batch_size"] = sizing.batch_size_for(int(distributed.summed([len(train_rows)])[0]))
-        # per process, as DDP: every rank takes batches of this size from its own shard, so a fit over
-        # W processes takes 1/W of the steps per epoch (the autoencoder's steps are overhead-bound:
-        # halving the batch per rank barely shortens a step)
-        per_rank = batch_size
         ae_config = AutoencoderConfig(width, latent_dim, tuple(hidden), config.operator, config.rank, tuple(steps))
         ae = KoopmanAutoencoder.from_linear(ae_config, start.operator, seed=config.seed).to(device)
         rotations = [None] + [start.rotations[n].to(device) for n in layers[1:]]
@@ -187,7 +183,10 @@ class _Run:
         weights = config.loss_weights
         if weights.output is None:
             weights = LossWeights(**{**weights.as_dict(), "output": 1.0 if tail is not None else 0.0})
-        schedule = Schedule(epochs or DEFAULT_EPOCHS, per_rank, config.lr, config.weight_decay, config.patience,
+        # per process, as DDP: every rank takes batches of this size from its own shard, so a fit over
+        # W processes takes 1/W of the steps per epoch (the autoencoder's steps are overhead-bound:
+        # halving the batch per rank barely shortens a step)
+        schedule = Schedule(epochs or DEFAULT_EPOCHS, batch_size, config.lr, config.weight_decay, config.patience,
                             config.ridge if config.operator_fit == "ridge" else None, self.verbose and distributed.is_main())
         outcome = train(ae, cache, train_rows, val_rows, rotations, weights, schedule, device, start.adapters[layers[-1]],
                         tail, self.generator)
