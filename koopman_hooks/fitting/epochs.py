@@ -66,7 +66,8 @@ class Score:
 
 
 EPOCH_ROWS = 16384  # an epoch reads at most this many random cached rows
-AVERAGE_EVERY = 4  # under torch.distributed: steps between two averages of the parameters over ranks
+AVERAGE_EVERY = 16  # under torch.distributed: at most this many local steps between two averages over ranks
+SCORE_ROWS = 1024  # held-out rows scored per batch (no gradients: larger batches, fewer calls)
 PROGRESS = 0.005  # a held-out loss this much (relatively) below the last progress resets the patience
 CYCLE_EPOCHS = 5  # epochs per cosine cycle of the learning rate
 CYCLE_GAIN = 0.05  # a cycle that lowers the kept held-out loss by less than this (relatively) ends the fit
@@ -139,7 +140,7 @@ def score(ae: KoopmanAutoencoder, cache: StateCache, rows: torch.Tensor, rotatio
     latent_fvu = StreamingFVU()
     hits = torch.zeros((), device=device)
     kl = torch.zeros((), device=device)
-    for batch in cache.batches(rows, max(batch_size, 256)):
+    for batch in cache.batches(rows, max(batch_size, SCORE_ROWS)):
         states = rotated_states(batch, rotations, device)
         z0 = ae.encoder(states[0])
         for j, offset in enumerate(ae.offsets[1:]):
@@ -151,8 +152,7 @@ def score(ae: KoopmanAutoencoder, cache: StateCache, rows: torch.Tensor, rotatio
             reference = batch["scores"].to(device)
             hits += (MODEL_OUTPUT.get(output).argmax(-1) == reference.argmax(-1)).sum()
             kl += output_matching_loss(output, reference) * len(reference)
-    state_fvu = [distributed.merged(f) for f in state_fvu]  # every rank scores its own held-out rows
-    latent_fvu = distributed.merged(latent_fvu)
+    *state_fvu, latent_fvu = distributed.merged_each([*state_fvu, latent_fvu])  # every rank scored its own rows
     hits_kl_n = distributed.summed([float(hits), float(kl), float(len(rows))])
     n = max(int(hits_kl_n[2]), 1)
     figures = {f"val_state_fvu_{j + 1}": f.compute() for j, f in enumerate(state_fvu)}
@@ -197,15 +197,17 @@ def train(
     named = [(n, p) for n, p in ae.named_parameters() if not (schedule.ridge is not None and n.startswith("operator."))]
     ae.operator.requires_grad_(schedule.ridge is None)
     params = [p for _, p in named]
-    optimiser = distributed.local_sgd(
-        torch.optim.AdamW(parameter_groups(named, schedule.lr), weight_decay=schedule.weight_decay, foreach=True),
-        AVERAGE_EVERY)
-    # W processes take 1/W of the steps, each averaging W batches: the learning rate scales with W
-    for group in optimiser.param_groups:
-        group["lr"] *= distributed.world_size()
     # every rank takes the same number of full batches per epoch (their parameters are averaged in step)
     rows = min(len(train_rows), EPOCH_ROWS // distributed.world_size())
     n_steps = distributed.minimum(max(rows // schedule.batch_size, 1 if rows > 1 else 0))
+    # each average is one all-reduce that waits for the slowest rank: as few as the fit allows, but
+    # at least two per epoch, so that short epochs (small data) do not let the ranks drift apart
+    optimiser = distributed.local_sgd(
+        torch.optim.AdamW(parameter_groups(named, schedule.lr), weight_decay=schedule.weight_decay, foreach=True),
+        max(1, min(AVERAGE_EVERY, n_steps // 2)))
+    # W processes take 1/W of the steps, each averaging W batches: the learning rate scales with W
+    for group in optimiser.param_groups:
+        group["lr"] *= distributed.world_size()
     cycles = torch.optim.lr_scheduler.LambdaLR(
         optimiser, lambda t: cycle_factor(t // max(n_steps, 1), t % max(n_steps, 1), n_steps, schedule.epochs))
     topological = TopologicalLoss() if weights.topological else None
