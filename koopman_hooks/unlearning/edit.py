@@ -26,7 +26,7 @@ from koopman_hooks.fitting.fitted import FittedProbe
 from koopman_hooks.koopman.surrogate import KoopmanSurrogate
 from koopman_hooks.unlearning.options import EditOptions, LabelSource, Method
 from koopman_hooks.unlearning.per_step import per_step_operator
-from koopman_hooks.unlearning.redirect import CG_TOLERANCE, CG_TOLERANCE_REFINED, redirect_map, redirect_targets
+from koopman_hooks.unlearning.redirect import prepare_solver, redirect_map, redirect_targets
 from koopman_hooks.unlearning.refine import refine_readout
 from koopman_hooks.unlearning.statistics import LatentGroupStatistics, collect_statistics
 
@@ -112,8 +112,10 @@ def unlearning_statistics(
     check(labels, LabelSource, "labels")
     empty = isinstance(forget_class, Sequence) and not isinstance(forget_class, str) and len(forget_class) == 0
     forget = [] if empty else forget_list(forget_class)
-    return collect_statistics(probe, loader, forget, labels, probe.surrogate(src, dst), opts.redirect, opts.metric,
-                              opts.metric_rows, refine_rows=opts.sample_rows)
+    surrogate = probe.surrogate(src, dst)
+    prepare_solver(surrogate.latent_dim, opts)
+    return collect_statistics(probe, loader, forget, labels, surrogate, opts.redirect, opts.metric, opts.metric_rows,
+                              refine_rows=opts.sample_rows)
 
 
 def unlearn(
@@ -161,9 +163,10 @@ def unlearn(
         stats = collect_statistics(probe, loader, forget, labels, surrogate, opts.redirect, opts.metric,
                                    opts.metric_rows, refine_rows=opts.sample_rows)
     retained = check_classes(forget, stats, labels)
+    prepare_solver(stats.latent_dim, opts)  # a no-op after unlearning_statistics
 
     start = time.perf_counter()
-    endpoint = redirect_map(stats, retained, opts, CG_TOLERANCE_REFINED if opts.refine else CG_TOLERANCE)
+    endpoint = redirect_map(stats, retained, opts)
     base = surrogate.readout.double().cpu()  # the edit's algebra runs in float64 on the CPU, as the statistics
     operator: torch.Tensor | None = None
     readout: torch.Tensor | None = None
