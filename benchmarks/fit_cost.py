@@ -164,16 +164,34 @@ def rss(data_root: str | None) -> list[dict[str, Any]]:
     return rows
 
 
+def memory_figures(memory: list[dict[str, Any]]) -> dict[str, Any]:
+    """The rows, what the fit itself adds (the data set's own tensor grows with n whatever the
+    fit does) and the peak, from 10k (and 30k) to 60k samples."""
+    first, middle, last = memory
+    return {"rss": memory,
+            "fit_memory_growth_10k_to_60k": last["fit_growth_mb"] / first["fit_growth_mb"] - 1,
+            "fit_memory_growth_30k_to_60k": last["fit_growth_mb"] / middle["fit_growth_mb"] - 1,
+            "peak_rss_growth_10k_to_60k": last["peak_rss_mb_during_fit"] / first["peak_rss_mb_during_fit"] - 1}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", default=None)
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--skip-rss", action="store_true")
+    parser.add_argument("--rss-only", action="store_true",
+                        help="only the fit's memory at 10k/30k/60k samples, replacing those figures in --out")
     parser.add_argument("--latency-only", action="store_true",
                         help="only the patched/original latency, on untrained models (minutes, not hours)")
     parser.add_argument("--out", default=str(RESULTS / "fit_cost.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.rss_only:
+        result = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+        result.update(memory_figures(rss(args.data_root)))
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(f"written {args.out}")
+        return
     rows = []
     for name in RECIPES:
         if args.only and name not in args.only:
@@ -194,13 +212,7 @@ def main() -> None:
               f"MACs {row['surrogate_macs']} vs {row['replaced_macs']}", flush=True)
     result: dict[str, Any] = {"threads": 1, "machine": platform.machine(), "torch": torch.__version__, "recipes": rows}
     if not args.skip_rss and not args.latency_only:
-        memory = rss(args.data_root)
-        result["rss"] = memory
-        # what the fit itself adds (the data set's own tensor grows with n whatever the fit does), and the peak
-        first, middle, last = memory
-        result["fit_memory_growth_10k_to_60k"] = last["fit_growth_mb"] / first["fit_growth_mb"] - 1
-        result["fit_memory_growth_30k_to_60k"] = last["fit_growth_mb"] / middle["fit_growth_mb"] - 1
-        result["peak_rss_growth_10k_to_60k"] = last["peak_rss_mb_during_fit"] / first["peak_rss_mb_during_fit"] - 1
+        result.update(memory_figures(rss(args.data_root)))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"written {args.out}")

@@ -67,7 +67,8 @@ class KoopmanProbe:
         patience: epochs without a better held-out score before the fit stops.
         val_fraction: share of the fit data held out to score and choose the kept state
             (unless ``fit(val_loader=...)``).
-        cache_mb: RAM for the cached states; beyond it they go to a temporary file.
+        cache_mb: RAM for the cached states; beyond it they go to a temporary file, read through
+            the page cache, so that the fit's resident memory does not grow with the data.
         amp: ``"bf16"``/``"fp16"`` autocast for the model's forward passes (activations become
             float32 in the adapters); ``None`` runs the model as it is.
         input_key, label_key, ignore_keys: how dict batches reach the model (see
@@ -102,7 +103,7 @@ class KoopmanProbe:
         batch_size: int | None = None,
         patience: int = 8,
         val_fraction: float = 0.1,
-        cache_mb: float = 1024.0,
+        cache_mb: float = 16.0,
         amp: Literal["bf16", "fp16"] | None = None,
         input_key: str | None = None,
         label_key: str | None = None,

@@ -1,13 +1,17 @@
 """A bounded store of per-sample arrays for the epochs of a fit: RAM first, then a memory map.
 
 Rows are appended batch by batch under named fields (adapted states, model scores, labels,
-inputs). Up to ``budget_mb`` they stay in RAM; past it, every field moves to a file in a
-temporary folder that is deleted when the cache closes, also after an exception (use it as a
-context manager). Reading random rows is a gather from RAM or from the memory map.
+inputs). Up to ``budget_mb`` they stay in RAM; past it they move to one file of fixed-size
+records (every field of a row side by side) in a temporary folder that is deleted when the
+cache closes, also after an exception (use it as a context manager). Reading random rows is a
+gather from RAM or from the memory map; after each gather the map's pages are released from
+the process (``MADV_DONTNEED``: they stay in the page cache), so a cache on disk adds nothing to
+the process's resident memory as it is read.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 import tempfile
@@ -23,67 +27,79 @@ _NUMPY = {torch.float32: np.float32, torch.float64: np.float64, torch.int64: np.
 
 
 class StateCache:
-    """Per-sample fields appended in batches; RAM up to ``budget_mb``, then files under ``folder``."""
+    """Per-sample fields appended in batches; RAM up to ``budget_mb``, then a file under ``folder``."""
 
-    def __init__(self, budget_mb: float = 1024.0, folder: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, budget_mb: float = 16.0, folder: str | os.PathLike[str] | None = None) -> None:
         self.budget = int(budget_mb * 2**20)
         self.parent = folder
         self.n = 0
         self.nbytes = 0
         self.folder: str | None = None
         self._ram: dict[str, list[torch.Tensor]] = {}
-        self._files: dict[str, Any] = {}
+        self._file: Any = None  # the records' file while appending on disk
         self._specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-        self._maps: dict[str, np.memmap] = {}
+        self._map: mmap.mmap | None = None
+        self._records: np.ndarray | None = None  # (n, bytes per row) uint8 view of the map
         self._frozen: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ writing
 
     def append(self, fields: Mapping[str, torch.Tensor]) -> StateCache:
         """Add one batch: every field has the same number of rows, and the same fields each time."""
-        if self._frozen or self._maps:
+        if self._frozen or self._records is not None:
             raise RuntimeError("the cache is finalised; no rows can be added")
         rows = {len(v) for v in fields.values()}
         if len(rows) != 1:
             raise ValueError(f"fields of one batch have different numbers of rows: {sorted(rows)}")
         if self._specs and set(fields) != set(self._specs):
             raise ValueError(f"expected fields {sorted(self._specs)}, got {sorted(fields)}")
+        batch = {}
         for name, value in fields.items():
             value = value.detach().cpu().contiguous()
             spec = (tuple(value.shape[1:]), value.dtype)
             if self._specs.setdefault(name, spec) != spec:
                 raise ValueError(f"field {name!r} changed shape or type: {self._specs[name]} then {spec}")
             self.nbytes += value.numel() * value.element_size()
-            if self.folder is None:
+            batch[name] = value
+        if self.folder is None:
+            for name, value in batch.items():
                 self._ram.setdefault(name, []).append(value)
-            else:
-                self._files[name].write(value.numpy().tobytes())
+        else:
+            self._write(batch)
         self.n += rows.pop()
         if self.folder is None and self.nbytes > self.budget:
             self._spill()
         return self
 
+    def _write(self, batch: Mapping[str, torch.Tensor]) -> None:
+        """Rows as records: each row's fields' bytes side by side, in ``_specs`` order."""
+        n = len(next(iter(batch.values())))
+        parts = [batch[name].numpy().reshape(n, -1).view(np.uint8).reshape(n, -1) for name in self._specs]
+        self._file.write(np.concatenate(parts, axis=1).tobytes())
+
     def _spill(self) -> None:
         self.folder = tempfile.mkdtemp(prefix="koopman_hooks_cache_", dir=self.parent)
-        for name, chunks in self._ram.items():
-            handle = open(os.path.join(self.folder, f"{name}.bin"), "wb")  # noqa: SIM115 - closed in finalize/close
-            for chunk in chunks:
-                handle.write(chunk.numpy().tobytes())
-            self._files[name] = handle
-        self._ram.clear()
+        self._file = open(os.path.join(self.folder, "rows.bin"), "wb")  # noqa: SIM115 - closed in finalize/close
+        chunks = {name: self._ram.pop(name) for name in list(self._ram)}
+        for i in range(len(next(iter(chunks.values())))):
+            self._write({name: parts[i] for name, parts in chunks.items()})
 
     def finalize(self) -> StateCache:
         """Stop appending; fields become readable."""
         if self.folder is None:
-            self._frozen = {name: torch.cat(chunks) for name, chunks in self._ram.items()}
-            self._ram.clear()
+            for name in list(self._ram):  # one field at a time: its chunks go as its copy is made
+                self._frozen[name] = torch.cat(self._ram.pop(name))
             return self
-        for name, handle in self._files.items():
-            handle.close()
-            shape, dtype = self._specs[name]
-            self._maps[name] = np.memmap(os.path.join(self.folder, f"{name}.bin"), dtype=_NUMPY[dtype], mode="r",
-                                         shape=(self.n, *shape))
-        self._files.clear()
+        self._file.close()
+        self._file = None
+        width = sum(_row_bytes(spec) for spec in self._specs.values())
+        path = os.path.join(self.folder, "rows.bin")
+        if not os.path.getsize(path):  # rows without bytes: nothing to map
+            self._records = np.empty((self.n, 0), dtype=np.uint8)
+            return self
+        with open(path, "rb") as file:
+            self._map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+        self._records = np.frombuffer(self._map, dtype=np.uint8).reshape(self.n, width)
         return self
 
     # ------------------------------------------------------------------ reading
@@ -96,14 +112,27 @@ class StateCache:
     def fields(self) -> list[str]:
         return list(self._specs)
 
-    def rows(self, name: str, index: torch.Tensor | slice | Sequence[int]) -> torch.Tensor:
-        """Rows of a field (a copy when read from the memory map)."""
-        if name in self._frozen:
-            return self._frozen[name][index]
-        if name not in self._maps:
-            raise KeyError(f"no field {name!r}; fields: {self.fields}")
+    def gather(self, index: torch.Tensor | slice | Sequence[int]) -> dict[str, torch.Tensor]:
+        """Every field's rows at ``index`` (copies when read from the memory map)."""
+        if self._records is None:
+            return {name: value[index] for name, value in self._frozen.items()}
         rows = index.cpu().numpy() if isinstance(index, torch.Tensor) else index
-        return torch.from_numpy(np.ascontiguousarray(self._maps[name][rows]))
+        records = np.array(self._records[rows], copy=True)
+        if self._map is not None and hasattr(mmap, "MADV_DONTNEED"):  # Linux/macOS: drop the pages just read
+            self._map.madvise(mmap.MADV_DONTNEED)
+        out, offset = {}, 0
+        for name, (shape, dtype) in self._specs.items():
+            size = _row_bytes((shape, dtype))
+            field = np.ascontiguousarray(records[:, offset : offset + size]).view(_NUMPY[dtype])
+            out[name] = torch.from_numpy(field.reshape(len(records), *shape))
+            offset += size
+        return out
+
+    def rows(self, name: str, index: torch.Tensor | slice | Sequence[int]) -> torch.Tensor:
+        """Rows of one field."""
+        if name not in self._specs:
+            raise KeyError(f"no field {name!r}; fields: {self.fields}")
+        return self.gather(index)[name]
 
     def batches(self, indices: torch.Tensor, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
         """Every field at ``indices``, ``batch_size`` rows at a time."""
@@ -111,16 +140,19 @@ class StateCache:
             rows = indices[start : start + batch_size]
             if self.on_disk:
                 rows = rows.sort().values  # sequential reads from the memory map
-            yield {name: self.rows(name, rows) for name in self.fields}
+            yield self.gather(rows)
 
     # ------------------------------------------------------------------ cleaning up
 
     def close(self) -> None:
         """Release everything; the temporary folder (if any) is deleted."""
-        for handle in self._files.values():
-            handle.close()
-        self._files.clear()
-        self._maps.clear()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._records = None  # the view first: a map with exported buffers cannot close
+        if self._map is not None:
+            self._map.close()
+            self._map = None
         self._frozen.clear()
         self._ram.clear()
         if self.folder is not None:
@@ -132,3 +164,8 @@ class StateCache:
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
+
+
+def _row_bytes(spec: tuple[tuple[int, ...], torch.dtype]) -> int:
+    shape, dtype = spec
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(_NUMPY[dtype]).itemsize

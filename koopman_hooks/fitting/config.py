@@ -44,7 +44,7 @@ class ProbeConfig:
     batch_size: int | None = None
     patience: int = 8
     val_fraction: float = 0.1
-    cache_mb: float = 1024.0
+    cache_mb: float = 16.0
     amp: Literal["bf16", "fp16"] | None = None
     input_key: str | None = None
     label_key: str | None = None

@@ -60,3 +60,27 @@ def test_mismatched_batches_are_refused():
         cache.finalize()
         with pytest.raises(RuntimeError, match="finalised"):
             cache.append({"a": torch.zeros(3, 2)})
+
+
+def _rss_file_kb() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("RssFile:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RssFile from Linux's /proc")
+def test_reading_a_cache_on_disk_leaves_its_pages_out_of_resident_memory():
+    rows, width = 8192, 1024  # 32 MiB on disk
+    with StateCache(0.0) as cache:
+        for start in range(0, rows, 1024):
+            cache.append({"s0": torch.arange(start, start + 1024, dtype=torch.float32)[:, None].expand(1024, width),
+                          "empty": torch.zeros(1024, 0)})
+        cache.finalize()
+        assert cache.on_disk
+        before = _rss_file_kb()
+        total = 0.0
+        for batch in cache.batches(torch.randperm(rows), 512):  # every row once, as an epoch reads them
+            total += float(batch["s0"][:, 0].sum())
+            assert batch["empty"].shape == (len(batch["s0"]), 0)
+        assert total == rows * (rows - 1) / 2  # the rows came back exactly
+        # the whole 32 MiB was read; no more than a few batches' pages stay mapped
+        assert _rss_file_kb() - before < 8 * 1024
