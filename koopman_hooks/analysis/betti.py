@@ -85,20 +85,23 @@ def normalise(points: ArrayLike, rows: np.ndarray | None = None) -> np.ndarray:
     return out / rms if rms > 0 else out
 
 
-def principal_projection(points: ArrayLike, variance: float) -> np.ndarray:
-    """Centre, keep the principal components holding ``variance`` of the variance, scale to
-    unit RMS: ``(n, r)`` float64. The lens the probe's PCA adapters see a layer through, so
-    that network layers and decoded surrogate states can be compared like for like (small,
-    noisy directions no longer split off isolated points)."""
+def principal_projection(points: ArrayLike, variance: float, dims: int | None = None) -> np.ndarray:
+    """Centre, keep the principal components holding ``variance`` of the variance (or the
+    first ``dims`` of them, when given), scale to unit RMS: ``(n, r)`` float64. The lens the
+    probe's PCA adapters see a layer through, so that network layers and decoded surrogate
+    states can be compared like for like (small, noisy directions no longer split off
+    isolated points)."""
     if not 0.0 < variance <= 1.0:
         raise ValueError(f"variance must be in (0, 1], got {variance}")
+    if dims is not None and dims < 1:
+        raise ValueError(f"dims must be >= 1, got {dims}")
     x = _as_2d(points).astype(np.float64)
     x = x - x.mean(axis=0)
     if x.shape[0] < 2 or not np.any(x):
         return x
     u, s, _ = np.linalg.svd(x, full_matrices=False)
     energy = np.cumsum(s**2) / np.sum(s**2)
-    keep = int(np.searchsorted(energy, variance - 1e-12)) + 1
+    keep = int(np.searchsorted(energy, variance - 1e-12)) + 1 if dims is None else min(dims, len(s))
     projected = u[:, :keep] * s[:keep]
     return projected / np.sqrt(np.mean(np.sum(projected**2, axis=1)))
 

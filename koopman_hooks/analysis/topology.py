@@ -38,16 +38,30 @@ def compare_topology(
     al.; ε in hops, default 1, so β0 counts its components). With ``per_class`` each class
     is counted on its own and the headline counts are the sums over classes. ``variance``
     (e.g. 0.99) first reduces every cloud to the principal components holding that share
-    of its variance, the lens the probe's PCA adapters see layers through.
+    of its variance, the lens the probe's PCA adapters see layers through; a surrogate step
+    that stands for a network layer (step 0 for the first probed layer, the last step for the
+    last, every step at a probed layer's offset) keeps as many components as that layer, so
+    that both are counted in the same dimension (``lens_dims`` in the result).
     """
     start = time.perf_counter()
     traj = collect_trajectories(probe, loader, layers, n_points)
     names = list(traj.network)
     network_clouds = [traj.network[name].numpy() for name in names]
     surrogate_clouds = [step.numpy() for step in traj.surrogate]
+    lens_dims: dict[str, list[int]] | None = None
     if variance is not None:  # the same principal-component lens for every cloud, before ε
         network_clouds = [betti.principal_projection(c, variance) for c in network_clouds]
-        surrogate_clouds = [betti.principal_projection(c, variance) for c in surrogate_clouds]
+        # a surrogate step that stands for a network layer (the step at a probed layer's offset)
+        # is seen through as many principal directions as that layer: the decoded states lack
+        # part of the layer's small-variance tail, so "90% of its own variance" would count its
+        # components in fewer dimensions than the layer's
+        stands_for = {step: names.index(layer) for layer, step in zip(probe.layers, probe.autoencoder.offsets)
+                      if layer in names}
+        surrogate_clouds = [
+            betti.principal_projection(c, variance, network_clouds[stands_for[t]].shape[1] if t in stands_for else None)
+            for t, c in enumerate(surrogate_clouds)
+        ]
+        lens_dims = {"network": [c.shape[1] for c in network_clouds], "surrogate": [c.shape[1] for c in surrogate_clouds]}
     labels = traj.labels.numpy() if per_class and traj.labels is not None else None
     rule: dict[str, Any] | str
     if epsilon is not None:
@@ -77,6 +91,7 @@ def compare_topology(
         "epsilon_rule": rule,
         "metric": metric,
         "variance": variance,
+        "lens_dims": lens_dims,
         "count": "sum over classes" if labels is not None else "pooled",
         "n_points": len(net.indices),
         "network_layers": names,

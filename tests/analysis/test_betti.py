@@ -81,6 +81,13 @@ def test_principal_projection_keeps_the_large_directions() -> None:
     assert principal_projection(x, 1.0).shape[1] == 43
     with pytest.raises(ValueError, match="variance"):
         principal_projection(x, 0.0)
+    # a fixed number of directions: the largest ones, whatever share of the variance they hold
+    five = principal_projection(x, 0.5, dims=5)
+    assert five.shape == (500, 5) and np.mean(np.sum(five**2, axis=1)) == pytest.approx(1.0)
+    np.testing.assert_allclose(np.abs(five[:, :3] / np.sqrt(np.mean(np.sum(five[:, :3] ** 2, axis=1)))), np.abs(y), atol=1e-3)
+    assert principal_projection(x, 0.9, dims=100).shape[1] == 43
+    with pytest.raises(ValueError, match="dims"):
+        principal_projection(x, 0.9, dims=0)
 
 
 

@@ -97,6 +97,19 @@ def test_probe_topology_per_class_on_knn_graphs(tiny_run):
 
 
 
+def test_surrogate_steps_that_stand_for_layers_are_seen_in_their_layers_dimension(tiny_run):
+    _, probe = load_run(tiny_run / "seed0")
+    data = YinYangDataset(300, seed=7)
+    loader = [(data.inputs[i : i + 100], data.targets[i : i + 100]) for i in range(0, 300, 100)]
+    fitted = probe.fetch_model()
+    topo = probe.topology(loader, n_points=300, dims=(0,), variance=0.9)
+    network, surrogate = topo["lens_dims"]["network"], topo["lens_dims"]["surrogate"]
+    assert len(network) == len(fitted.layers) and len(surrogate) == fitted.autoencoder.offsets[-1] + 1
+    for i, step in enumerate(fitted.autoencoder.offsets):  # probed layer i is the surrogate's step at offset i
+        assert surrogate[step] == network[i]
+    assert probe.topology(loader, n_points=300, dims=(0,))["lens_dims"] is None  # no lens without variance=
+
+
 def test_the_report_flags_a_strict_vs_mixed_gap():
     from koopman_hooks.recipes.sections.fidelity import honesty_lines
 
