@@ -1,0 +1,120 @@
+"""Measurements on saved recipe runs, with the recipe's own settings and this release's code.
+
+Loads seed folders of a ``koopman-hooks run`` output (model and probe saved there), so that a
+change to the edit or to the topology analysis is measured on the models and probes a report
+was made with, without training them again. One thread.
+
+- ``edit``: streams the recipe's unlearning statistics once (its first ``stats_samples``
+  training images and its edit options), edits the surrogate for every class and scores each
+  edit on the test set: the edit's seconds (what ``unlearn`` reports, the statistics excluded),
+  the forgotten class's test accuracy and the retained classes' accuracy next to the original
+  model's. Saves ``benchmarks/results/edit_time_<recipe>.json``.
+- ``topology``: ``probe.topology`` exactly as the recipe's ``[topology]`` section calls it (its
+  test images, points, layers, scale, lens and seed): β0 sequences, start and final errors,
+  Spearman. Saves ``benchmarks/results/topology_<recipe>.json``.
+
+    python benchmarks/saved_run.py edit mnist_resnet18 --run runs/mnist_resnet18/seed0 [--data-root PATH]
+    python benchmarks/saved_run.py topology mnist --run runs/mnist/seed0 runs/mnist/seed1 runs/mnist/seed2
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from koopman_hooks.data import TensorLoader
+from koopman_hooks.recipes import load_recipe, load_run
+from koopman_hooks.recipes.builders import build_datasets
+from koopman_hooks.recipes.config import Recipe
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@torch.no_grad()
+def _predictions(module: torch.nn.Module, loader: TensorLoader) -> torch.Tensor:
+    return torch.cat([module(x).argmax(-1) for x, _ in loader])
+
+
+def _seed(folder: str) -> int:
+    name = Path(folder).name
+    return int(name.removeprefix("seed")) if name.startswith("seed") and name[4:].isdigit() else 0
+
+
+def edit_times(recipe: Recipe, folder: str, data_root: str | None) -> dict[str, Any]:
+    if recipe.unlearning is None:
+        raise SystemExit(f"recipe {recipe.name!r} has no [unlearning] section")
+    cfg = recipe.unlearning
+    model, probe = load_run(folder)
+    train, test, num_classes = build_datasets(recipe.data, _seed(folder), data_root)
+    test_loader = TensorLoader.from_dataset(test, 1000)
+    labels = torch.cat([y for _, y in test_loader])
+    original = _predictions(model, test_loader)
+    stats = probe.unlearning_statistics(TensorLoader.from_dataset(train, 1000, limit=cfg.stats_samples), **cfg.options)
+    rows = []
+    for c in range(num_classes):
+        edited = probe.unlearn(c, stats, **cfg.options)
+        predicted = _predictions(probe.patch(edited), test_loader)
+        kept = labels != c
+        rows.append({"class": c, "edit_seconds": edited.info["edit_seconds"],
+                     "test_forget_accuracy": float((predicted[~kept] == c).float().mean()),
+                     "test_retain_accuracy": float((predicted[kept] == labels[kept]).float().mean()),
+                     "original_retain_accuracy": float((original[kept] == labels[kept]).float().mean())})
+        print(f"class {c}: edit {rows[-1]['edit_seconds']:.2f} s, forget {rows[-1]['test_forget_accuracy']:.4f}, "
+              f"retain {rows[-1]['test_retain_accuracy']:.4f} (original {rows[-1]['original_retain_accuracy']:.4f})",
+              flush=True)
+    seconds = [r["edit_seconds"] for r in rows]
+    result = {"run": folder, "options": dict(cfg.options), "stats_samples": cfg.stats_samples, "stats_seconds": stats.seconds,
+              "latent_dim": probe.fetch_model().autoencoder.config.latent_dim,
+              "max_edit_seconds": max(seconds), "mean_edit_seconds": sum(seconds) / len(seconds),
+              "max_test_forget_accuracy": max(r["test_forget_accuracy"] for r in rows),
+              "max_retain_drop": max(r["original_retain_accuracy"] - r["test_retain_accuracy"] for r in rows),
+              "classes": rows}
+    print(f"edit: max {result['max_edit_seconds']:.2f} s, mean {result['mean_edit_seconds']:.2f} s; "
+          f"worst forget {result['max_test_forget_accuracy']:.4f}, largest retain drop {result['max_retain_drop']:.4f}")
+    return result
+
+
+def topology(recipe: Recipe, folder: str, data_root: str | None) -> dict[str, Any]:
+    if recipe.topology is None:
+        raise SystemExit(f"recipe {recipe.name!r} has no [topology] section")
+    cfg = recipe.topology
+    options = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("n_points", "layers")}
+    _, probe = load_run(folder)
+    _, test, _ = build_datasets(recipe.data, _seed(folder), data_root)
+    topo = probe.topology(TensorLoader.from_dataset(test, 500), cfg.n_points, cfg.layers, seed=_seed(folder), **options)
+    print(f"{folder}: network β0 {topo['network_betti0']}, surrogate {topo['surrogate_betti0']}, start error "
+          f"{topo['start_betti0_relative_error']:.3f}, final {topo['final_betti0_relative_error']:.3f}, Spearman "
+          f"{topo['spearman_network']:.2f} / {topo['spearman_surrogate']:.2f}, lens {topo['lens_dims']}", flush=True)
+    return {"run": folder, **topo}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("measure", choices=["edit", "topology"])
+    parser.add_argument("recipe", help="the recipe the runs were made with (a name or a file)")
+    parser.add_argument("--run", required=True, nargs="+", help="seed folders of the run")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    recipe = load_recipe(args.recipe)
+    measure = edit_times if args.measure == "edit" else topology
+    runs = [measure(recipe, folder, args.data_root) for folder in args.run]
+    keys = (("max_edit_seconds", "mean_edit_seconds", "max_test_forget_accuracy", "max_retain_drop") if args.measure == "edit"
+            else ("start_betti0_relative_error", "final_betti0_relative_error", "spearman_network", "spearman_surrogate"))
+    mean = {key: sum(r[key] for r in runs) / len(runs) for key in keys}
+    print("mean over runs:", {k: round(v, 3) for k, v in mean.items()})
+    out = Path(args.out) if args.out else RESULTS / f"{'edit_time' if args.measure == 'edit' else 'topology'}_{recipe.name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"recipe": recipe.name, "threads": torch.get_num_threads(), "machine": platform.machine(),
+                               "torch": torch.__version__, "mean": mean, "runs": runs}, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()
