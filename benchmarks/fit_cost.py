@@ -187,9 +187,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.rss_only:
-        result = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
-        result.update(memory_figures(rss(args.data_root)))
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        saved = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+        saved.update(memory_figures(rss(args.data_root)))
+        Path(args.out).write_text(json.dumps(saved, indent=2))
         print(f"written {args.out}")
         return
     rows = []

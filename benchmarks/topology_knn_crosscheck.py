@@ -46,8 +46,8 @@ def main() -> None:
         results.append(row)
         print(f"seed {seed}: network {row['network_betti0']}  surrogate {row['surrogate_betti0']}  "
               f"final relative difference {row['final_betti0_relative_error']:.3f}  ({row['seconds']:.1f} s)")
-    out = Path(__file__).parent / "results" / f"topology_knn_{recipe['name']}.json"
-    out.write_text(json.dumps({"recipe": recipe["name"], "n_neighbors": args.n_neighbors, "runs": results}, indent=2))
+    out = Path(__file__).parent / "results" / f"topology_knn_{recipe.name}.json"
+    out.write_text(json.dumps({"recipe": recipe.name, "n_neighbors": args.n_neighbors, "runs": results}, indent=2))
     print(f"wrote {out}")
 
 
