@@ -5,9 +5,10 @@ change to the edit or to the topology analysis is measured on the models and pro
 was made with, without training them again. One thread.
 
 - ``edit``: streams the recipe's unlearning statistics once (its first ``stats_samples``
-  training images and its edit options), edits the surrogate for every class and scores each
-  edit on the test set: the edit's seconds (what ``unlearn`` reports, the statistics excluded),
-  the forgotten class's test accuracy and the retained classes' accuracy next to the original
+  training images and its edit options), makes the endpoint edit (the one the recipes'
+  edit-time target names) for every class and scores each edit on the test set: the edit's
+  seconds (what ``unlearn`` reports, the statistics excluded), the forgotten class's test
+  accuracy and the retained classes' accuracy next to the original
   model's. Saves ``benchmarks/results/edit_time_<recipe>.json``.
 - ``topology``: ``probe.topology`` exactly as the recipe's ``[topology]`` section calls it (its
   test images, points, layers, scale, lens and seed): β0 sequences, start and final errors,
@@ -50,7 +51,7 @@ def edit_times(recipe: Recipe, folder: str, data_root: str | None) -> dict[str, 
     if recipe.unlearning is None:
         raise SystemExit(f"recipe {recipe.name!r} has no [unlearning] section")
     cfg = recipe.unlearning
-    model, probe = load_run(folder)
+    model, probe = load_run(folder)  # the seed is read from the folder's name (seed<N>), as the runner writes it
     train, test, num_classes = build_datasets(recipe.data, _seed(folder), data_root)
     test_loader = TensorLoader.from_dataset(test, 1000)
     labels = torch.cat([y for _, y in test_loader])
@@ -69,7 +70,8 @@ def edit_times(recipe: Recipe, folder: str, data_root: str | None) -> dict[str, 
               f"retain {rows[-1]['test_retain_accuracy']:.4f} (original {rows[-1]['original_retain_accuracy']:.4f})",
               flush=True)
     seconds = [r["edit_seconds"] for r in rows]
-    result = {"run": folder, "options": dict(cfg.options), "stats_samples": cfg.stats_samples, "stats_seconds": stats.seconds,
+    result = {"run": folder, "method": "endpoint", "options": dict(cfg.options), "stats_samples": cfg.stats_samples,
+              "stats_seconds": stats.seconds,
               "latent_dim": probe.fetch_model().autoencoder.config.latent_dim,
               "max_edit_seconds": max(seconds), "mean_edit_seconds": sum(seconds) / len(seconds),
               "max_test_forget_accuracy": max(r["test_forget_accuracy"] for r in rows),
@@ -88,9 +90,9 @@ def topology(recipe: Recipe, folder: str, data_root: str | None) -> dict[str, An
     _, probe = load_run(folder)
     _, test, _ = build_datasets(recipe.data, _seed(folder), data_root)
     topo = probe.topology(TensorLoader.from_dataset(test, 500), cfg.n_points, cfg.layers, seed=_seed(folder), **options)
-    print(f"{folder}: network β0 {topo['network_betti0']}, surrogate {topo['surrogate_betti0']}, start error "
-          f"{topo['start_betti0_relative_error']:.3f}, final {topo['final_betti0_relative_error']:.3f}, Spearman "
-          f"{topo['spearman_network']:.2f} / {topo['spearman_surrogate']:.2f}, lens {topo['lens_dims']}", flush=True)
+    shown = ("network_betti0", "surrogate_betti0", "start_betti0_relative_error", "final_betti0_relative_error",
+             "spearman_network", "spearman_surrogate", "lens_dims")
+    print(f"{folder}: " + ", ".join(f"{key} {topo.get(key)}" for key in shown), flush=True)
     return {"run": folder, **topo}
 
 
@@ -108,7 +110,7 @@ def main() -> None:
     runs = [measure(recipe, folder, args.data_root) for folder in args.run]
     keys = (("max_edit_seconds", "mean_edit_seconds", "max_test_forget_accuracy", "max_retain_drop") if args.measure == "edit"
             else ("start_betti0_relative_error", "final_betti0_relative_error", "spearman_network", "spearman_surrogate"))
-    mean = {key: sum(r[key] for r in runs) / len(runs) for key in keys}
+    mean = {key: sum(values) / len(values) for key in keys if (values := [r[key] for r in runs if r.get(key) is not None])}
     print("mean over runs:", {k: round(v, 3) for k, v in mean.items()})
     out = Path(args.out) if args.out else RESULTS / f"{'edit_time' if args.measure == 'edit' else 'topology'}_{recipe.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

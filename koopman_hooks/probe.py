@@ -67,8 +67,10 @@ class KoopmanProbe:
         patience: epochs without a better held-out score before the fit stops.
         val_fraction: share of the fit data held out to score and choose the kept state
             (unless ``fit(val_loader=...)``).
-        cache_mb: RAM for the cached states; beyond it they go to a temporary file, read through
-            the page cache, so that the fit's resident memory does not grow with the data.
+        cache_mb: RAM for the cached states; beyond it they go to a temporary file (in ``TMPDIR``,
+            Python's ``tempfile`` folder), read through the page cache, so that the fit's resident
+            memory does not grow with the data. Where that folder is a RAM disk (tmpfs), point
+            ``TMPDIR`` at a disk or raise ``cache_mb``.
         amp: ``"bf16"``/``"fp16"`` autocast for the model's forward passes (activations become
             float32 in the adapters); ``None`` runs the model as it is.
         input_key, label_key, ignore_keys: how dict batches reach the model (see

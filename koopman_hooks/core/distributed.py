@@ -9,6 +9,7 @@ figures, so all ranks take them together. Without a process group every function
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -100,7 +101,10 @@ def local_sgd(optimiser: torch.optim.Optimizer, period: int) -> torch.optim.Opti
     from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
     from torch.distributed.optim import PostLocalSGDOptimizer
 
-    return PostLocalSGDOptimizer(optimiser, PeriodicModelAverager(period=period))
+    with warnings.catch_warnings():  # period 1 (tiny shards): torch advises DDP instead; the average is the same
+        warnings.filterwarnings("ignore", message="When period is 1", category=UserWarning)
+        averager = PeriodicModelAverager(period=period)
+    return PostLocalSGDOptimizer(optimiser, averager)
 
 
 def average_parameters(params: Iterable[torch.nn.Parameter]) -> None:

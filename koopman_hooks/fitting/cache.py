@@ -11,6 +11,7 @@ the process's resident memory as it is read.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import shutil
@@ -21,9 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
-_NUMPY = {torch.float32: np.float32, torch.float64: np.float64, torch.int64: np.int64, torch.int32: np.int32,
-          torch.bool: np.bool_, torch.float16: np.float16, torch.uint8: np.uint8, torch.int16: np.int16}
 
 
 class StateCache:
@@ -74,8 +72,8 @@ class StateCache:
     def _write(self, batch: Mapping[str, torch.Tensor]) -> None:
         """Rows as records: each row's fields' bytes side by side, in ``_specs`` order."""
         n = len(next(iter(batch.values())))
-        parts = [batch[name].numpy().reshape(n, -1).view(np.uint8).reshape(n, -1) for name in self._specs]
-        self._file.write(np.concatenate(parts, axis=1).tobytes())
+        parts = [_as_bytes(batch[name], n, _row_bytes(self._specs[name])) for name in self._specs]
+        self._file.write(torch.cat(parts, dim=1).numpy().tobytes())
 
     def _spill(self) -> None:
         self.folder = tempfile.mkdtemp(prefix="koopman_hooks_cache_", dir=self.parent)
@@ -89,6 +87,8 @@ class StateCache:
         if self.folder is None:
             for name in list(self._ram):  # one field at a time: its chunks go as its copy is made
                 self._frozen[name] = torch.cat(self._ram.pop(name))
+            return self
+        if self._records is not None:  # finalised already
             return self
         self._file.close()
         self._file = None
@@ -117,14 +117,16 @@ class StateCache:
         if self._records is None:
             return {name: value[index] for name, value in self._frozen.items()}
         rows = index.cpu().numpy() if isinstance(index, torch.Tensor) else index
-        records = np.array(self._records[rows], copy=True)
+        records = torch.from_numpy(self._records[rows].copy() if isinstance(rows, slice) else np.take(self._records, rows, axis=0))
         if self._map is not None and hasattr(mmap, "MADV_DONTNEED"):  # Linux/macOS: drop the pages just read
             self._map.madvise(mmap.MADV_DONTNEED)
         out, offset = {}, 0
         for name, (shape, dtype) in self._specs.items():
             size = _row_bytes((shape, dtype))
-            field = np.ascontiguousarray(records[:, offset : offset + size]).view(_NUMPY[dtype])
-            out[name] = torch.from_numpy(field.reshape(len(records), *shape))
+            # each field's columns copied into fresh, aligned memory (also for one row, whose slice
+            # would otherwise stay a strided view into the records), read back as its dtype
+            field = torch.empty(len(records), size, dtype=torch.uint8).copy_(records[:, offset : offset + size])
+            out[name] = (field.view(dtype) if size else torch.empty(len(field), 0, dtype=dtype)).reshape(len(field), *shape)
             offset += size
         return out
 
@@ -150,14 +152,16 @@ class StateCache:
             self._file.close()
             self._file = None
         self._records = None  # the view first: a map with exported buffers cannot close
-        if self._map is not None:
-            self._map.close()
+        try:
+            if self._map is not None:
+                self._map.close()
+        finally:
             self._map = None
-        self._frozen.clear()
-        self._ram.clear()
-        if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
-            self.folder = None
+            self._frozen.clear()
+            self._ram.clear()
+            if self.folder is not None:
+                shutil.rmtree(self.folder, ignore_errors=True)
+                self.folder = None
 
     def __enter__(self) -> StateCache:
         return self
@@ -168,4 +172,11 @@ class StateCache:
 
 def _row_bytes(spec: tuple[tuple[int, ...], torch.dtype]) -> int:
     shape, dtype = spec
-    return int(np.prod(shape, dtype=np.int64)) * np.dtype(_NUMPY[dtype]).itemsize
+    return math.prod(shape) * dtype.itemsize
+
+
+def _as_bytes(value: torch.Tensor, n: int, size: int) -> torch.Tensor:
+    """``(n, size)`` uint8: each row's bytes (any dtype, any shape, also 0 rows or 0 bytes)."""
+    if not size or not n:
+        return torch.empty(n, size, dtype=torch.uint8)
+    return value.reshape(n, size // value.element_size()).view(torch.uint8)

@@ -84,3 +84,26 @@ def test_reading_a_cache_on_disk_leaves_its_pages_out_of_resident_memory():
         assert total == rows * (rows - 1) / 2  # the rows came back exactly
         # the whole 32 MiB was read; no more than a few batches' pages stay mapped
         assert _rss_file_kb() - before < 8 * 1024
+
+
+@pytest.mark.parametrize("budget_mb", [100.0, -1.0])  # in RAM / on disk from the first row
+def test_every_dtype_and_single_rows_come_back_exactly(budget_mb):
+    g = torch.Generator().manual_seed(1)
+
+    def batch(n: int) -> dict[str, torch.Tensor]:
+        return {"mask": torch.rand(n, 3, generator=g) > 0.5, "s0": torch.randn(n, 3, generator=g),
+                "labels": torch.randint(0, 9, (n,), generator=g), "half": torch.randn(n, 2, 1, generator=g).bfloat16(),
+                "small": torch.randint(-5, 5, (n, 5), generator=g, dtype=torch.int8), "none": torch.zeros(n, 0)}
+
+    batches = [batch(4), batch(0), batch(3)]  # an empty batch too
+    with StateCache(budget_mb) as cache:
+        for b in batches:
+            cache.append(b)
+        assert cache.finalize() is cache.finalize()  # finalising twice is harmless
+        assert cache.on_disk == (budget_mb < 0) and cache.n == 7
+        whole = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+        for index in (torch.tensor([2]), torch.tensor([6, 0, 3]), slice(1, 5), [5]):
+            rows = cache.gather(index)
+            for name, value in whole.items():  # one row too: every field aligned, its own dtype, exact
+                assert rows[name].dtype == value.dtype and torch.equal(rows[name], value[index])
+                assert rows[name].is_contiguous() and rows[name].data_ptr() % max(value.element_size(), 1) == 0

@@ -98,3 +98,15 @@ def test_euclidean_redirect_is_the_sample_level_weighted_least_squares():
     solution = torch.linalg.lstsq(root * x, root * torch.cat(targets)).solution  # (d+1, d): rows map x̃ -> target
     torch.testing.assert_close(redirect[:d], solution.T, rtol=1e-7, atol=1e-9)
     torch.testing.assert_close(redirect[d], torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float64))
+
+
+def test_a_missing_scipy_is_named_with_the_extra_to_install(monkeypatch) -> None:
+    import sys
+
+    from koopman_hooks.unlearning.redirect import prepare_solver
+
+    monkeypatch.setitem(sys.modules, "scipy.sparse.linalg", None)  # as if scipy were not installed
+    prepare_solver(10, EditOptions())  # small latents are solved directly: scipy is not needed
+    prepare_solver(200, EditOptions(metric="euclidean"))  # nor for the Euclidean closed form
+    with pytest.raises(ImportError, match=r"koopman_hooks\[unlearning\]"):
+        prepare_solver(200, EditOptions())
