@@ -117,17 +117,17 @@ class StateCache:
         if self._records is None:
             return {name: value[index] for name, value in self._frozen.items()}
         rows = index.cpu().numpy() if isinstance(index, torch.Tensor) else index
-        records = torch.from_numpy(self._records[rows].copy() if isinstance(rows, slice) else np.take(self._records, rows, axis=0))
-        if self._map is not None and hasattr(mmap, "MADV_DONTNEED"):  # Linux/macOS: drop the pages just read
-            self._map.madvise(mmap.MADV_DONTNEED)
+        records = self._records[rows] if isinstance(rows, slice) else np.take(self._records, rows, axis=0)
         out, offset = {}, 0
         for name, (shape, dtype) in self._specs.items():
             size = _row_bytes((shape, dtype))
             # each field's columns copied into fresh, aligned memory (also for one row, whose slice
             # would otherwise stay a strided view into the records), read back as its dtype
-            field = torch.empty(len(records), size, dtype=torch.uint8).copy_(records[:, offset : offset + size])
+            field = torch.from_numpy(np.array(records[:, offset : offset + size], copy=True, order="C"))
             out[name] = (field.view(dtype) if size else torch.empty(len(field), 0, dtype=dtype)).reshape(len(field), *shape)
             offset += size
+        if self._map is not None and hasattr(mmap, "MADV_DONTNEED"):  # Linux/macOS: drop the pages just read
+            self._map.madvise(mmap.MADV_DONTNEED)
         return out
 
     def rows(self, name: str, index: torch.Tensor | slice | Sequence[int]) -> torch.Tensor:
