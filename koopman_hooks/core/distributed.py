@@ -54,13 +54,7 @@ def gathered(obj: Any) -> list[Any]:
 def merged(fitter: M) -> M:
     """The merge of every rank's ``fitter`` (statistics of disjoint shards), in rank order; every
     rank gets the same result. ``fitter`` is returned unchanged without a process group."""
-    if not active():
-        return fitter
-    parts = gathered(fitter)
-    total = parts[0]
-    for part in parts[1:]:
-        total.merge(part)
-    return total
+    return merged_each([fitter])[0]
 
 
 def merged_each(fitters: Sequence[M]) -> list[M]:

@@ -34,7 +34,7 @@ from koopman_hooks.unlearning.statistics import Group, LatentGroupStatistics
 # accuracy to 0.1 points in half the edit time; with the output refinement the map moves much
 # further than this anyway (MNIST ResMLP, classes 0/3/8: the same accuracies in 2/3 of the time)
 CG_TOLERANCE = 1e-3
-FLOAT32_ITERATIONS = 200  # a float32 solve that needs more than this is redone in float64
+FLOAT32_ITERATIONS = 200  # the float32 solve stops here; float64 goes on if its residual still misses
 DIRECT_LIMIT = 2500  # "auto" solves directly up to this many unknowns, d (d + 1)
 
 
@@ -108,6 +108,11 @@ def _spread_map(source: torch.Tensor, target: torch.Tensor, options: EditOptions
     return out
 
 
+def _uses_cg(latent_dim: int, solver: str) -> bool:
+    """Whether a metric redirect of this size is solved by conjugate gradients (else directly)."""
+    return solver == "cg" or (solver == "auto" and latent_dim * (latent_dim + 1) > DIRECT_LIMIT)
+
+
 def solve_metric_least_squares(
     parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], ridge: float, identity: torch.Tensor, solver: str,
     rtol: float = CG_TOLERANCE,
@@ -117,7 +122,7 @@ def solve_metric_least_squares(
     (conjugate gradients stop at the relative residual ``rtol``)."""
     d, d1 = identity.shape
     rhs = torch.stack([g @ tm for g, _, tm in parts]).sum(0) + ridge * identity
-    if solver == "direct" or (solver == "auto" and d * d1 <= DIRECT_LIMIT):
+    if not _uses_cg(d, solver):
         big = torch.stack([torch.kron(m, g) for g, m, _ in parts]).sum(0)
         big = big + ridge * torch.eye(d * d1, dtype=torch.float64)
         # column-major vec: vec(G X M) = (Mᵀ ⊗ G) vec(X)
@@ -159,8 +164,7 @@ def solve_metric_least_squares(
 def prepare_solver(latent_dim: int, options: EditOptions) -> None:
     """Import the conjugate-gradient solver now if an edit of this size will need it: scipy's
     import (~0.2 s) then belongs to the statistics pass, once, not to the first edit."""
-    cg = options.solver == "cg" or (options.solver == "auto" and latent_dim * (latent_dim + 1) > DIRECT_LIMIT)
-    if options.metric == "decoder" and cg:
+    if options.metric == "decoder" and _uses_cg(latent_dim, options.solver):
         try:
             import scipy.sparse.linalg  # noqa: F401
         except ImportError as error:
