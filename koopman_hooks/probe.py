@@ -279,7 +279,7 @@ class KoopmanProbe:
         """Fidelity on held-out data (:func:`koopman_hooks.analysis.evaluate`)."""
         return evaluate(self.fetch_model(), loader, baseline)
 
-    def topology(self, loader: Iterable[Any], n_points: int = 2000, layers: Sequence[str] | None = None,
+    def topology(self, loader: Iterable[Any], n_points: int = 2000, layers: Sequence[str] | str | None = None,
                  **options: Any) -> dict[str, Any]:
         """Betti numbers of network layers vs surrogate steps (:func:`koopman_hooks.analysis.compare_topology`)."""
         return compare_topology(self.fetch_model(), loader, n_points, layers, **options)

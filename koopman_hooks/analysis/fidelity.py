@@ -88,10 +88,10 @@ def evaluate(probe: FittedProbe, loader: Iterable[Any], baseline: bool = True) -
                 scores["template"] = MODEL_OUTPUT.get(filled)
             counts.update(labels, **scores)
     # under torch.distributed every rank evaluated its shard: combine the sums exactly
+    fvus = distributed.merged_each([baseline_fvu, *state_fvu.values(), *latent_fvu.values()])  # one gather
     counts = distributed.merged(counts)
-    state_fvu = {name: distributed.merged(fvu) for name, fvu in state_fvu.items()}
-    latent_fvu = {name: distributed.merged(fvu) for name, fvu in latent_fvu.items()}
-    baseline_fvu = distributed.merged(baseline_fvu)
+    baseline_fvu, n = fvus[0], len(state_fvu)
+    state_fvu, latent_fvu = dict(zip(state_fvu, fvus[1 : 1 + n])), dict(zip(latent_fvu, fvus[1 + n :]))
     template_moves = int(distributed.summed([float(template_moves)])[0])
     result: dict[str, Any] = {"n_samples": counts.n, "reduce": out_adapter.reduce}
     if counts.has_labels:

@@ -17,7 +17,7 @@ def compare_topology(
     probe: FittedProbe,
     loader: Iterable[Any],
     n_points: int = 2000,
-    layers: Sequence[str] | None = None,
+    layers: Sequence[str] | str | None = None,
     epsilon: float | None = None,
     quantile: float = 0.99,
     k: int = 1,

@@ -31,13 +31,13 @@ class Trajectories:
 
 @torch.no_grad()
 def collect_trajectories(
-    probe: FittedProbe, loader: Iterable[Any], layers: Sequence[str] | None = None, n_samples: int = 2000
+    probe: FittedProbe, loader: Iterable[Any], layers: Sequence[str] | str | None = None, n_samples: int = 2000
 ) -> Trajectories:
     """The first ``n_samples`` of ``loader`` at network ``layers`` (default: the probed ones,
     names or glob patterns) and along the surrogate from ``layers[0]`` to ``layers[-1]``."""
     ae = probe.autoencoder
     first = probe.layers[0]
-    names = resolve_layers(probe.model, list(layers), minimum=1) if layers else probe.layers
+    names = resolve_layers(probe.model, layers, minimum=1) if layers else probe.layers
     wanted = list(dict.fromkeys([*names, first]))
     selectors = {**make_selectors(wanted, None), **{n: s for n, s in probe.selectors.items() if n in wanted}}
     network: dict[str, list[torch.Tensor]] = {name: [] for name in names}

@@ -110,6 +110,18 @@ def test_surrogate_steps_that_stand_for_layers_are_seen_in_their_layers_dimensio
     assert probe.topology(loader, n_points=300, dims=(0,))["lens_dims"] is None  # no lens without variance=
 
 
+def test_topology_takes_one_glob_string_like_a_list_of_one(tiny_run):
+    _, probe = load_run(tiny_run / "seed0")
+    data = YinYangDataset(200, seed=8)
+    loader = [(data.inputs[i : i + 100], data.targets[i : i + 100]) for i in range(0, 200, 100)]
+    one = probe.topology(loader, n_points=200, dims=(0,), layers="blocks.*")
+    listed = probe.topology(loader, n_points=200, dims=(0,), layers=["blocks.*"])
+    blocks = [name for name, _ in probe.fetch_model().model.named_modules() if name.count(".") == 1
+              and name.startswith("blocks.")]
+    assert len(blocks) >= 2 and one["network_layers"] == listed["network_layers"] == blocks
+    assert one["network_betti0"] == listed["network_betti0"]
+
+
 def test_the_report_flags_a_strict_vs_mixed_gap():
     from koopman_hooks.recipes.sections.fidelity import honesty_lines
 
