@@ -147,10 +147,14 @@ def latent_dim_for(width: int) -> tuple[int, str]:
 
 def hidden_for(features_in: int, features_out: int, width: int, latent_dim: int,
                replaced_macs: int | None) -> tuple[tuple[int, ...], str]:
-    """One residual layer, as wide as the multiply-add budget of the replaced modules allows."""
+    """One residual layer, as wide as the multiply-add budget of the replaced modules allows;
+    ``MAX_HIDDEN`` wide when the budget is not enforced (tiny layers, as in :func:`width_for`,
+    or replaced modules that cannot be measured)."""
     widest = MAX_HIDDEN
     if replaced_macs is None:
         return (widest,), f"replaced modules not measurable: {widest}"
+    if width <= MIN_WIDTH:  # a few components: any surrogate costs more than a tiny layer, and all cost little
+        return (widest,), f"adapted width {width} <= {MIN_WIDTH}: tiny layers are not held to the budget; {widest}"
     best = None
     for h in range(8, widest + 1, 8):
         if surrogate_macs(features_in, features_out, width, latent_dim, [h]) <= replaced_macs:

@@ -50,6 +50,15 @@ def test_width_is_kept_when_it_fits_or_only_a_tiny_one_would() -> None:
     assert width == 42 and "even 32" in note
 
 
+def test_hidden_is_budgeted_except_for_tiny_layers() -> None:
+    tiny, note = sizing.hidden_for(10, 10, 9, 17, 400)  # Yin-Yang-size blocks: nothing fits 400 multiply-adds
+    assert tiny == (sizing.MAX_HIDDEN,) and "tiny" in note
+    assert sizing.hidden_for(10, 10, sizing.MIN_WIDTH, 40, 400)[0] == (sizing.MAX_HIDDEN,)
+    wide, _ = sizing.hidden_for(256, 256, sizing.MIN_WIDTH + 1, 41, 400)  # wider: held to the budget
+    assert wide == (sizing.MIN_HIDDEN,)
+    assert sizing.hidden_for(256, 256, 64, 80, None)[0] == (sizing.MAX_HIDDEN,)  # not measurable
+
+
 def test_steps_follow_the_modules_each_segment_spans() -> None:
     model = ResMLP(4, 3, width=6, depth=5)
     x = torch.randn(3, 4)
