@@ -5,8 +5,8 @@ settings): the model's training seconds, retraining without class 0, the probe's
 (defaults) and model passes, one class's Koopman edit (statistics reused), the latency of the
 original and the patched (fast path) model on batches of 256, and the multiply-adds per sample
 of the surrogate and of the modules it replaces. Then the fit's peak RSS on 10,000, 30,000 and
-60,000 MNIST samples, each in a fresh process (Linux: the peak is reset once the data is
-loaded; the state cache fills up to 16,384 + 5,000 rows, so it grows up to ~21,000 samples and
+60,000 MNIST samples, each in a fresh process, three times (the median; Linux: the peak is reset
+once the data is loaded; the state cache fills up to 16,384 + 5,000 rows, so it grows up to ~21,000 samples and
 is flat beyond). Everything runs on one thread; ratios are side by side.
 
     python benchmarks/fit_cost.py [--only yinyang mnist ...] [--data-root PATH] [--skip-rss]
@@ -121,6 +121,7 @@ def run(name: str, data_root: str | None) -> dict[str, Any]:
     }
 
 
+RSS_SAMPLES = (10_000, 30_000, 60_000)
 RSS_CHILD = r"""
 import gc, json, sys, torch
 torch.set_num_threads(1)
@@ -150,17 +151,25 @@ print(json.dumps({"samples": n, "rss_mb_before_fit": before, "peak_rss_mb_during
 """
 
 
-def rss(data_root: str | None) -> list[dict[str, Any]]:
+def rss(data_root: str | None, repeats: int = 3) -> list[dict[str, Any]]:
+    """Each size ``repeats`` times, in fresh processes, sizes interleaved; per size the run with
+    the median growth (what the fit adds moves by several MB between identical runs)."""
+    runs: dict[int, list[dict[str, Any]]] = {n: [] for n in RSS_SAMPLES}
+    for _ in range(repeats):
+        for n in RSS_SAMPLES:
+            out = subprocess.run([sys.executable, "-c", RSS_CHILD, str(n), data_root or ""], capture_output=True,
+                                 text=True, check=True)
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            row["fit_growth_mb"] = row["peak_rss_mb_during_fit"] - row["rss_mb_before_fit"]
+            runs[n].append(row)
     rows = []
-    for n in (10_000, 30_000, 60_000):
-        out = subprocess.run([sys.executable, "-c", RSS_CHILD, str(n), data_root or ""], capture_output=True, text=True,
-                             check=True)
-        row = json.loads(out.stdout.strip().splitlines()[-1])
-        row["fit_growth_mb"] = row["peak_rss_mb_during_fit"] - row["rss_mb_before_fit"]
+    for n, found in runs.items():
+        row = sorted(found, key=lambda r: r["fit_growth_mb"])[len(found) // 2]
+        row["fit_growth_mb_runs"] = [r["fit_growth_mb"] for r in found]
         rows.append(row)
         print(f"{n:>6d} MNIST samples: RSS {row['rss_mb_before_fit']:.0f} MB with the data loaded, peak "
-              f"{row['peak_rss_mb_during_fit']:.0f} MB during the fit (the fit added {row['fit_growth_mb']:.0f} MB)",
-              flush=True)
+              f"{row['peak_rss_mb_during_fit']:.0f} MB during the fit (the fit added {row['fit_growth_mb']:.0f} MB; "
+              f"runs: {', '.join(f'{g:.0f}' for g in row['fit_growth_mb_runs'])})", flush=True)
     return rows
 
 
