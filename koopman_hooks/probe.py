@@ -55,7 +55,8 @@ class KoopmanProbe:
         operator_fit: ``"gradient"`` (K trained with the autoencoder) or ``"ridge"`` (ridge
             EDMD: K in closed form from latent covariances; one step per layer pair).
         hidden: hidden widths of the encoder's and decoder's nonlinear residuals (``None``: one
-            layer, as wide as the multiply-add budget of the replaced modules allows).
+            layer, as wide as the multiply-add budget of the replaced modules allows; 128 where
+            the adapted width is at most 32, as no surrogate undercuts such tiny layers).
         loss_weights: weights of reconstruction, state, latent, isometry, topological and
             output-matching losses (a :class:`LossWeights` or a dict; each term is a fraction of
             its target's variance).
