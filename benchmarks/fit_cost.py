@@ -6,8 +6,8 @@ settings): the model's training seconds, retraining without class 0, the probe's
 original and the patched (fast path) model on batches of 256, and the multiply-adds per sample
 of the surrogate and of the modules it replaces. Then the fit's peak RSS on 10,000, 30,000 and
 60,000 MNIST samples, each in a fresh process, three times (the median; Linux: the peak is reset
-once the data is loaded; the state cache fills up to 16,384 + 5,000 rows, so it grows up to ~21,000 samples and
-is flat beyond). Everything runs on one thread; ratios are side by side.
+once the data is loaded; the state cache fills up to 16,384 + 5,000 rows, so it grows up to
+~21,000 samples and is flat beyond). Everything runs on one thread; ratios are side by side.
 
     python benchmarks/fit_cost.py [--only yinyang mnist ...] [--data-root PATH] [--skip-rss]
     python benchmarks/fit_cost.py --latency-only --out benchmarks/results/latency.json
