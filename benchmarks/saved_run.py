@@ -33,13 +33,10 @@ from koopman_hooks.data import TensorLoader
 from koopman_hooks.recipes import load_recipe, load_run
 from koopman_hooks.recipes.builders import build_datasets
 from koopman_hooks.recipes.config import Recipe
+from koopman_hooks.training import predict
+from koopman_hooks.unlearning import forget_retain_accuracy
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-@torch.no_grad()
-def _predictions(module: torch.nn.Module, loader: TensorLoader) -> torch.Tensor:
-    return torch.cat([module(x).argmax(-1) for x, _ in loader])
 
 
 def _seed(folder: str) -> int:
@@ -54,18 +51,15 @@ def edit_times(recipe: Recipe, folder: str, data_root: str | None) -> dict[str, 
     model, probe = load_run(folder)  # the seed is read from the folder's name (seed<N>), as the runner writes it
     train, test, num_classes = build_datasets(recipe.data, _seed(folder), data_root)
     test_loader = TensorLoader.from_dataset(test, 1000)
-    labels = torch.cat([y for _, y in test_loader])
-    original = _predictions(model, test_loader)
+    original, labels = predict(model, test_loader)
     stats = probe.unlearning_statistics(TensorLoader.from_dataset(train, 1000, limit=cfg.stats_samples), **cfg.options)
     rows = []
     for c in range(num_classes):
         edited = probe.unlearn(c, stats, **cfg.options)
-        predicted = _predictions(probe.patch(edited), test_loader)
-        kept = labels != c
-        rows.append({"class": c, "edit_seconds": edited.info["edit_seconds"],
-                     "test_forget_accuracy": float((predicted[~kept] == c).float().mean()),
-                     "test_retain_accuracy": float((predicted[kept] == labels[kept]).float().mean()),
-                     "original_retain_accuracy": float((original[kept] == labels[kept]).float().mean())})
+        forget, retain = forget_retain_accuracy(predict(probe.patch(edited), test_loader)[0], labels, c)
+        rows.append({"class": c, "edit_seconds": edited.info["edit_seconds"], "test_forget_accuracy": forget,
+                     "test_retain_accuracy": retain,
+                     "original_retain_accuracy": forget_retain_accuracy(original, labels, c)[1]})
         print(f"class {c}: edit {rows[-1]['edit_seconds']:.2f} s, forget {rows[-1]['test_forget_accuracy']:.4f}, "
               f"retain {rows[-1]['test_retain_accuracy']:.4f} (original {rows[-1]['original_retain_accuracy']:.4f})",
               flush=True)

@@ -112,19 +112,23 @@ class StateCache:
     def fields(self) -> list[str]:
         return list(self._specs)
 
-    def gather(self, index: torch.Tensor | slice | Sequence[int]) -> dict[str, torch.Tensor]:
-        """Every field's rows at ``index`` (copies when read from the memory map)."""
+    def gather(self, index: torch.Tensor | slice | Sequence[int],
+               names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """The rows at ``index`` of every field (or of ``names``), copies when read from the memory map."""
+        wanted = self.fields if names is None else list(names)
         if self._records is None:
-            return {name: value[index] for name, value in self._frozen.items()}
+            return {name: self._frozen[name][index] for name in wanted}
         rows = index.cpu().numpy() if isinstance(index, torch.Tensor) else index
         records = self._records[rows] if isinstance(rows, slice) else np.take(self._records, rows, axis=0)
         out, offset = {}, 0
         for name, (shape, dtype) in self._specs.items():
             size = _row_bytes((shape, dtype))
-            # each field's columns copied into fresh, aligned memory (also for one row, whose slice
-            # would otherwise stay a strided view into the records), read back as its dtype
-            field = torch.from_numpy(np.array(records[:, offset : offset + size], copy=True, order="C"))
-            out[name] = (field.view(dtype) if size else torch.empty(len(field), 0, dtype=dtype)).reshape(len(field), *shape)
+            if name in wanted:
+                # the field's columns copied into fresh, aligned memory (also for one row, whose slice
+                # would otherwise stay a strided view into the records), read back as its dtype
+                field = torch.from_numpy(np.array(records[:, offset : offset + size], copy=True, order="C"))
+                out[name] = (field.view(dtype) if size else torch.empty(len(field), 0, dtype=dtype)).reshape(
+                    len(field), *shape)
             offset += size
         if self._map is not None and hasattr(mmap, "MADV_DONTNEED"):  # Linux/macOS: drop the pages just read
             self._map.madvise(mmap.MADV_DONTNEED)
@@ -134,7 +138,7 @@ class StateCache:
         """Rows of one field."""
         if name not in self._specs:
             raise KeyError(f"no field {name!r}; fields: {self.fields}")
-        return self.gather(index)[name]
+        return self.gather(index, [name])[name]
 
     def batches(self, indices: torch.Tensor, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
         """Every field at ``indices``, ``batch_size`` rows at a time."""
