@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from koopman_hooks.core.batches import BatchSpec, Inputs, call_model, move_inputs
 from koopman_hooks.core.hooks import preserved_state
+from koopman_hooks.core.optim import adamw
 from koopman_hooks.core.select import MODEL_OUTPUT
 from koopman_hooks.errors import EmptyLoaderError
 
@@ -41,10 +42,10 @@ def train_classifier(
     desc: str = "train",
     spec: BatchSpec = BatchSpec(),
 ) -> list[float]:
-    """Train ``model`` with AdamW and a one-cycle schedule; return the mean loss per epoch.
-    ``spec`` says how batches split into the model's inputs and the labels."""
+    """Train ``model`` with AdamW (fused where it can run) and a one-cycle schedule; return the
+    mean loss per epoch. ``spec`` says how batches split into the model's inputs and the labels."""
     model.to(device).train()
-    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    optimiser = adamw(model.parameters(), lr, weight_decay)
     steps = epochs * len(loader)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=max(steps, 1))
     loss_fn = nn.CrossEntropyLoss()

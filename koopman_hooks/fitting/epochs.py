@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from koopman_hooks.core import distributed
+from koopman_hooks.core.optim import adamw
 from koopman_hooks.core.select import MODEL_OUTPUT
 from koopman_hooks.fitting.cache import StateCache
 from koopman_hooks.koopman.adapters import LayerAdapter
@@ -71,9 +72,6 @@ SCORE_ROWS = 1024  # held-out rows scored per batch (no gradients: larger batche
 PROGRESS = 0.005  # a held-out loss this much (relatively) below the last progress resets the patience
 CYCLE_EPOCHS = 5  # epochs per cosine cycle of the learning rate
 CYCLE_GAIN = 0.05  # a cycle that lowers the kept held-out loss by less than this (relatively) ends the fit
-#: devices where AdamW runs its fused kernel (the same update to float rounding, about 3x faster
-#: per step than ``foreach`` on a CPU for the autoencoder's few tensors)
-FUSED_ADAM_DEVICES = ("cpu", "cuda")
 
 
 @dataclass
@@ -205,11 +203,8 @@ def train(
     n_steps = distributed.minimum(max(rows // schedule.batch_size, 1 if rows > 1 else 0))
     # each average is one all-reduce that waits for the slowest rank: as few as the fit allows, but
     # at least two per epoch, so that short epochs (small data) do not let the ranks drift apart
-    fused = device.type in FUSED_ADAM_DEVICES
-    optimiser = distributed.local_sgd(
-        torch.optim.AdamW(parameter_groups(named, schedule.lr), weight_decay=schedule.weight_decay,
-                          fused=fused, foreach=not fused),
-        max(1, min(AVERAGE_EVERY, n_steps // 2)))
+    optimiser = distributed.local_sgd(adamw(parameter_groups(named, schedule.lr), schedule.lr, schedule.weight_decay),
+                                      max(1, min(AVERAGE_EVERY, n_steps // 2)))
     # W processes take 1/W of the steps, each averaging W batches: the learning rate scales with W
     for group in optimiser.param_groups:
         group["lr"] *= distributed.world_size()

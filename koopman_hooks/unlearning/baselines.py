@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from koopman_hooks.core.batches import BatchSpec, call_model, move_inputs
+from koopman_hooks.core.optim import adamw
 from koopman_hooks.core.select import MODEL_OUTPUT
 from koopman_hooks.training import Loader, labelled, train_classifier
 
@@ -87,7 +88,7 @@ def neggrad_plus(
         raise ValueError("neggrad_plus needs non-empty retain and forget loaders")
     start = time.perf_counter()
     tuned = copy.deepcopy(model).to(device).train()
-    optimiser = torch.optim.AdamW(tuned.parameters(), lr=lr, weight_decay=weight_decay)
+    optimiser = adamw(tuned.parameters(), lr, weight_decay)
     steps = max(epochs * len(retain_loader), 1)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=steps)
     loss_fn = nn.CrossEntropyLoss()

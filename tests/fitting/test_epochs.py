@@ -52,31 +52,3 @@ def test_the_epoch_limit_is_reported_when_it_ends_the_fit() -> None:
     probe.fit(TensorLoader(x, torch.zeros(600, dtype=torch.long), batch_size=100), epochs=3)
     info = probe.fetch_model().info
     assert info["epochs_run"] == 3 and info["stopped_because"] == "the epoch limit", info
-
-
-def test_fused_adamw_trains_the_same_autoencoder_as_the_foreach_loop(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The fused kernel (used on CPU and CUDA) is a faster form of the same update: a fit with it
-    ends within float rounding of the ``foreach`` fit (the fallback for other devices)."""
-    torch.manual_seed(0)
-    model = ResMLP(4, 3, width=8, depth=3).eval()
-    x = torch.randn(600, 4)
-    loader = TensorLoader(x, torch.zeros(600, dtype=torch.long), batch_size=100)
-    made: list[bool] = []
-    adamw = torch.optim.AdamW
-
-    def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
-        made.append(bool(kwargs.get("fused")))
-        return adamw(*args, **kwargs)
-
-    monkeypatch.setattr(torch.optim, "AdamW", recording)
-    states = []
-    for devices in (("cpu", "cuda"), ()):
-        monkeypatch.setattr(schedule, "FUSED_ADAM_DEVICES", devices)
-        probe = KoopmanProbe(model, ["blocks.0", "blocks.2"], verbose=False)
-        probe.fit(loader, epochs=3)
-        states.append(probe.fetch_model().autoencoder.state_dict())
-    assert made == [True, False]
-    fused, looped = states
-    assert fused.keys() == looped.keys()
-    for name in fused:
-        assert torch.allclose(fused[name], looped[name], rtol=1e-4, atol=1e-5), name
