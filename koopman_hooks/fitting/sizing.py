@@ -33,6 +33,8 @@ from koopman_hooks.core.skipping import Trace
 MIN_HIDDEN = 16
 MAX_HIDDEN = 128
 MIN_WIDTH = 32  # below this the budget is not enforced: tiny layers need their few components
+STEP_ROWS = 128  # the autoencoder's smallest batch when the data allow MIN_STEPS steps per epoch
+MIN_STEPS = 25
 
 
 @dataclass(frozen=True)
@@ -166,6 +168,13 @@ def hidden_for(features_in: int, features_out: int, width: int, latent_dim: int,
 
 
 def batch_size_for(n: int) -> tuple[int, str]:
+    """About 50 steps per epoch over ``n`` training rows, 64 to 512 rows a step; at least
+    ``STEP_ROWS`` rows a step while that still leaves ``MIN_STEPS`` steps per epoch: below it a
+    step's fixed cost (Python, autograd, the optimiser) outweighs its arithmetic, so more, smaller
+    steps buy little fidelity for their time (BERT in the zoo, 3,600 rows: 0.999 agreement at 64
+    rows a step, 0.994 at 128 in half the fit time)."""
     size = 2 ** round(math.log2(max(n / 50, 1)))
     size = min(512, max(64, size))
+    if size < STEP_ROWS <= n // MIN_STEPS:
+        return STEP_ROWS, f"{n // STEP_ROWS} steps per epoch over {n} samples (at least {STEP_ROWS} rows a step)"
     return size, f"about 50 steps per epoch over {n} samples"

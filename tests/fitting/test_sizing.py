@@ -72,3 +72,8 @@ def test_batch_size_gives_about_fifty_steps_within_bounds() -> None:
     assert sizing.batch_size_for(100)[0] == 64
     assert sizing.batch_size_for(12_800)[0] == 256
     assert sizing.batch_size_for(10**6)[0] == 512
+    # at least 128 rows a step once that still leaves 25 steps per epoch; fewer rows keep 64
+    assert sizing.batch_size_for(1_300)[0] == 64
+    assert sizing.batch_size_for(3_199)[0] == 64
+    size, note = sizing.batch_size_for(3_600)
+    assert size == 128 and "at least 128 rows a step" in note and 3_600 // size >= sizing.MIN_STEPS
