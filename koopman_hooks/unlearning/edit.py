@@ -177,7 +177,7 @@ def unlearn(
                              "probe.unlearning_statistics(loader, refine_rows=...) or pass refine=0")
         refined, extra = refine_readout(probe.patched_outputs, probe.model, surrogate, endpoint @ base, stats.reservoir, forget,
                                         retained, iterations=opts.refine, proximal=opts.proximal,
-                                        retain_weight=opts.retain_weight)
+                                        retain_weight=opts.retain_weight, sample_rows=opts.refine_rows)
         endpoint = refined.double().cpu() @ torch.linalg.inv(base)
     if method == "endpoint":
         readout = endpoint @ base

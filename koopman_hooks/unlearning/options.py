@@ -30,9 +30,12 @@ class EditOptions:
         metric_eps: ε added to the normalised pull-back metric.
         metric_rows: rows per batch whose decoder Jacobian estimates the pull-back metric.
         refine: L-BFGS iterations refining the redirect on the patched model's outputs (0: off).
-        refine_rows: size of the seeded sample of the data the refinement sees. It fits a
-            ``d × (d+1)`` map, and more rows fit it better at a proportional cost: 4,096 brought
-            MNIST's worst retained gap from 0.60 to 0.49 points, but its edits to 1.1 s.
+        refine_rows: rows the refinement fits on. It fits a ``d × (d+1)`` map, and more rows
+            fit it better at a proportional cost.
+        refine_pool: the statistics keep a seeded sample of ``refine_pool × refine_rows`` rows;
+            each edit's refinement draws its ``refine_rows`` from it, favouring the forgotten
+            rows and the retained rows whose runner-up class is forgotten (the rows an edit can
+            flip), weighted back to the sample's proportions. Costs memory, not edit time.
         proximal: pull of the refinement towards the least-squares redirect.
         retain_weight: share of the refinement loss on retained (vs forgotten) samples.
         redirect: target of a forgotten sample: the model's ``"runner_up"`` retained class, or
@@ -51,6 +54,7 @@ class EditOptions:
     metric_rows: int = 64
     refine: int = 10
     refine_rows: int = 2048
+    refine_pool: int = 4
     proximal: float = 1e-2
     retain_weight: float = 0.8
     redirect: Redirect = "runner_up"
@@ -66,13 +70,15 @@ class EditOptions:
         for name in ("metric_rows", "refine", "refine_rows", "iterations"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.refine_pool < 1:
+            raise ConfigError(f"refine_pool must be >= 1, got {self.refine_pool}")
         if not 0.0 <= self.retain_weight <= 1.0:
             raise ConfigError(f"retain_weight must be in [0, 1], got {self.retain_weight}")
 
     @property
     def sample_rows(self) -> int:
         """Rows the statistics must sample for this edit's refinement (0 without refinement)."""
-        return self.refine_rows if self.refine else 0
+        return self.refine_rows * self.refine_pool if self.refine else 0
 
     @classmethod
     def for_method(cls, method: Method, options: Mapping[str, Any] | None = None) -> EditOptions:

@@ -140,6 +140,42 @@ def refinement_targets(reservoir: SampleReservoir, forget: list[int], retained: 
     return torch.where(usable, target, torch.full_like(target, -1)), forgotten
 
 
+def refinement_rows(reservoir: SampleReservoir, forget: list[int], retained: list[int], rows: int,
+                    retain_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which of the reservoir's rows the refinement fits on, and each row's loss weight.
+
+    At most ``rows`` rows, drawn (seeded) from three strata of the usable rows: forgotten rows
+    (up to a quarter), retained rows whose runner-up class is forgotten (up to half the rest:
+    the rows an edit can flip) and the other retained rows. The forgotten rows share
+    ``1 - retain_weight`` equally; each retained stratum shares ``retain_weight`` in proportion
+    to its size in the reservoir, so the loss is the reservoir's, estimated with more rows
+    where an edit can cost accuracy. A reservoir of at most ``rows`` usable rows is used whole,
+    every forgotten and every retained row then weighing the same.
+    """
+    targets, forgotten = refinement_targets(reservoir, forget, retained)
+    assert reservoir.keys is not None
+    usable = targets >= 0
+    at_risk = usable & ~forgotten & torch.isin(reservoir.keys, torch.tensor(forget))
+    strata = [usable & forgotten, at_risk, usable & ~forgotten & ~at_risk]
+    sizes = [int(s.sum()) for s in strata]
+    take = [min(sizes[0], rows // 4)]
+    take.append(min(sizes[1], (rows - take[0]) // 2))
+    take.append(min(sizes[2], rows - take[0] - take[1]))
+    for i in (1, 0):  # rows a stratum leaves unused go to the others
+        take[i] = min(sizes[i], take[i] + rows - sum(take))
+    generator = torch.Generator().manual_seed(reservoir.seed)
+    chosen, weights = [], []
+    n_retained = max(sizes[1] + sizes[2], 1)
+    shares = [1.0 - retain_weight, retain_weight * sizes[1] / n_retained, retain_weight * sizes[2] / n_retained]
+    for stratum, size, n, share in zip(strata, sizes, take, shares):
+        if n:
+            members = stratum.nonzero().squeeze(1)
+            chosen.append(members[torch.randperm(size, generator=generator)[:n]])
+            weights.append(torch.full((n,), share / n))
+    order = torch.cat(chosen).sort()
+    return order.values, torch.cat(weights)[order.indices]
+
+
 Outputs = Callable[[KoopmanSurrogate, Inputs, torch.Tensor | None], Any]
 
 
@@ -154,25 +190,26 @@ def refine_readout(
     iterations: int = 20,
     proximal: float = 1e-2,
     retain_weight: float = 0.5,
+    sample_rows: int = 0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Minimise the patched model's cross-entropy over ``readout``'s top ``d`` rows, from ``readout``.
 
     ``outputs(surrogate, inputs, states)`` must return the patched model's output for the
     sampled rows (``states``: their source-layer adapted states, when kept; a caller that can
-    run the model's tail on its own needs nothing else). The forgotten and the retained rows'
-    mean losses are weighted ``1 - retain_weight`` and ``retain_weight``. Returns the refined
+    run the model's tail on its own needs nothing else). It fits on ``sample_rows`` rows of the
+    reservoir (all when 0), chosen and weighted by :func:`refinement_rows`: the forgotten and
+    the retained rows' losses weigh ``1 - retain_weight`` and ``retain_weight``. Returns the refined
     homogeneous ``(d+1, d+1)`` readout and the loss before and after.
     """
     targets, forgotten = refinement_targets(reservoir, forget, retained)
-    keep = targets >= 0
-    if not keep.any() or not forgotten[keep].any():
+    if not (forgotten & (targets >= 0)).any():
         return readout, {"refine_loss_before": float("nan"), "refine_loss_after": float("nan")}
+    rows, weights = refinement_rows(reservoir, forget, retained, sample_rows or len(reservoir), retain_weight)
     device = surrogate.operator.device
     assert reservoir.inputs is not None
-    rows = keep.nonzero().squeeze(1)
     inputs = move_inputs(select_rows(reservoir.inputs, rows), device)
     states = None if reservoir.states is None else reservoir.states[rows].to(device)
-    targets, forgotten = targets[keep].to(device), forgotten[keep].to(device)
+    targets, weights = targets[rows].to(device), weights.to(device)
     start = readout.float().to(device)
     d = start.shape[0] - 1
     top = start[:d].clone().requires_grad_(True)
@@ -181,7 +218,6 @@ def refine_readout(
     if states is not None:
         with torch.no_grad():
             editable.encoder = _KnownCodes(editable.encoder, states, editable.encoder(states))
-    weights = torch.where(forgotten, (1.0 - retain_weight) / forgotten.sum(), retain_weight / (~forgotten).sum().clamp_min(1))
 
     def loss_fn() -> torch.Tensor:
         editable.readout = torch.cat([top, start[d:]])  # differentiable buffer: gradients reach `top` only

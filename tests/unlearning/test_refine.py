@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from koopman_hooks.unlearning.refine import SampleReservoir
+from koopman_hooks.unlearning.refine import SampleReservoir, refinement_rows, refinement_targets
 
 
 def test_sample_reservoir_is_bounded_uniform_seeded_and_aligned() -> None:
@@ -56,6 +56,50 @@ def test_merged_reservoirs_are_a_sample_of_the_union() -> None:
     assert torch.equal(merged.inputs[:, 0].sort().values, expected)
 
 
+def _pool(n: int, seed: int = 0) -> SampleReservoir:
+    """``n`` rows of 4 classes: labels cycle; a retained row's runner-up is the next class for
+    3 rows in 4 and class 0 (forgotten below) for the fourth; a class-0 row's is retained."""
+    rows = torch.arange(n)
+    labels = rows % 4
+    keys = torch.where(rows % 16 < 12, labels % 3 + 1, torch.zeros_like(labels))
+    keys = torch.where(labels == 0, 1 + rows % 3, keys)
+    return SampleReservoir(n, seed=seed).update(rows[:, None].float(), labels, keys, labels)
+
+
+def test_refinement_rows_use_a_small_reservoir_whole_with_the_plain_weights() -> None:
+    pool = _pool(200)
+    rows, weights = refinement_rows(pool, [0], [1, 2, 3], 2048, retain_weight=0.8)
+    targets, forgotten = refinement_targets(pool, [0], [1, 2, 3])
+    assert torch.equal(rows, (targets >= 0).nonzero().squeeze(1))
+    f = forgotten[rows]
+    assert torch.allclose(weights[f], torch.full((int(f.sum()),), 0.2 / int(f.sum())))
+    assert torch.allclose(weights[~f], torch.full((int((~f).sum()),), 0.8 / int((~f).sum())))
+
+
+def test_refinement_rows_favour_rows_at_risk_and_keep_the_pools_loss_unbiased() -> None:
+    """From a larger pool: exactly ``rows`` distinct rows, more of the at-risk retained rows
+    (runner-up forgotten) than a uniform draw, the strata's weights in the pool's proportions,
+    and the weighted mean of any per-row value, averaged over draws, equal to the whole pool's."""
+    forget, retained, rw = [0], [1, 2, 3], 0.8
+    whole = _pool(4000)
+    targets, forgotten = refinement_targets(whole, forget, retained)
+    at_risk = (whole.keys == 0) & ~forgotten
+    value = torch.randn(4000, generator=torch.Generator().manual_seed(0)) + 2.0 * at_risk
+    f_all, r_all = forgotten & (targets >= 0), ~forgotten & (targets >= 0)
+    oracle = (1 - rw) * value[f_all].mean() + rw * value[r_all].mean()
+    estimates = []
+    for seed in range(300):
+        rows, weights = refinement_rows(_pool(4000, seed), forget, retained, 400, rw)
+        assert len(rows) == 400 and len(rows.unique()) == 400 and (targets[rows] >= 0).all()
+        assert torch.isclose(weights.sum(), torch.tensor(1.0))
+        assert torch.isclose(weights[forgotten[rows]].sum(), torch.tensor(1 - rw))
+        estimates.append(float((weights * value[rows]).sum()))
+    assert at_risk[rows].float().mean() > 1.8 * at_risk[r_all | f_all].float().mean()  # 0.375 vs 0.1875
+    assert torch.equal(refinement_rows(_pool(4000, 5), forget, retained, 400, rw)[0],
+                       refinement_rows(_pool(4000, 5), forget, retained, 400, rw)[0])  # seeded
+    mean = torch.tensor(estimates).mean()
+    spread = torch.tensor(estimates).std() / len(estimates) ** 0.5
+    assert abs(float(mean - oracle)) < 4 * float(spread) + 1e-6, (float(mean), float(oracle))
 
 
 @pytest.mark.parametrize("loaded", [False, True])
