@@ -211,6 +211,13 @@ class FittedProbe:
         self.tail, kind = find_tail(self.model, example, captured.activations[last][rows], last, self.selector(last))
         self.tail_example = example if kind == "repeated" else None
 
+    def outputs_from_states(self, dst: str, inputs: Inputs) -> bool:
+        """Whether :meth:`patched_outputs`, for a surrogate ending at ``dst``, reads nothing of
+        rows like ``inputs`` but their adapted states: the tail runs alone on stand-in inputs
+        and there is no attention mask to read."""
+        return (self.tail is not None and self.tail.dst == dst and self.tail_example is not None
+                and self.mask_of(inputs) is None)
+
     def patched_outputs(self, surrogate: nn.Module, inputs: Inputs, states: torch.Tensor | None = None) -> Any:
         """The model's output with ``surrogate`` patched in, for rows with these ``inputs``: from
         their source-layer adapted ``states`` through the model's tail alone when it can be run

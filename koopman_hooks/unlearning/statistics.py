@@ -231,7 +231,9 @@ def collect_statistics(
     restored afterwards); only the decoder is differentiated for ``metric="decoder"``. The
     full model runs when its output is needed (first batch, ``labels="model"``,
     ``redirect="runner_up"``); otherwise the pass stops after the last probed layer.
-    ``refine_rows > 0`` also keeps a seeded sample of that many rows for the refinement.
+    ``refine_rows > 0`` also keeps a seeded sample of that many rows for the refinement: their
+    source-layer states, and their model inputs unless the model's tail can run from the
+    states alone (then an image model's sample costs no more than its states).
     """
     start = time.perf_counter()
     surrogate = surrogate if surrogate is not None else probe.surrogate()
@@ -283,7 +285,10 @@ def collect_statistics(
                 predictions = scores.argmax(-1).cpu() if scores is not None else None
                 with torch.no_grad():
                     states = surrogate.in_adapter(x0, mask)
-                stats.reservoir.update(captured.inputs, y, keys, predictions, states)
+                inputs = captured.inputs
+                if probe.outputs_from_states(surrogate.dst_layer, inputs):
+                    inputs = torch.empty(len(y), 0)  # the refinement reads the states alone: keep no inputs
+                stats.reservoir.update(inputs, y, keys, predictions, states)
     if not distributed.summed([float(seen)])[0]:
         raise EmptyLoaderError()
     stats.seconds = time.perf_counter() - start

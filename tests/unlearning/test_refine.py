@@ -118,3 +118,21 @@ def test_refinement_lowers_its_loss_on_fitted_and_loaded_probes(setup: dict, tmp
     edited = probe.unlearn(1, stats, refine=5)
     before, after = edited.info["refine_loss_before"], edited.info["refine_loss_after"]
     assert after < before - 1e-4, edited.info
+
+
+def test_statistics_keep_no_inputs_when_the_tail_reads_the_states_alone(setup: dict, monkeypatch) -> None:
+    """The tensor-input model's tail runs alone, so the refinement's sample holds states and
+    no inputs; the edit equals the one made from a sample that kept the inputs."""
+    from koopman_hooks.data import TensorLoader
+
+    probe, loader = setup["probe"], TensorLoader.from_dataset(setup["train"], 128)  # the same row order twice
+    lean = probe.unlearning_statistics(loader)
+    assert probe.fetch_model().tail_example is not None
+    assert lean.reservoir.inputs.shape == (len(lean.reservoir), 0) and lean.reservoir.states.shape[1] > 0
+    monkeypatch.setattr(type(probe.fetch_model()), "outputs_from_states", lambda self, dst, inputs: False)
+    full = probe.unlearning_statistics(loader)
+    assert full.reservoir.inputs.shape == (len(full.reservoir), 4)
+    assert torch.equal(full.reservoir.states, lean.reservoir.states)
+    a, b = probe.unlearn(1, lean), probe.unlearn(1, full)
+    assert torch.allclose(a.readout, b.readout, atol=1e-6), (a.readout - b.readout).abs().max()
+    assert a.info["refine_loss_after"] < a.info["refine_loss_before"]
