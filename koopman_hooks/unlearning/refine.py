@@ -6,7 +6,8 @@ class's mean and hold every retained class in place, some forgotten samples keep
 after decoding. :func:`refine_readout` starts from that redirect and minimises what the edit
 is for, the cross-entropy of the patched model's outputs, on a bounded seeded sample of the
 data: forgotten samples towards their runner-up retained class, retained samples towards the
-model's own prediction, with a proximal pull to the starting map. Only the ``d × (d+1)``
+model's best-ranked retained class (its own prediction, unless that is a forgotten class), with
+a proximal pull to the starting map. Only the ``d × (d+1)``
 readout is optimised (L-BFGS); the model and the autoencoder are only read, and the result
 is still one homogeneous affine map of the latent state.
 """
@@ -52,9 +53,10 @@ class SampleReservoir:
     """A seeded uniform sample of at most ``size`` rows of a stream of batches.
 
     Keeps model ``inputs`` (a tensor or a dict of tensors), the source layer's adapted
-    ``states`` (when given), class ``labels``, runner-up ``keys`` and the model's ``predictions``
-    (``-1`` when unknown). Memory: ``size`` rows, whatever the stream length. Rows survive with equal probability (smallest random
-    priorities), so :meth:`merge` of two reservoirs is a uniform sample of the union.
+    ``states`` (when given), class ``labels``, runner-up ``keys`` and the model's ``predictions``:
+    its classes best first, ``(n, k)`` (given as ``(n,)``: the top class only; ``-1`` when unknown).
+    Memory: ``size`` rows, whatever the stream length. Rows survive with equal probability
+    (smallest random priorities), so :meth:`merge` of two reservoirs is a uniform sample of the union.
     """
 
     size: int
@@ -78,7 +80,7 @@ class SampleReservoir:
         preds = predictions if predictions is not None else torch.full((n,), -1, dtype=torch.long)
         batch = SampleReservoir(self.size, self.seed, move_inputs(_detached(inputs), "cpu"),
                                 None if states is None else states.detach().float().cpu(), labels.reshape(-1).long().cpu(),
-                                keys.reshape(-1).long().cpu(), preds.reshape(-1).long().cpu(),
+                                keys.reshape(-1).long().cpu(), preds.reshape(n, -1).long().cpu(),
                                 torch.rand(n, generator=self._generator))
         return self.merge(batch)
 
@@ -96,7 +98,7 @@ class SampleReservoir:
             self.states = torch.cat([self.states, other.states]) if both else None  # type: ignore[list-item]
             self.labels = torch.cat([self.labels, other.labels])
             self.keys = torch.cat([self.keys, other.keys])  # type: ignore[list-item]
-            self.predictions = torch.cat([self.predictions, other.predictions])  # type: ignore[list-item]
+            self.predictions = _cat_ranked(self.predictions, other.predictions)  # type: ignore[arg-type]
             self.priority = torch.cat([self.priority, other.priority])  # type: ignore[list-item]
         assert self.priority is not None
         if len(self.priority) > self.size:
@@ -123,6 +125,12 @@ class _KnownCodes(nn.Module):
         return self.codes if x is self.states else self.encoder(x)
 
 
+def _cat_ranked(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Stack two ``(n, k)`` rankings of classes, the shorter padded with ``-1`` (unranked)."""
+    width = max(a.shape[1], b.shape[1])
+    return torch.cat([F.pad(t, (0, width - t.shape[1]), value=-1) for t in (a, b)])
+
+
 def _detached(inputs: Inputs) -> Inputs:
     if isinstance(inputs, torch.Tensor):
         return inputs.detach()
@@ -130,11 +138,18 @@ def _detached(inputs: Inputs) -> Inputs:
 
 
 def refinement_targets(reservoir: SampleReservoir, forget: list[int], retained: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Target class per row (runner-up retained class if forgotten, else the model's prediction,
-    else the label) and whether the row is forgotten. Rows without a usable target get ``-1``."""
+    """Target class per row and whether the row is forgotten. A forgotten row's target is its
+    runner-up retained class; a retained row's is the model's best-ranked retained class (what
+    the model says once the forgotten classes are gone: its prediction, or for a row it gives
+    to a forgotten class, the next retained class), else its label when the model's ranking is
+    unknown. Rows without a usable target get ``-1``."""
     assert reservoir.labels is not None and reservoir.keys is not None and reservoir.predictions is not None
     forgotten = torch.isin(reservoir.labels, torch.tensor(forget))
-    own = torch.where(reservoir.predictions >= 0, reservoir.predictions, reservoir.labels)
+    ranked = reservoir.predictions
+    allowed = torch.isin(ranked, torch.tensor(retained))
+    best = ranked.gather(1, allowed.long().argmax(1, keepdim=True)).squeeze(1)  # the first retained class
+    unknown = ranked[:, 0] < 0
+    own = torch.where(unknown, reservoir.labels, torch.where(allowed.any(1), best, torch.full_like(best, -1)))
     target = torch.where(forgotten, reservoir.keys, own)
     usable = torch.isin(target, torch.tensor(retained))
     return torch.where(usable, target, torch.full_like(target, -1)), forgotten

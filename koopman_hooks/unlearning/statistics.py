@@ -32,6 +32,7 @@ from koopman_hooks.unlearning.refine import SampleReservoir
 
 Group = tuple[int, int]
 NO_GROUP = -1  # the "runner-up" key when outputs are not per-class scores (redirect="nearest")
+RANKED_CLASSES = 8  # the refinement sample keeps each row's best classes, this many at most
 
 
 @dataclass
@@ -282,7 +283,9 @@ def collect_statistics(
                 jac = decoder_jacobian(surrogate.decoder, z[rows.to(z.device)])
             stats.update(y, keys, z0, z, jac, rows)
             if stats.reservoir is not None:
-                predictions = scores.argmax(-1).cpu() if scores is not None else None
+                predictions = None  # the model's classes best first: a retained row's target skips forgotten ones
+                if scores is not None:
+                    predictions = scores.topk(min(RANKED_CLASSES, scores.shape[-1]), dim=-1).indices.cpu()
                 with torch.no_grad():
                     states = surrogate.in_adapter(x0, mask)
                 inputs = captured.inputs

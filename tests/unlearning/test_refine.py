@@ -20,7 +20,7 @@ def test_sample_reservoir_is_bounded_uniform_seeded_and_aligned() -> None:
     assert len(a) == 100 and a.inputs.shape == (100, 1)
     index = a.inputs[:, 0].long()
     assert torch.equal(a.labels, index % 3) and torch.equal(a.keys, (index + 1) % 3)
-    assert torch.equal(a.predictions, index % 5)  # rows stay aligned
+    assert torch.equal(a.predictions[:, 0], index % 5)  # rows stay aligned
     assert len(index.unique()) == 100
     assert 1500 < index.float().mean() < 3500  # drawn from the whole stream, not its start
     assert torch.equal(stream(0).inputs, a.inputs) and not torch.equal(stream(1).inputs, a.inputs)
@@ -136,3 +136,20 @@ def test_statistics_keep_no_inputs_when_the_tail_reads_the_states_alone(setup: d
     a, b = probe.unlearn(1, lean), probe.unlearn(1, full)
     assert torch.allclose(a.readout, b.readout, atol=1e-6), (a.readout - b.readout).abs().max()
     assert a.info["refine_loss_after"] < a.info["refine_loss_before"]
+
+
+def test_refinement_targets_follow_the_models_ranking_past_forgotten_classes() -> None:
+    """Forgotten rows go to their runner-up retained class; a retained row to the model's best
+    retained class, skipping forgotten ones; its label when the ranking is unknown; -1 when no
+    retained class is among the ranked ones."""
+    pool = SampleReservoir(10, seed=0)
+    labels = torch.tensor([0, 1, 2, 1, 2])
+    keys = torch.tensor([2, 0, 1, 0, 0])
+    ranking = torch.tensor([[0, 2], [1, 0], [0, 2], [-1, -1], [0, 3]])
+    pool.update(torch.zeros(5, 1), labels, keys, ranking)
+    pool.update(torch.zeros(1, 1), torch.tensor([2]), torch.tensor([1]), None)  # a batch the model did not rank
+    order = pool.labels.argsort(stable=True)  # the reservoir may reorder rows
+    targets, forgotten = refinement_targets(pool, forget=[0, 3], retained=[1, 2])
+    got = {(int(pool.labels[i]), tuple(pool.predictions[i].tolist())): (int(targets[i]), bool(forgotten[i])) for i in order}
+    assert got == {(0, (0, 2)): (2, True), (1, (1, 0)): (1, False), (2, (0, 2)): (2, False),
+                   (1, (-1, -1)): (1, False), (2, (0, 3)): (-1, False), (2, (-1, -1)): (2, False)}
