@@ -7,9 +7,9 @@ after decoding. :func:`refine_readout` starts from that redirect and minimises w
 is for, the cross-entropy of the patched model's outputs, on a bounded seeded sample of the
 data: forgotten samples towards their runner-up retained class, retained samples towards the
 model's best-ranked retained class (its own prediction, unless that is a forgotten class), with
-a proximal pull to the starting map. Only the ``d × (d+1)``
-readout is optimised (L-BFGS); the model and the autoencoder are only read, and the result
-is still one homogeneous affine map of the latent state.
+a proximal pull to the starting map. Only the ``d × (d+1)`` readout is optimised (L-BFGS); the
+model and the autoencoder are only read, and the result is still one homogeneous affine map of
+the latent state.
 """
 
 from __future__ import annotations
