@@ -23,6 +23,7 @@ from koopman_hooks.koopman.reduce import (
     reduce_activation,
     reduced_dim,
 )
+from koopman_hooks.maths.linalg import top_eigh
 from koopman_hooks.maths.stats import StreamingMoments
 
 
@@ -122,14 +123,25 @@ def _check_parts(shape: tuple[int, ...], reduce: str, mean: torch.Tensor, basis:
         raise ValueError(f"an adapter's template has {template.numel()} values for per-sample shape {shape}")
 
 
-def pca_basis(cov: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+def spectrum(cov: torch.Tensor, top: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``top`` largest eigenvalues (decreasing, clamped at 0; default all) of a covariance
+    and their eigenvectors (columns)."""
+    evals, evecs = top_eigh(cov, top)
+    return evals.clamp_min(0), evecs
+
+
+def pca_basis(cov: torch.Tensor, width: int, eig: tuple[torch.Tensor, torch.Tensor] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``width`` eigenvectors of ``cov`` (zero-padded if fewer), with a fixed sign.
 
-    Returns ``(basis, eigenvalues)`` sorted by decreasing variance.
+    Returns ``(basis, eigenvalues)`` sorted by decreasing variance (at least ``width`` of them,
+    or all); ``eig`` is ``cov``'s :func:`spectrum` (of at least ``width`` components) when it is
+    already at hand.
     """
-    evals, evecs = torch.linalg.eigh(cov)
-    evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+    evals, evecs = eig if eig is not None else spectrum(cov, width)
     keep = min(width, cov.shape[0])
+    if evecs.shape[1] < keep:
+        raise ValueError(f"a spectrum of {evecs.shape[1]} components cannot give a basis of width {width}")
     evecs = evecs[:, :keep]
     # sign convention: the largest-magnitude entry of each component is positive
     idx = evecs.abs().argmax(0)
@@ -140,20 +152,30 @@ def pca_basis(cov: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def adapter_from_moments(
-    shape: Sequence[int], reduce: str, moments: StreamingMoments, width: int, template: torch.Tensor | None = None
+    shape: Sequence[int], reduce: str, moments: StreamingMoments, width: int, template: torch.Tensor | None = None,
+    eig: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> LayerAdapter:
-    """Fit a :class:`LayerAdapter` from streamed moments of the reduced activations."""
-    basis, evals = pca_basis(moments.cov_xx, width)
+    """Fit a :class:`LayerAdapter` from streamed moments of the reduced activations (``eig``:
+    their covariance's :func:`spectrum`, when already computed)."""
+    basis, evals = pca_basis(moments.cov_xx, width, eig)
     kept = evals[: min(width, len(evals))].sum()
     scale = torch.sqrt(kept / width).clamp_min(1e-12)
     return LayerAdapter(shape, reduce, moments.mean_x, basis, scale, template)
 
 
-def components_for_variance(moments: StreamingMoments, fraction: float) -> int:
-    """Smallest number of principal components explaining ``fraction`` of the variance."""
-    evals = torch.linalg.eigvalsh(moments.cov_xx).flip(0).clamp_min(0)
-    cumulative = torch.cumsum(evals, 0) / evals.sum().clamp_min(1e-30)
-    return int(torch.searchsorted(cumulative, torch.tensor(fraction, dtype=cumulative.dtype, device=cumulative.device)).item()) + 1
+def components_for_variance(moments: StreamingMoments, fraction: float, top: tuple[torch.Tensor, ...] | None = None
+                            ) -> int:
+    """Smallest number of principal components explaining ``fraction`` of the variance.
+
+    ``top`` (optional) is the covariance's :func:`spectrum` of its largest ``k`` components:
+    when those explain less than ``fraction``, the answer is ``k + 1`` (more than were computed).
+    """
+    cov = moments.cov_xx
+    evals = torch.linalg.eigvalsh(cov).flip(0).clamp_min(0) if top is None else top[0]
+    cumulative = torch.cumsum(evals, 0) / cov.diagonal().sum().clamp_min(1e-30)
+    target = torch.tensor(fraction, dtype=cumulative.dtype, device=cumulative.device)
+    limit = len(evals) + (1 if len(evals) < moments.dim else 0)
+    return min(int(torch.searchsorted(cumulative, target).item()) + 1, limit)
 
 
 def procrustes_rotation(cross_cov: torch.Tensor) -> torch.Tensor:
@@ -184,6 +206,15 @@ class AdapterFitter:
         self.moments: dict[str, StreamingMoments] = {}
         self.sums: dict[str, torch.Tensor] = {}  # per-layer sum of raw activations, for the strict-mode template
         self.n = 0
+        # the leading components of each layer's covariance, kept until new data arrive: one
+        # eigensolve serves both the width (variance) and the bases
+        self._spectra: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _spectrum(self, name: str, top: int) -> tuple[torch.Tensor, torch.Tensor]:
+        dim = self.moments[name].dim
+        if name not in self._spectra or self._spectra[name][1].shape[1] < min(top, dim):
+            self._spectra[name] = spectrum(self.moments[name].cov_xx, top)
+        return self._spectra[name]
 
     def _start(self, activations: Mapping[str, torch.Tensor]) -> None:
         for name in self.layers:
@@ -208,6 +239,7 @@ class AdapterFitter:
             total = activations[name].to(self.device, torch.float64).sum(0)
             self.sums[name] = total if name not in self.sums else self.sums[name] + total
         self.n += len(next(iter(activations.values())))
+        self._spectra.clear()
         return self
 
     def merge(self, other: AdapterFitter) -> AdapterFitter:
@@ -224,11 +256,13 @@ class AdapterFitter:
             add = other.sums[name].to(self.device)
             self.sums[name] = add.clone() if name not in self.sums else self.sums[name] + add
         self.n += other.n
+        self._spectra.clear()
         return self
 
     def width_for(self, variance: float, max_width: int) -> int:
         """The common width: enough components for ``variance`` of every layer, at most ``max_width``."""
-        return min(max_width, max(components_for_variance(m, variance) for m in self.moments.values()))
+        return min(max_width, max(components_for_variance(self.moments[n], variance, self._spectrum(n, max_width))
+                                  for n in self.layers))
 
     def finalize(self, width: int) -> dict[str, LayerAdapter]:
         """The frozen adapter of every layer at the common ``width``."""
@@ -238,5 +272,6 @@ class AdapterFitter:
         for name in self.layers:
             spec = self.reduce[name] or "flatten"
             template = (self.sums[name] / self.n).float() if is_lossy(spec, self.shapes[name]) else None
-            adapters[name] = adapter_from_moments(self.shapes[name], spec, self.moments[name], width, template)
+            adapters[name] = adapter_from_moments(self.shapes[name], spec, self.moments[name], width, template,
+                                                  self._spectrum(name, width))
         return adapters

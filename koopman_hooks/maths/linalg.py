@@ -37,6 +37,26 @@ def psd_power(a: torch.Tensor, power: float) -> torch.Tensor:
     return (evecs * evals.pow(power)) @ evecs.mT
 
 
+def top_eigh(a: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest eigenvalues (decreasing) and their eigenvectors (columns) of a
+    symmetric matrix; all of them when ``k`` is ``None``. On the CPU, with scipy installed and
+    ``k`` under a third of the size, LAPACK's subset solver computes only those (float64 exact,
+    ~3x faster than the full ``eigh`` at 3,000 features); otherwise ``torch.linalg.eigh``."""
+    n = a.shape[0]
+    k = n if k is None else min(k, n)
+    if a.device.type == "cpu" and n >= 256 and 3 * k < n:
+        try:
+            from scipy.linalg import eigh
+        except ImportError:  # pragma: no cover - scipy is an optional extra
+            pass
+        else:
+            evals, evecs = eigh(a.detach().numpy(), subset_by_index=[n - k, n - 1], driver="evr")
+            return (torch.from_numpy(evals[::-1].copy()).to(a.dtype),
+                    torch.from_numpy(evecs[:, ::-1].copy()).to(a.dtype))
+    evals, evecs = torch.linalg.eigh(a)
+    return evals.flip(0)[:k], evecs.flip(1)[:, :k]
+
+
 def psd_sqrt(a: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """Symmetric square root of an SPD matrix (or its inverse)."""
     return psd_power(a, -0.5 if inverse else 0.5)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from koopman_hooks.koopman.adapters import LayerAdapter, adapter_from_moments, components_for_variance, procrustes_rotation
+from koopman_hooks.koopman.adapters import (
+    LayerAdapter,
+    adapter_from_moments,
+    components_for_variance,
+    procrustes_rotation,
+    spectrum,
+)
 from koopman_hooks.koopman.reduce import reduce_activation
 from koopman_hooks.maths.stats import StreamingMoments
 
@@ -136,6 +142,22 @@ def test_components_for_variance():
         k = components_for_variance(m, fraction)
         assert cum[k - 1] >= fraction
         assert k == 1 or cum[k - 2] < fraction
+        # from the leading two components only: the same count, or "more than two" (3)
+        assert components_for_variance(m, fraction, spectrum(m.cov_xx, 2)) == min(k, 3)
+
+
+def test_adapter_fitter_bases_from_a_partial_spectrum_match_the_full_one():
+    """A 400-feature layer at width 32: the width (variance) and the bases come from the 32
+    leading eigenpairs (LAPACK's subset solver), equal to those of the full decomposition."""
+    from koopman_hooks.koopman.adapters import AdapterFitter
+
+    x = anisotropic(600, 400, seed=3)
+    fitter = AdapterFitter(["a"], {"a": None}).update({"a": x})
+    assert fitter.width_for(0.9, 32) == min(32, components_for_variance(fitter.moments["a"], 0.9))
+    adapter = fitter.finalize(32)["a"]
+    reference = adapter_from_moments((400,), "flatten", fitter.moments["a"], 32, eig=spectrum(fitter.moments["a"].cov_xx))
+    torch.testing.assert_close(adapter.basis, reference.basis, rtol=0, atol=1e-6)
+    torch.testing.assert_close(adapter.scale, reference.scale, rtol=1e-9, atol=0)
 
 
 
