@@ -143,20 +143,29 @@ def _refine(layers: Sequence[str], moments: Sequence[StreamingMoments], offsets:
     returns ``K``, the rotations and the final relative error."""
     rotations = dict(rotations)
     terms = [_second_moments(m) for m in moments]
+    norm = torch.stack([yy.trace() for _, _, yy in terms]).sum()  # the error of predicting zero
+    steps = [offsets[j] for j in range(1, len(layers))]
+    # E‖Rᵀa_j − P a_0‖² = tr(yy) − 2 tr(Rᵀ yx Pᵀ) + tr(P xx Pᵀ) with P = K^{o_j}; as elementwise
+    # sums, tr(Rᵀ yx Pᵀ) = Σ (Rᵀ yx) ∘ P (Rᵀ yx is fixed while K moves) and tr(P xx Pᵀ) = Σ (P xx) ∘ P
+    aligned: list[torch.Tensor] = []
 
     def loss(k: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros((), dtype=k.dtype, device=k.device)
-        for j, (xx, yx, yy) in enumerate(terms, start=1):
-            p = torch.linalg.matrix_power(k, offsets[j])
-            r = rotations[layers[j]]
-            total = total + yy.trace() - 2 * (r.T @ yx @ p.T).trace() + (p @ xx @ p.T).trace()
-        return total / sum(yy.trace() for _, _, yy in terms)
+        total = norm
+        powers = {0: torch.eye(len(k), dtype=k.dtype, device=k.device)}
+        for (xx, _, _), ryx, s in zip(terms, aligned, steps, strict=True):
+            for t in range(max(powers) + 1, s + 1):
+                powers[t] = powers[t - 1] @ k
+            p = powers[s]
+            total = total - 2 * (ryx * p).sum() + ((p @ xx) * p).sum()
+        return total / norm
 
     k = operator.clone()
     for _ in range(rounds):
+        aligned[:] = [rotations[layers[j]].T @ yx for j, (_, yx, _) in enumerate(terms, start=1)]
         k = _minimise(loss, k, iterations)
         for j, m in enumerate(moments, start=1):
             rotations[layers[j]] = _procrustes(m, k, offsets[j])
+    aligned[:] = [rotations[layers[j]].T @ yx for j, (_, yx, _) in enumerate(terms, start=1)]
     with torch.no_grad():
         error = float(loss(k))
     return k, rotations, error

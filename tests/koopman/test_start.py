@@ -32,3 +32,34 @@ def test_two_layers_start_at_the_ridge_baseline_with_a_symmetric_root():
     torch.testing.assert_close(pca["a"].float() @ weight + bias, rotated.float(), rtol=1e-3, atol=1e-3)
     r = start.rotations["b"].double()
     torch.testing.assert_close(r.T @ r, torch.eye(w, dtype=r.dtype), rtol=1e-5, atol=1e-5)
+
+
+def test_refined_trajectory_error_is_the_sample_error_of_the_returned_operator_and_rotations():
+    """The refinement's error, computed from moments, equals Σ_j mean‖R_jᵀ a_j − K^{o_j} a_0‖²
+    over Σ_j mean‖a_j‖² on the samples themselves; and refining does not increase it."""
+    from koopman_hooks.koopman.start import _refine
+
+    w, n, offsets = 6, 3000, [0, 1, 3, 4]
+    g = gen(5)
+    a0 = torch.randn(n, w, generator=g, dtype=torch.float64)
+    k_true = torch.linalg.qr(torch.randn(w, w, generator=g, dtype=torch.float64))[0] * 0.9
+    states = [a0]
+    for s in offsets[1:]:
+        q = torch.linalg.qr(torch.randn(w, w, generator=g, dtype=torch.float64))[0]
+        noisy = torch.tanh(a0 @ torch.linalg.matrix_power(k_true, s).T) + 0.1 * torch.randn(n, w, generator=g, dtype=torch.float64)
+        states.append(noisy @ q)
+    layers = ["a", "b", "c", "d"]
+    moments = [StreamingMoments.of(a0, s) for s in states[1:]]
+    identity = {name: torch.eye(w, dtype=torch.float64) for name in layers[1:]}
+
+    def sample_error(k: torch.Tensor, rotations: dict[str, torch.Tensor]) -> float:
+        num = sum(((s @ rotations[name] - a0 @ torch.linalg.matrix_power(k, o).T) ** 2).sum(1).mean()
+                  for name, s, o in zip(layers[1:], states[1:], offsets[1:]))
+        return float(num / sum((s**2).sum(1).mean() for s in states[1:]))
+
+    start_k = torch.eye(w, dtype=torch.float64) * 0.5
+    k, rotations, error = _refine(layers, moments, offsets, start_k, identity)
+    assert abs(error - sample_error(k, rotations)) < 1e-9
+    assert error < sample_error(start_k, identity)
+    for r in rotations.values():
+        torch.testing.assert_close(r.T @ r, torch.eye(w, dtype=torch.float64), rtol=0, atol=1e-9)
