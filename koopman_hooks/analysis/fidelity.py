@@ -67,10 +67,8 @@ def evaluate(probe: FittedProbe, loader: Iterable[Any], baseline: bool = True) -
             acts = captured.activations
             mask = probe.mask_of(captured.inputs)
             states = probe.adapted(acts, mask)
-            z0 = ae.encoder(states[0])
-            for name, offset, state in zip(layers[1:], ae.offsets[1:], states[1:]):
+            for name, z, state in zip(layers[1:], ae.trajectory(ae.encoder(states[0])), states[1:]):
                 adapter = probe.adapters[name]
-                z = ae.operator.step(z0, offset)
                 state_fvu[name].update(adapter.decode_features(ae.decoder(z)), adapter.reduced(acts[name], mask))
                 latent_fvu[name].update(z, ae.encoder(state))
             if linear is not None:

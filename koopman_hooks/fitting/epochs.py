@@ -143,12 +143,13 @@ def score(ae: KoopmanAutoencoder, cache: StateCache, rows: torch.Tensor, rotatio
     kl = torch.zeros((), device=device)
     for batch in cache.batches(rows, max(batch_size, SCORE_ROWS)):
         states = rotated_states(batch, rotations, device)
-        z0 = ae.encoder(states[0])
-        for j, offset in enumerate(ae.offsets[1:]):
-            state_fvu[j].update(ae.decoder(ae.operator.step(z0, offset)), states[j + 1])
-        latent_fvu.update(ae.operator.step(z0, ae.offsets[-1]), ae.encoder(states[-1]))
+        latents = ae.trajectory(ae.encoder(states[0]))
+        decoded = [ae.decoder(z) for z in latents]
+        for j, prediction in enumerate(decoded):
+            state_fvu[j].update(prediction, states[j + 1])
+        latent_fvu.update(latents[-1], ae.encoder(states[-1]))
         if tail is not None:
-            predicted = last.inverse(ae.predict(states[0], ae.offsets[-1]), mask=_mask(batch, device))
+            predicted = last.inverse(decoded[-1], mask=_mask(batch, device))
             output = tail(batch, predicted)
             reference = batch["scores"].to(device)
             hits += (MODEL_OUTPUT.get(output).argmax(-1) == reference.argmax(-1)).sum()

@@ -124,7 +124,15 @@ class KoopmanAutoencoder(nn.Module):
         """``ψ(K^steps φ(a))`` for adapted states ``a``."""
         return self.decoder(self.operator.step(self.encoder(a), steps))
 
+    def trajectory(self, z0: torch.Tensor) -> list[torch.Tensor]:
+        """``K^{o_j} z_0`` at every later probed layer ``j``, each advanced from the one before
+        (one segment's steps at a time, not all of them again from ``z_0``)."""
+        out, z = [], z0
+        for steps in self.config.segment_steps:
+            z = self.operator.step(z, steps)
+            out.append(z)
+        return out
+
     def predict_states(self, a0: torch.Tensor) -> list[torch.Tensor]:
         """Decoded predictions of every later probed layer from layers[0]'s adapted state."""
-        z0 = self.encoder(a0)
-        return [self.decoder(self.operator.step(z0, c)) for c in self.offsets[1:]]
+        return [self.decoder(z) for z in self.trajectory(self.encoder(a0))]

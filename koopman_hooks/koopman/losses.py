@@ -92,7 +92,12 @@ def koopman_losses(
     offsets = model.offsets
     pairs = [(0, j) for j in range(1, len(states))]
     pairs += [(i, i + 1) for i in range(1, len(states) - 1)]
-    advanced = [advance(k, latents[i], offsets[j] - offsets[i]) for i, j in pairs]
+    advanced: list[torch.Tensor] = []
+    z = latents[0]
+    for j in range(1, len(states)):  # from layers[0]: each layer's prediction advances the one before
+        z = advance(k, z, offsets[j] - offsets[j - 1])
+        advanced.append(z)
+    advanced += [advance(k, latents[i], offsets[j] - offsets[i]) for i, j in pairs[len(states) - 1:]]
     # one decoder call for every reconstruction and every prediction
     decoded = model.decoder(torch.cat([*latents, *advanced])).split(sizes + [len(z) for z in advanced])
     losses: dict[str, torch.Tensor] = {}

@@ -107,3 +107,20 @@ def test_advance_applies_the_power_either_way(rows):
     z = torch.randn(rows, 12, generator=g, dtype=torch.float64)
     for steps in (0, 1, 3, 5):
         torch.testing.assert_close(advance(k, z, steps), z @ torch.linalg.matrix_power(k, steps).T)
+
+
+@pytest.mark.parametrize("parametrization", ["dense", "exp", "lowrank"])
+@pytest.mark.parametrize("rows", [5, 40])
+def test_autoencoder_trajectory_is_every_offsets_power_of_z0(parametrization, rows):
+    """``trajectory`` advances segment by segment; each entry is ``z0 @ (K^{o_j})ᵀ`` as if
+    computed afresh from z0 (fewer rows than latent dimensions, and more)."""
+    from koopman_hooks.koopman.autoencoder import AutoencoderConfig, KoopmanAutoencoder
+
+    g = torch.Generator().manual_seed(3)
+    ae = KoopmanAutoencoder(AutoencoderConfig(6, 12, (8,), parametrization, 4, (1, 3, 2)))
+    with torch.no_grad():
+        for p in ae.operator.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    z0 = torch.randn(rows, 12, generator=g)
+    for z, offset in zip(ae.trajectory(z0), ae.offsets[1:], strict=True):
+        torch.testing.assert_close(z, z0 @ ae.operator.power(offset).T, rtol=1e-4, atol=1e-5)
