@@ -44,6 +44,8 @@ def top_eigh(a: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch
     ~3x faster than the full ``eigh`` at 3,000 features); otherwise ``torch.linalg.eigh``."""
     n = a.shape[0]
     k = n if k is None else min(k, n)
+    if k < 1:
+        return a.new_zeros(0), a.new_zeros(n, 0)
     if a.device.type == "cpu" and n >= 256 and 3 * k < n:
         try:
             from scipy.linalg import eigh

@@ -113,3 +113,9 @@ def test_top_eigh_is_the_leading_part_of_the_full_decomposition(k):
     cosines = (evecs * full_evecs.flip(1)[:, :n]).sum(0).abs()
     torch.testing.assert_close(cosines, torch.ones(n, dtype=a.dtype), rtol=0, atol=1e-8)
     torch.testing.assert_close(a @ evecs, evecs * evals, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("n", [10, 300])
+def test_top_eigh_of_no_components_is_empty(n):
+    evals, evecs = top_eigh(spd(n, seed=1), 0)
+    assert evals.shape == (0,) and evecs.shape == (n, 0)
