@@ -8,7 +8,7 @@ first tensor.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 import torch
@@ -20,6 +20,8 @@ from koopman_hooks.core.hooks import preserved_state
 from koopman_hooks.core.optim import adamw
 from koopman_hooks.core.select import MODEL_OUTPUT
 from koopman_hooks.errors import EmptyLoaderError
+
+Augment = Callable[[torch.Tensor], torch.Tensor]
 
 
 class Loader(Protocol):
@@ -41,9 +43,11 @@ def train_classifier(
     verbose: bool = True,
     desc: str = "train",
     spec: BatchSpec = BatchSpec(),
+    augment: Augment | None = None,
 ) -> list[float]:
     """Train ``model`` with AdamW (fused where it can run) and a one-cycle schedule; return the
-    mean loss per epoch. ``spec`` says how batches split into the model's inputs and the labels."""
+    mean loss per epoch. ``spec`` says how batches split into the model's inputs and the labels;
+    ``augment`` (e.g. :class:`~koopman_hooks.data.RandomShift`) transforms each batch's input tensor."""
     model.to(device).train()
     optimiser = adamw(model.parameters(), lr, weight_decay)
     steps = epochs * len(loader)
@@ -55,6 +59,7 @@ def train_classifier(
         total, count = 0.0, 0
         for batch in loader:
             x, y = labelled(batch, spec, "train_classifier")
+            x = augmented(x, augment)
             loss = loss_fn(MODEL_OUTPUT.get(call_model(model, move_inputs(x, device))), y.to(device))
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
@@ -66,6 +71,15 @@ def train_classifier(
         bar.set_postfix(loss=f"{history[-1]:.4f}")
     model.eval()
     return history
+
+
+def augmented(x: Inputs, augment: Augment | None) -> Inputs:
+    """``augment(x)``, for tensor inputs only."""
+    if augment is None:
+        return x
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"augmentation transforms one input tensor per batch, got {type(x).__name__} inputs")
+    return augment(x)
 
 
 def labelled(batch: Any, spec: BatchSpec, who: str) -> tuple[Inputs, torch.Tensor]:

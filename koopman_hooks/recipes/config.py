@@ -21,6 +21,7 @@ from typing import Any, Literal
 import tomllib
 
 from koopman_hooks.core.schema import check, closest, from_mapping
+from koopman_hooks.data.augment import RandomShift
 from koopman_hooks.errors import ConfigError
 from koopman_hooks.recipes.builders import ModelSection, check_data_model, check_model_section
 from koopman_hooks.unlearning.options import EditOptions, Method
@@ -46,10 +47,23 @@ class DataSection:
 
 @dataclass(frozen=True)
 class TrainSection:
+    """``[train]``: how the recipe trains its model (and the retraining, fine-tuning and
+    NegGrad+ baselines): AdamW with a one-cycle schedule; ``shift`` > 0 translates every
+    training image by a random whole-pixel offset of up to ``shift`` (image data only)."""
+
     epochs: int = 30
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.0
+    shift: int = 0
+
+    def __post_init__(self) -> None:
+        if self.shift < 0:
+            raise ConfigError(f"train.shift must be >= 0 (pixels), got {self.shift}")
+
+    def augment(self, seed: int) -> RandomShift | None:
+        """The training batches' augmentation (None without ``shift``), drawing from ``seed``."""
+        return RandomShift(self.shift, seed) if self.shift else None
 
 
 @dataclass(frozen=True)
@@ -151,6 +165,10 @@ def parse_recipe(raw: Mapping[str, Any], default_name: str = "recipe") -> Recipe
             values[key] = from_mapping(cls, raw[key], key)
     values["model"] = check_model_section(raw["model"])
     check_data_model(values["data"], values["model"])
+    train, data = values.get("train", TrainSection()), values["data"]
+    if train.shift and (data.dataset != "mnist" or data.flatten):
+        raise ConfigError(f"train.shift translates images: it needs unflattened image data, not "
+                          f"{data.dataset!r}{' (flatten = true)' if data.flatten else ''}")
     if "probe" in raw:
         values["probe"] = _probe_section(raw["probe"])
     targets = check(raw.get("targets", {}), dict[str, str], "targets")

@@ -109,6 +109,7 @@ def run_seed(recipe: Recipe, seed: int, out_dir: Path, data_root: str | None = N
             train_loss = train_classifier(
                 model, TensorLoader.from_dataset(train_set, train.batch_size, shuffle=True, seed=seed), train.epochs,
                 lr=train.lr, weight_decay=train.weight_decay, verbose=verbose, desc=f"train model (seed {seed})",
+                augment=train.augment(seed),
             )
         train_seconds = time.perf_counter() - t0
     with clock.part("setup"):

@@ -19,7 +19,7 @@ from torch import nn
 from koopman_hooks.core.batches import BatchSpec, call_model, move_inputs
 from koopman_hooks.core.optim import adamw
 from koopman_hooks.core.select import MODEL_OUTPUT
-from koopman_hooks.training import Loader, labelled, train_classifier
+from koopman_hooks.training import Augment, Loader, augmented, labelled, train_classifier
 
 # --------------------------------------------------------------------------- training baselines
 
@@ -33,12 +33,15 @@ def retrain(
     device: str | torch.device = "cpu",
     verbose: bool = False,
     spec: BatchSpec = BatchSpec(),
+    augment: Augment | None = None,
 ) -> tuple[nn.Module, float]:
     """Gold standard: train ``model_factory()`` from scratch on the retain set only (``spec``:
-    how batches split into inputs and labels, as for the probe)."""
+    how batches split into inputs and labels, as for the probe; ``augment``: as the model was
+    trained)."""
     start = time.perf_counter()
     model = model_factory()
-    train_classifier(model, retain_loader, epochs, lr, weight_decay, device, verbose, desc="retrain", spec=spec)
+    train_classifier(model, retain_loader, epochs, lr, weight_decay, device, verbose, desc="retrain", spec=spec,
+                     augment=augment)
     return model, time.perf_counter() - start
 
 
@@ -51,17 +54,21 @@ def finetune(
     device: str | torch.device = "cpu",
     verbose: bool = False,
     spec: BatchSpec = BatchSpec(),
+    augment: Augment | None = None,
 ) -> tuple[nn.Module, float]:
-    """Fine-tune a copy of ``model`` on the retain set (AdamW, one-cycle, as ``train_classifier``)."""
+    """Fine-tune a copy of ``model`` on the retain set (AdamW, one-cycle, ``augment``, as
+    ``train_classifier``)."""
     start = time.perf_counter()
     tuned = copy.deepcopy(model)
-    train_classifier(tuned, retain_loader, epochs, lr, weight_decay, device, verbose, desc="finetune", spec=spec)
+    train_classifier(tuned, retain_loader, epochs, lr, weight_decay, device, verbose, desc="finetune", spec=spec,
+                     augment=augment)
     return tuned, time.perf_counter() - start
 
 
-def _labelled(batch: Any, device: str | torch.device, spec: BatchSpec) -> tuple[Any, torch.Tensor]:
+def _labelled(batch: Any, device: str | torch.device, spec: BatchSpec,
+              augment: Augment | None) -> tuple[Any, torch.Tensor]:
     x, y = labelled(batch, spec, "neggrad_plus")
-    return move_inputs(x, device), y.to(device)
+    return move_inputs(augmented(x, augment), device), y.to(device)
 
 
 def neggrad_plus(
@@ -75,12 +82,14 @@ def neggrad_plus(
     max_grad_norm: float | None = None,
     device: str | torch.device = "cpu",
     spec: BatchSpec = BatchSpec(),
+    augment: Augment | None = None,
 ) -> tuple[nn.Module, float]:
     """NegGrad+ (Kurmanji et al. 2023) on a copy: minimise ``alpha*CE(retain) - (1-alpha)*CE(forget)``.
 
     An epoch is one pass over ``retain_loader``, each retain batch paired with the next
     forget batch (the forget loader is cycled). AdamW with a one-cycle schedule, as
-    :func:`finetune`, so the same ``lr`` scale applies; ``max_grad_norm`` clips if given.
+    :func:`finetune`, so the same ``lr`` scale applies; ``max_grad_norm`` clips if given;
+    ``augment`` transforms both batches' inputs.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
@@ -95,8 +104,8 @@ def neggrad_plus(
     forget_batches = itertools.cycle(forget_loader)
     for _ in range(epochs):
         for retain_batch in retain_loader:
-            xr, yr = _labelled(retain_batch, device, spec)
-            xf, yf = _labelled(next(forget_batches), device, spec)
+            xr, yr = _labelled(retain_batch, device, spec, augment)
+            xf, yf = _labelled(next(forget_batches), device, spec, augment)
             retain_logits = MODEL_OUTPUT.get(call_model(tuned, xr))
             forget_logits = MODEL_OUTPUT.get(call_model(tuned, xf))
             loss = alpha * loss_fn(retain_logits, yr) - (1 - alpha) * loss_fn(forget_logits, yf)

@@ -54,3 +54,28 @@ def test_token_dataset_is_balanced_seeded_padded_and_labelled_by_its_rule():
     assert len(batches) == 4 and set(batches[0]) == set(item) and batches[-1]["labels"].shape == (16,)
     with pytest.raises(ValueError, match="one distinct key per tensor"):
         TensorLoader(data.input_ids, data.targets, keys=("x",))
+
+
+def test_random_shift_matches_a_pad_and_crop_oracle_and_leaves_the_global_rng_alone():
+    from koopman_hooks.data import RandomShift
+
+    images = torch.randn(32, 2, 9, 11)
+    state = torch.random.get_rng_state()
+    shifted = RandomShift(2, seed=5)(images)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    offsets = torch.randint(-2, 3, (32, 2), generator=torch.Generator().manual_seed(5))  # (dx, dy) per image
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2), mode="replicate")  # border pixels fill the gap
+    for i, (dx, dy) in enumerate(offsets.tolist()):
+        assert torch.equal(shifted[i], padded[i, :, 2 - dy:2 - dy + 9, 2 - dx:2 - dx + 11])
+    assert len({tuple(o) for o in offsets.tolist()}) > 5  # each image its own offset
+    assert torch.equal(RandomShift(2, seed=5)(images), shifted)  # seeded
+    assert RandomShift(0)(images) is images
+
+
+def test_random_shift_refuses_what_it_cannot_translate():
+    from koopman_hooks.data import RandomShift
+
+    with pytest.raises(ValueError, match="pixels must be an int >= 0"):
+        RandomShift(-1)
+    with pytest.raises(ValueError, match=r"\(batch, channels, height, width\)"):
+        RandomShift(1)(torch.randn(4, 784))

@@ -46,6 +46,8 @@ def test_overrides_apply_and_keep_their_types():
         ("unlearning.options={'strenght': 2.0}", r"unknown key 'unlearning.options.strenght'; did you mean 'strength'"),
         ("topology.metric='cosine'", r"topology.metric: expected 'euclidean' \| 'knn'"),
         ("targets={'surrogate.agreement': 'about 0.9'}", r"target 'surrogate.agreement'"),
+        ("train.shift=-1", r"train.shift must be >= 0"),
+        ("train.shift=2", r"train.shift translates images: it needs unflattened image data, not 'yinyang'"),
     ],
 )
 def test_mistakes_are_named_before_any_work(override, message):

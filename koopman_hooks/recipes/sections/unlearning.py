@@ -157,17 +157,20 @@ def run_unlearning(context: RunContext) -> dict[str, Any]:
             elif name == "retrain":
                 with clock.part(name):
                     model, seconds = retrain(context.new_model, retain_loader, train_cfg.epochs, lr=lr,
-                                             weight_decay=train_cfg.weight_decay, spec=spec)
+                                             weight_decay=train_cfg.weight_decay, spec=spec,
+                                             augment=train_cfg.augment(context.seed))
                 add("retrain", "baseline", c, model, seconds)
             elif name == "finetune":
                 with clock.part(name):
                     model, seconds = finetune(context.model, retain_loader, cfg.finetune_epochs,
-                                              lr=cfg.finetune_lr or lr / 10, spec=spec)
+                                              lr=cfg.finetune_lr or lr / 10, spec=spec,
+                                              augment=train_cfg.augment(context.seed))
                 add("finetune", "baseline", c, model, seconds)
             elif name == "neggrad_plus":
                 with clock.part(name):
                     model, seconds = neggrad_plus(context.model, retain_loader, forget_loader, cfg.neggrad_epochs,
-                                                  lr=cfg.neggrad_lr or lr / 10, alpha=cfg.neggrad_alpha, spec=spec)
+                                                  lr=cfg.neggrad_lr or lr / 10, alpha=cfg.neggrad_alpha, spec=spec,
+                                                  augment=train_cfg.augment(context.seed))
                 add("neggrad_plus", "baseline", c, model, seconds)
             else:  # leace_baseline
                 with clock.part(name):

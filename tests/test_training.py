@@ -1,0 +1,45 @@
+"""Tests of koopman_hooks/training.py: the recipes' training loop and its augmentation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from koopman_hooks.data import TensorLoader
+from koopman_hooks.training import train_classifier
+from koopman_hooks.unlearning import neggrad_plus
+
+
+def test_augmentation_transforms_every_training_batch_and_only_training_batches():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    loader = TensorLoader(torch.randn(40, 1, 4, 4), torch.randint(0, 3, (40,)), batch_size=8)
+    seen: list[torch.Tensor] = []
+
+    def augment(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x)
+        return x.flip(-1)
+
+    train_classifier(model, loader, 2, verbose=False, augment=augment)
+    assert len(seen) == 2 * len(loader) and all(x.shape == (8, 1, 4, 4) for x in seen)
+    retain, forget = TensorLoader(*loader.tensors, batch_size=8), TensorLoader(*loader.tensors, batch_size=4)
+    seen.clear()
+    neggrad_plus(model, retain, forget, 1, augment=augment)
+    assert len(seen) == 2 * len(retain)  # each retain batch and its forget batch
+
+
+def test_augmentation_refuses_inputs_that_are_not_one_tensor():
+    model = nn.Linear(4, 2)
+    batches = [{"x": torch.randn(3, 4), "labels": torch.tensor([0, 1, 0])}]
+
+    class Wrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x)
+
+    with pytest.raises(TypeError, match="augmentation transforms one input tensor per batch, got dict"):
+        train_classifier(Wrapped(), batches, 1, verbose=False, augment=lambda x: x)
