@@ -9,10 +9,12 @@ up to the held-out set's sampling noise (one row, or two standard errors), so th
 worse on held-out data than where it started.
 
 The learning rate follows a cosine from ``lr`` to zero over each cycle of ``CYCLE_EPOCHS`` epochs
-(warm restarts; the last cycle takes the remainder of ``epochs``). A cycle that lowers the kept held-out loss
-by less than ``CYCLE_GAIN`` (relatively) ends the fit, and so do ``patience`` epochs without
-progress (a held-out loss at least 0.5% below the last progress): easy fits stop after one or
-two cycles, hard ones go on up to ``epochs``.
+(warm restarts; the last cycle takes the remainder of ``epochs``). A cycle ends the fit when it
+lowers the kept held-out loss by less than ``CYCLE_GAIN`` (relatively), or by less than
+``SIGNIFICANCE`` standard errors of that gain, paired over the held-out rows (each row's share
+of the loss before and after the cycle): a gain the held-out rows cannot tell from noise. So do
+``patience`` epochs without progress (a held-out loss at least 0.5% below the last progress):
+easy fits stop after one or two cycles, hard ones go on up to ``epochs``.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ class Score:
     loss: float  # mean state FVU over the later layers (+ the KL divergence from the model's outputs)
     fvu: float  # the last layer's state FVU
     rows: int = 1
+    # this process's held-out rows' shares of ``loss`` (summed over every process's rows: ``loss``)
+    row_losses: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     def better_than(self, kept: Score, start: Score) -> bool:
         """Lower loss, and the start's agreement up to sampling noise."""
@@ -60,6 +64,16 @@ class Score:
             if self.agreement < p - noise:
                 return False
         return self.loss < kept.loss
+
+    def gain_over(self, before: Score) -> tuple[float, float]:
+        """``(before.loss - self.loss, its standard error)``, paired over the held-out rows that
+        both were scored on (over every process's rows)."""
+        if self.row_losses is None or before.row_losses is None:
+            return before.loss - self.loss, 0.0
+        diff = before.row_losses - self.row_losses
+        total, squares, n = (float(v) for v in distributed.summed([float(diff.sum()), float(diff.pow(2).sum()), len(diff)]))
+        variance = max(squares / max(n, 1.0) - (total / max(n, 1.0)) ** 2, 0.0)
+        return total, math.sqrt(n * variance)
 
     def describe(self) -> str:
         agree = "" if self.agreement is None else f"agreement {self.agreement:.4f}, "
@@ -72,6 +86,7 @@ SCORE_ROWS = 1024  # held-out rows scored per batch (no gradients: larger batche
 PROGRESS = 0.005  # a held-out loss this much (relatively) below the last progress resets the patience
 CYCLE_EPOCHS = 5  # epochs per cosine cycle of the learning rate
 CYCLE_GAIN = 0.05  # a cycle that lowers the kept held-out loss by less than this (relatively) ends the fit
+SIGNIFICANCE = 2.0  # ... and so does one whose gain is under this many of its standard errors
 
 
 @dataclass
@@ -140,31 +155,38 @@ def score(ae: KoopmanAutoencoder, cache: StateCache, rows: torch.Tensor, rotatio
     state_fvu = [StreamingFVU() for _ in range(layers - 1)]
     latent_fvu = StreamingFVU()
     hits = torch.zeros((), device=device)
-    kl = torch.zeros((), device=device)
+    row_errors: list[list[torch.Tensor]] = [[] for _ in range(layers - 1)]  # per layer: each row's squared error
+    row_kl: list[torch.Tensor] = []
     for batch in cache.batches(rows, max(batch_size, SCORE_ROWS)):
         states = rotated_states(batch, rotations, device)
         latents = ae.trajectory(ae.encoder(states[0]))
         decoded = [ae.decoder(z) for z in latents]
         for j, prediction in enumerate(decoded):
             state_fvu[j].update(prediction, states[j + 1])
+            row_errors[j].append((prediction.double() - states[j + 1].double()).pow(2).sum(1))
         latent_fvu.update(latents[-1], ae.encoder(states[-1]))
         if tail is not None:
             predicted = last.inverse(decoded[-1], mask=_mask(batch, device))
             output = tail(batch, predicted)
             reference = batch["scores"].to(device)
             hits += (MODEL_OUTPUT.get(output).argmax(-1) == reference.argmax(-1)).sum()
-            kl += output_matching_loss(output, reference) * len(reference)
+            row_kl.append(output_matching_loss(output, reference, per_row=True).double())
     *state_fvu, latent_fvu = distributed.merged_each([*state_fvu, latent_fvu])  # every rank scored its own rows
-    hits_kl_n = distributed.summed([float(hits), float(kl), float(len(rows))])
+    kl_rows = torch.cat(row_kl) if row_kl else torch.zeros(0, dtype=torch.float64, device=device)
+    hits_kl_n = distributed.summed([float(hits), float(kl_rows.sum()), float(len(rows))])
     n = max(int(hits_kl_n[2]), 1)
     figures = {f"val_state_fvu_{j + 1}": f.compute() for j, f in enumerate(state_fvu)}
     figures["val_latent_fvu"] = latent_fvu.compute()
     fvu = state_fvu[-1].compute()
     trajectory = sum(f.compute() for f in state_fvu) / len(state_fvu)
+    # each row's share of the loss: its squared errors over the layers' (merged) variances, and its KL / n
+    shares = sum(torch.cat(errors) / (len(state_fvu) * max(f.total_variance(), 1e-30))
+                 for errors, f in zip(row_errors, state_fvu))
+    assert isinstance(shares, torch.Tensor)
     if tail is None:
-        return Score(None, trajectory, fvu, n), figures
+        return Score(None, trajectory, fvu, n, shares.cpu()), figures
     figures["val_agreement"], figures["val_kl"] = float(hits_kl_n[0]) / n, float(hits_kl_n[1]) / n
-    return Score(figures["val_agreement"], trajectory + figures["val_kl"], fvu, n), figures
+    return Score(figures["val_agreement"], trajectory + figures["val_kl"], fvu, n, (shares + kl_rows / n).cpu()), figures
 
 
 def cycle_of(epoch: int, epochs: int) -> tuple[int, int]:
@@ -221,7 +243,7 @@ def train(
     best = copy.deepcopy(ae.state_dict())
     stale = 0
     mark = outcome.kept_score.loss if outcome.kept_score is not None else float("inf")
-    cycle_start = mark
+    cycle_start = outcome.kept_score
     bar = tqdm(range(schedule.epochs), desc="koopman fit", disable=not schedule.verbose)
     for epoch in bar:
         ae.train()
@@ -272,12 +294,18 @@ def train(
             outcome.stopped_because = f"{schedule.patience} epochs without progress"
             break
         if sum(cycle_of(epoch, schedule.epochs)) == epoch + 1:  # the end of a cycle
-            assert outcome.kept_score is not None
-            gain = 1.0 - outcome.kept_score.loss / cycle_start if math.isfinite(cycle_start) and cycle_start > 0 else 0.0
+            assert outcome.kept_score is not None and cycle_start is not None
+            before = cycle_start.loss
+            gain = 1.0 - outcome.kept_score.loss / before if math.isfinite(before) and before > 0 else 0.0
             if gain < CYCLE_GAIN:
                 outcome.stopped_because = f"a cycle lowered the held-out loss by {gain:.1%} (< {CYCLE_GAIN:.0%})"
                 break
-            cycle_start = outcome.kept_score.loss
+            lowered, error = outcome.kept_score.gain_over(cycle_start)
+            if lowered < SIGNIFICANCE * error:
+                outcome.stopped_because = (f"a cycle lowered the held-out loss by {gain:.1%}, within the held-out "
+                                           f"rows' noise ({lowered:.2g} < {SIGNIFICANCE:g} × {error:.2g})")
+                break
+            cycle_start = outcome.kept_score
     ae.load_state_dict(best)
     ae.eval()
     return outcome

@@ -118,10 +118,14 @@ def koopman_losses(
     return losses
 
 
-def output_matching_loss(patched_output: Any, model_output: Any) -> torch.Tensor:
-    """KL divergence from the model's softmax output to the patched model's."""
+def output_matching_loss(patched_output: Any, model_output: Any, per_row: bool = False) -> torch.Tensor:
+    """KL divergence from the model's softmax output to the patched model's: the batch mean,
+    or with ``per_row`` each row's."""
     student = torch.log_softmax(MODEL_OUTPUT.get(patched_output).float(), dim=-1)
     teacher = torch.log_softmax(MODEL_OUTPUT.get(model_output).float().detach(), dim=-1)
+    if per_row:
+        rows = torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="none")
+        return rows.reshape(len(rows), -1).sum(1)
     return torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
 

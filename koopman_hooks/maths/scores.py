@@ -44,11 +44,16 @@ class StreamingFVU:
         self.n += other.n
         return self
 
+    def total_variance(self) -> float:
+        """``Σ‖target − mean(target)‖²``: the denominator of :meth:`compute`."""
+        if self.n == 0 or self.sum is None:
+            return float("nan")
+        return float(self.sq_sum) - float(self.sum.pow(2).sum()) / self.n
+
     def compute(self) -> float:
         if self.n == 0 or self.sum is None:
             return float("nan")
-        total_var = float(self.sq_sum) - float(self.sum.pow(2).sum()) / self.n
-        return float(self.sq_error) / max(total_var, 1e-30)
+        return float(self.sq_error) / max(self.total_variance(), 1e-30)
 
 
 class ClassificationCounts:

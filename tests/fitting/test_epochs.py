@@ -52,3 +52,40 @@ def test_the_epoch_limit_is_reported_when_it_ends_the_fit() -> None:
     probe.fit(TensorLoader(x, torch.zeros(600, dtype=torch.long), batch_size=100), epochs=3)
     info = probe.fetch_model().info
     assert info["epochs_run"] == 3 and info["stopped_because"] == "the epoch limit", info
+
+
+def test_held_out_rows_shares_add_up_to_the_loss_with_and_without_the_output_term(monkeypatch) -> None:
+    """Every scored state's per-row shares sum to its held-out loss (state FVUs + KL)."""
+    scores: list[schedule.Score] = []
+    original = schedule.score
+
+    def recording(*args, **kwargs):
+        result = original(*args, **kwargs)
+        scores.append(result[0])
+        return result
+
+    monkeypatch.setattr(schedule, "score", recording)
+    torch.manual_seed(0)
+    model = ResMLP(4, 3, width=8, depth=3).eval()
+    x = torch.randn(600, 4)
+    probe = KoopmanProbe(model, ["blocks.0", "blocks.1", "blocks.2"], verbose=False)
+    probe.fit(TensorLoader(x, torch.zeros(600, dtype=torch.long), batch_size=100), epochs=3)
+    tail_less = KoopmanProbe(model, ["blocks.0", "blocks.2"], verbose=False, loss_weights={"output": 0.0})
+    tail_less.fit(TensorLoader(x, torch.zeros(600, dtype=torch.long), batch_size=100), epochs=2)
+    assert len(scores) >= 4 and any(s.agreement is not None for s in scores)
+    for s in scores:
+        assert s.row_losses is not None and len(s.row_losses) == s.rows > 0
+        assert float(s.row_losses.sum()) == pytest.approx(s.loss, rel=1e-6)
+
+
+def test_a_cycles_gain_is_paired_over_the_held_out_rows() -> None:
+    g = torch.Generator().manual_seed(0)
+    before = torch.rand(500, generator=g, dtype=torch.float64)
+    after = before - 0.01 + 0.05 * torch.randn(500, generator=g, dtype=torch.float64)
+    a = schedule.Score(None, float(before.sum()), 0.0, 500, before)
+    b = schedule.Score(None, float(after.sum()), 0.0, 500, after)
+    gain, error = b.gain_over(a)
+    diff = (before - after).numpy()
+    assert gain == pytest.approx(diff.sum()) and error == pytest.approx(diff.std() * math.sqrt(500))
+    assert b.gain_over(b) == (0.0, 0.0)
+    assert schedule.Score(None, 2.0, 0.0).gain_over(schedule.Score(None, 3.0, 0.0)) == (1.0, 0.0)  # no rows kept
