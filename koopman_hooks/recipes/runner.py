@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +146,29 @@ def run_seed(recipe: Recipe, seed: int, out_dir: Path, data_root: str | None = N
     return context.results
 
 
+@contextmanager
+def limited_threads(threads: int | None) -> Iterator[None]:
+    """At most ``threads`` threads for the block (nothing changes with ``None``): torch's, and
+    the BLAS and OpenMP pools that numpy, scipy and scikit-learn compute in (through
+    threadpoolctl, where installed); every setting is restored afterwards, also after an error."""
+    if not threads:
+        yield
+        return
+    before = torch.get_num_threads()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - installed with scikit-learn (the recipes' extras)
+        pools: AbstractContextManager[Any] = nullcontext()
+    else:
+        pools = threadpool_limits(limits=threads)
+    torch.set_num_threads(threads)
+    try:
+        with pools:
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_recipe(recipe: Recipe, out_dir: str | Path, seeds: Sequence[int] = (0,), data_root: str | None = None,
                verbose: bool = True) -> dict[str, Any]:
     """Check the recipe and create ``out_dir``, run every seed, then write ``report.json``, ``report.md``
@@ -152,9 +176,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, seeds: Sequence[int] = (0,),
     check_recipe(recipe)
     out = Path(out_dir)
     prepare_out(out)
-    if recipe.threads:
-        torch.set_num_threads(recipe.threads)
-    runs = [run_seed(recipe, seed, out / f"seed{seed}", data_root, verbose) for seed in seeds]
+    with limited_threads(recipe.threads):
+        runs = [run_seed(recipe, seed, out / f"seed{seed}", data_root, verbose) for seed in seeds]
     if not distributed.is_main():
         return {}
     report = build_report(recipe, runs)

@@ -182,3 +182,25 @@ def test_report_splits_the_wall_time_and_gives_latent_fvu_per_layer(tiny_run):
     md = (tiny_run / "report.md").read_text()
     assert "| layer | state FVU | latent FVU |" in md and "| `blocks.1` |" in md
     assert "| part | wall s | share | CPU s |" in md and "↳ LEACE baseline" in md
+
+
+def test_a_recipes_threads_bound_torch_and_the_blas_pools_and_are_restored():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from koopman_hooks.recipes.runner import limited_threads
+
+    original = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        before = [(p["internal_api"], p["num_threads"]) for p in threadpoolctl.threadpool_info()]
+        with limited_threads(1):
+            assert torch.get_num_threads() == 1
+            assert all(p["num_threads"] == 1 for p in threadpoolctl.threadpool_info())
+        assert torch.get_num_threads() == 2
+        assert [(p["internal_api"], p["num_threads"]) for p in threadpoolctl.threadpool_info()] == before
+        with pytest.raises(RuntimeError, match="boom"), limited_threads(1):
+            raise RuntimeError("boom")
+        assert torch.get_num_threads() == 2
+        with limited_threads(None):
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(original)
