@@ -24,14 +24,21 @@ class RandomShift:
         if images.ndim != 4:
             raise ValueError(f"RandomShift needs (batch, channels, height, width) images, got shape {tuple(images.shape)}")
         n, _, height, width = images.shape
+        if n == 0:
+            return images
         offsets = torch.randint(-self.pixels, self.pixels + 1, (n, 2), generator=self.generator)
-        theta = torch.zeros(n, 2, 3, dtype=images.dtype)
+        # the sampling grid in float64 (exact whole pixels at any size), the images sampled in
+        # float32 or float64 and returned in their own dtype (uint8, half precision, ...)
+        theta = torch.zeros(n, 2, 3, dtype=torch.float64)
         theta[:, 0, 0] = theta[:, 1, 1] = 1.0
         # grid_sample reads the output's pixel (i, j) at input (i - dy, j - dx); one pixel is 2 / size
-        theta[:, 0, 2] = -2.0 * offsets[:, 0].to(images.dtype) / width
-        theta[:, 1, 2] = -2.0 * offsets[:, 1].to(images.dtype) / height
-        grid = F.affine_grid(theta.to(images.device), list(images.shape), align_corners=False)
-        return F.grid_sample(images, grid, mode="nearest", padding_mode="border", align_corners=False)
+        theta[:, 0, 2] = -2.0 * offsets[:, 0].double() / width
+        theta[:, 1, 2] = -2.0 * offsets[:, 1].double() / height
+        grid = F.affine_grid(theta, [n, 1, height, width], align_corners=False)
+        sampled = images if images.dtype in (torch.float32, torch.float64) else images.float()
+        grid = grid.to(sampled.device, sampled.dtype)
+        shifted = F.grid_sample(sampled, grid, mode="nearest", padding_mode="border", align_corners=False)
+        return shifted.to(images.dtype)
 
     def __repr__(self) -> str:
         return f"RandomShift(pixels={self.pixels})"

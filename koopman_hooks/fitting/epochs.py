@@ -180,7 +180,8 @@ def score(ae: KoopmanAutoencoder, cache: StateCache, rows: torch.Tensor, rotatio
     fvu = state_fvu[-1].compute()
     trajectory = sum(f.compute() for f in state_fvu) / len(state_fvu)
     # each row's share of the loss: its squared errors over the layers' (merged) variances, and its KL / n
-    shares = sum(torch.cat(errors) / (len(state_fvu) * max(f.total_variance(), 1e-30))
+    nothing = torch.zeros(0, dtype=torch.float64, device=device)  # a process whose shard holds no held-out rows
+    shares = sum((torch.cat(errors) if errors else nothing) / (len(state_fvu) * max(f.total_variance(), 1e-30))
                  for errors, f in zip(row_errors, state_fvu))
     assert isinstance(shares, torch.Tensor)
     if tail is None:

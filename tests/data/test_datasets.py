@@ -72,6 +72,21 @@ def test_random_shift_matches_a_pad_and_crop_oracle_and_leaves_the_global_rng_al
     assert RandomShift(0)(images) is images
 
 
+@pytest.mark.parametrize("dtype, size", [(torch.uint8, (9, 11)), (torch.bfloat16, (64, 200)), (torch.float16, (224, 224))])
+def test_random_shift_is_exact_in_every_dtype_and_at_every_size(dtype, size):
+    from koopman_hooks.data import RandomShift
+
+    height, width = size
+    images = (torch.rand(6, 3, height, width) * 255).to(dtype)
+    shifted = RandomShift(3, seed=1)(images)
+    offsets = torch.randint(-3, 4, (6, 2), generator=torch.Generator().manual_seed(1))
+    padded = torch.nn.functional.pad(images.float(), (3, 3, 3, 3), mode="replicate").to(dtype)
+    assert shifted.dtype == dtype
+    for i, (dx, dy) in enumerate(offsets.tolist()):
+        assert torch.equal(shifted[i], padded[i, :, 3 - dy:3 - dy + height, 3 - dx:3 - dx + width])
+    assert RandomShift(3)(images[:0]).shape == (0, 3, height, width)
+
+
 def test_random_shift_refuses_what_it_cannot_translate():
     from koopman_hooks.data import RandomShift
 

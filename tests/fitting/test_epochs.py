@@ -57,11 +57,14 @@ def test_the_epoch_limit_is_reported_when_it_ends_the_fit() -> None:
 def test_held_out_rows_shares_add_up_to_the_loss_with_and_without_the_output_term(monkeypatch) -> None:
     """Every scored state's per-row shares sum to its held-out loss (state FVUs + KL)."""
     scores: list[schedule.Score] = []
+    empty: list[schedule.Score] = []
     original = schedule.score
 
-    def recording(*args, **kwargs):
-        result = original(*args, **kwargs)
+    def recording(ae, cache, rows, *args, **kwargs):
+        result = original(ae, cache, rows, *args, **kwargs)
         scores.append(result[0])
+        # a process whose shard holds no held-out rows (torch.distributed) scores none
+        empty.append(original(ae, cache, rows[:0], *args, **kwargs)[0])
         return result
 
     monkeypatch.setattr(schedule, "score", recording)
@@ -76,6 +79,7 @@ def test_held_out_rows_shares_add_up_to_the_loss_with_and_without_the_output_ter
     for s in scores:
         assert s.row_losses is not None and len(s.row_losses) == s.rows > 0
         assert float(s.row_losses.sum()) == pytest.approx(s.loss, rel=1e-6)
+    assert all(s.row_losses is not None and len(s.row_losses) == 0 for s in empty)
 
 
 def test_a_cycles_gain_is_paired_over_the_held_out_rows() -> None:
