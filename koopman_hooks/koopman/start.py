@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -147,9 +148,12 @@ def _refine(layers: Sequence[str], moments: Sequence[StreamingMoments], offsets:
     steps = [offsets[j] for j in range(1, len(layers))]
     # E‖Rᵀa_j − P a_0‖² = tr(yy) − 2 tr(Rᵀ yx Pᵀ) + tr(P xx Pᵀ) with P = K^{o_j}; as elementwise
     # sums, tr(Rᵀ yx Pᵀ) = Σ (Rᵀ yx) ∘ P (Rᵀ yx is fixed while K moves) and tr(P xx Pᵀ) = Σ (P xx) ∘ P
-    aligned: list[torch.Tensor] = []
 
-    def loss(k: torch.Tensor) -> torch.Tensor:
+    def align() -> list[torch.Tensor]:
+        """``Rᵀ yx`` of every later layer under the current rotations."""
+        return [rotations[layers[j]].T @ yx for j, (_, yx, _) in enumerate(terms, start=1)]
+
+    def loss(k: torch.Tensor, aligned: Sequence[torch.Tensor]) -> torch.Tensor:
         total = norm
         powers = {0: torch.eye(len(k), dtype=k.dtype, device=k.device)}
         for (xx, _, _), ryx, s in zip(terms, aligned, steps, strict=True):
@@ -161,11 +165,9 @@ def _refine(layers: Sequence[str], moments: Sequence[StreamingMoments], offsets:
 
     k = operator.clone()
     for _ in range(rounds):
-        aligned[:] = [rotations[layers[j]].T @ yx for j, (_, yx, _) in enumerate(terms, start=1)]
-        k = _minimise(loss, k, iterations)
+        k = _minimise(partial(loss, aligned=align()), k, iterations)
         for j, m in enumerate(moments, start=1):
             rotations[layers[j]] = _procrustes(m, k, offsets[j])
-    aligned[:] = [rotations[layers[j]].T @ yx for j, (_, yx, _) in enumerate(terms, start=1)]
     with torch.no_grad():
-        error = float(loss(k))
+        error = float(loss(k, align()))
     return k, rotations, error
