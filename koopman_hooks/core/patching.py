@@ -114,6 +114,7 @@ class PatchedModel(nn.Module):
         self.path: Path = "pending" if (fast and strict) else "full"
         self._trace: Trace | None = None
         self._skip: list[str] = []
+        self._shared_zeros = True
 
     def _predict(self, source: torch.Tensor, real: torch.Tensor | None, mask: Any = None) -> torch.Tensor:
         like = None if self.strict else real
@@ -164,7 +165,8 @@ class PatchedModel(nn.Module):
             return self.dst_selector.replace(zeros, value.to(dtype=template.dtype, device=template.device))
 
         with hooked(self.model, {self.src_layer: capture}):
-            with skipped(self.model, self._trace, self._skip, batch, device, {self.dst_layer: supply}):
+            with skipped(self.model, self._trace, self._skip, batch, device, {self.dst_layer: supply},
+                         shared=self._shared_zeros):
                 return self.model(*args, **kwargs)
 
     def calibrate(self, *args: Any, **kwargs: Any) -> Any:
@@ -179,10 +181,17 @@ class PatchedModel(nn.Module):
             with torch.no_grad():
                 self._trace = trace(self.model, lambda: self._full(*args, **kwargs))
                 self._skip = skip_plan(self._trace, self.dst_layer, after=self.src_layer)
-                if self._skip and outputs_agree(self._fast(*args, **kwargs), out):
-                    self.path = "fast"
         except Exception:  # noqa: BLE001 - any failure of the short path means: use the full one
-            self.path = "full"
+            return out
+        for shared in (True, False):  # skipped modules' zeros broadcast from one, else allocated
+            self._shared_zeros = shared
+            try:
+                with torch.no_grad():
+                    if self._skip and outputs_agree(self._fast(*args, **kwargs), out):
+                        self.path = "fast"
+                        break
+            except Exception:  # noqa: BLE001 - any failure of the short path means: use the full one
+                continue
         return out
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -211,6 +220,7 @@ class TailRunner:
         self.model, self.dst, self.selector = model, dst, dst_selector
         self._trace = trace(model, lambda: call_model(model, example))
         self._skip = skip_plan(self._trace, dst)
+        self._shared_zeros = True
 
     def __call__(self, inputs: Inputs, value: torch.Tensor) -> Any:
         batch = batch_size_of(inputs)
@@ -219,16 +229,23 @@ class TailRunner:
             template = self.selector.get(zeros)
             return self.selector.replace(zeros, value.to(dtype=template.dtype, device=template.device))
 
-        with skipped(self.model, self._trace, self._skip, batch, value.device, {self.dst: supply}):
+        with skipped(self.model, self._trace, self._skip, batch, value.device, {self.dst: supply},
+                     shared=self._shared_zeros):
             return call_model(self.model, inputs)
 
     def check(self, inputs: Inputs, value: torch.Tensor, expected: Any) -> bool:
-        """Whether the tail of ``value`` (``dst``'s real output on ``inputs``) reproduces ``expected``."""
-        try:
-            with torch.no_grad():
-                return outputs_agree(self(inputs, value), expected)
-        except Exception:  # noqa: BLE001 - a tail that cannot run is not exact
-            return False
+        """Whether the tail of ``value`` (``dst``'s real output on ``inputs``) reproduces
+        ``expected``: with the skipped modules' zeros broadcast from one where that works, else
+        with allocated zeros."""
+        for shared in (True, False):
+            self._shared_zeros = shared
+            try:
+                with torch.no_grad():
+                    if outputs_agree(self(inputs, value), expected):
+                        return True
+            except Exception:  # noqa: BLE001 - a tail that cannot run is not exact
+                continue
+        return False
 
 
 def tail_runner(model: nn.Module, dst: str, selector: OutputSelector, inputs: Inputs, value: torch.Tensor,

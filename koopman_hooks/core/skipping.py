@@ -4,7 +4,9 @@ A forward pass is traced once (which named module runs when, and what it returns
 trace, :func:`skip_plan` finds the top-most modules that run only inside a window of the pass
 -- between ``src`` and ``dst``, or everything before ``dst`` -- and :func:`skipped` replaces
 their ``forward`` with one that returns zeros of the traced shape (so the code between modules
-still sees tensors of the right shape) while ``dst`` returns a given value. Whether the result
+still sees tensors of the right shape) while ``dst`` returns a given value. The zeros can be one
+shared zero broadcast to the shape (no memory is written; an in-place write into it raises), so
+skipping a large early layer costs nothing; callers fall back to fresh zeros where that fails. Whether the result
 equals the full pass is a property of the model's code, not something a trace can prove: the
 callers compare both paths on a real batch before they rely on the short one.
 """
@@ -37,18 +39,21 @@ def _template(output: Any) -> Template:
     return ("constant", output)
 
 
-def zeros_like_template(template: Template, batch: int, device: torch.device) -> Any:
-    """An output of the traced structure with zero tensors for ``batch`` samples."""
+def zeros_like_template(template: Template, batch: int, device: torch.device, shared: bool = False) -> Any:
+    """An output of the traced structure with zero tensors for ``batch`` samples; with ``shared``
+    each is a single zero expanded to the shape (read-only: writing into it raises)."""
     kind = template[0]
     if kind == "tensor":
+        if shared:
+            return torch.zeros((), dtype=template[2], device=device).expand(batch, *template[1])
         return torch.zeros(batch, *template[1], dtype=template[2], device=device)
     if kind == "namedtuple":
-        return template[1](*(zeros_like_template(t, batch, device) for t in template[2]))
+        return template[1](*(zeros_like_template(t, batch, device, shared) for t in template[2]))
     if kind in ("tuple", "list"):
-        items = [zeros_like_template(t, batch, device) for t in template[1]]
+        items = [zeros_like_template(t, batch, device, shared) for t in template[1]]
         return tuple(items) if kind == "tuple" else items
     if kind == "mapping":
-        return template[1]({k: zeros_like_template(t, batch, device) for k, t in template[2].items()})
+        return template[1]({k: zeros_like_template(t, batch, device, shared) for k, t in template[2].items()})
     return template[1]
 
 
@@ -138,19 +143,21 @@ def batch_of(args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[int, torch
 @contextmanager
 def skipped(
     model: nn.Module, trace_: Trace, names: Sequence[str], batch: int, device: torch.device,
-    supply: Mapping[str, Callable[..., Any]] | None = None,
+    supply: Mapping[str, Callable[..., Any]] | None = None, shared: bool = False,
 ) -> Iterator[None]:
     """While open, the modules ``names`` return zeros of their traced output structure for
-    ``batch`` samples instead of computing anything, and each module in ``supply`` returns
-    ``supply[name](zeros of its traced output)`` (their ``forward`` is replaced; restored in
-    ``finally``; their hooks still run)."""
+    ``batch`` samples instead of computing anything (``shared``: broadcast from one zero, see
+    :func:`zeros_like_template`), and each module in ``supply`` returns ``supply[name](fresh
+    zeros of its traced output)`` (their ``forward`` is replaced; restored in ``finally``; their
+    hooks still run)."""
 
     def placeholder(name: str, fill: Callable[[Any], Any] | None = None) -> Callable[..., Any]:
         template = trace_.templates[name]
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            zeros = zeros_like_template(template, batch, device)
-            return zeros if fill is None else fill(zeros)
+            if fill is None:
+                return zeros_like_template(template, batch, device, shared)
+            return fill(zeros_like_template(template, batch, device))
 
         return forward
 

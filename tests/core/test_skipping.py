@@ -116,3 +116,55 @@ def test_the_tail_runner_reproduces_the_output_from_the_last_layer_alone():
         torch.testing.assert_close(runner(torch.zeros(10, 4), real), expected)  # the inputs do not matter here
         assert not torch.allclose(runner(x, real + 1.0), expected)
     assert call_model(model, x).shape == (10, 3)
+
+
+class InPlace(nn.Module):
+    """Writes into ``a``'s and ``b``'s outputs between modules: a broadcast zero cannot take that."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        h.mul_(2.0)
+        g = self.b(h)
+        g.add_(1.0)
+        return self.head(self.c(g))
+
+
+def test_skipped_modules_return_one_broadcast_zero_unless_the_model_writes_into_it():
+    torch.manual_seed(2)
+    model = ResMLP(4, 3, width=6, depth=3).eval()
+    x = torch.randn(10, 4)
+    with torch.no_grad():
+        real = model.blocks[2](model.blocks[1](model.blocks[0](model.input(x))))
+        expected = model(x)
+    runner = tail_runner(model, "blocks.2", OutputSelector(None, "blocks.2"), x, real, expected)
+    assert runner is not None and runner._shared_zeros  # nothing is allocated for the skipped modules
+    seen: list[torch.Tensor] = []
+    handle = model.blocks[0].register_forward_hook(lambda m, i, o: seen.append(o))
+    try:
+        with torch.no_grad():
+            runner(x, real)
+    finally:
+        handle.remove()
+    assert seen[0].shape == (10, 6) and seen[0].stride() == (0, 0) and not seen[0].any()
+
+    model = InPlace().eval()  # the write raises on a broadcast zero: allocated zeros instead, still exact
+    with torch.no_grad():
+        h = model.b(model.a(x) * 2.0) + 1.0
+        real, expected = model.c(h), model(x)
+    runner = tail_runner(model, "c", OutputSelector(None, "c"), x, real, expected)
+    assert runner is not None and not runner._shared_zeros
+    with torch.no_grad():
+        torch.testing.assert_close(runner(x, real), expected)
+
+    class Sur(nn.Module):
+        def forward(self, x: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+            return x + 1.0
+
+    patched = PatchedModel(model, Sur(), "a", "c")  # the same fallback on the fast patched path
+    with torch.no_grad():
+        patched(x)
+    assert patched.path == "fast" and not patched._shared_zeros
