@@ -8,6 +8,7 @@ first tensor.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
@@ -33,10 +34,20 @@ class Loader(Protocol):
     def __len__(self) -> int: ...
 
 
+def epoch_steps(epochs: float, batches: int) -> list[int]:
+    """Optimiser steps in each epoch of a run of ``epochs`` (a fraction allowed: the last epoch
+    stops after that share of the loader's ``batches``, at least one step in all)."""
+    if not epochs > 0 or math.isinf(epochs):
+        raise ValueError(f"epochs must be a positive number, got {epochs}")
+    total = max(math.ceil(round(epochs * batches, 6)), 1)
+    full, rest = divmod(total, max(batches, 1))
+    return [batches] * full + ([rest] if rest else [])
+
+
 def train_classifier(
     model: nn.Module,
     loader: Loader,
-    epochs: int,
+    epochs: float,
     lr: float = 1e-3,
     weight_decay: float = 0.0,
     device: str | torch.device = "cpu",
@@ -46,18 +57,21 @@ def train_classifier(
     augment: Augment | None = None,
 ) -> list[float]:
     """Train ``model`` with AdamW (fused where it can run) and a one-cycle schedule; return the
-    mean loss per epoch. ``spec`` says how batches split into the model's inputs and the labels;
-    ``augment`` (e.g. :class:`~koopman_hooks.data.RandomShift`) transforms each batch's input tensor."""
+    mean loss per epoch. ``epochs`` may be fractional (``0.5``: half the loader's batches).
+    ``spec`` says how batches split into the model's inputs and the labels; ``augment`` (e.g.
+    :class:`~koopman_hooks.data.RandomShift`) transforms each batch's input tensor."""
+    plan = epoch_steps(epochs, len(loader))
     model.to(device).train()
     optimiser = adamw(model.parameters(), lr, weight_decay)
-    steps = epochs * len(loader)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=max(steps, 1))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=sum(plan))
     loss_fn = nn.CrossEntropyLoss()
     history: list[float] = []
-    bar = tqdm(range(epochs), desc=desc, disable=not verbose, leave=False)
-    for _ in bar:
+    bar = tqdm(plan, desc=desc, disable=not verbose, leave=False)
+    for steps in bar:
         total, count = 0.0, 0
-        for batch in loader:
+        for step, batch in enumerate(loader):
+            if step == steps:
+                break
             x, y = labelled(batch, spec, "train_classifier")
             x = augmented(x, augment)
             loss = loss_fn(MODEL_OUTPUT.get(call_model(model, move_inputs(x, device))), y.to(device))

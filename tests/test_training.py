@@ -7,8 +7,10 @@ import torch
 from torch import nn
 
 from koopman_hooks.data import TensorLoader
-from koopman_hooks.training import train_classifier
-from koopman_hooks.unlearning import neggrad_plus
+from koopman_hooks.errors import ConfigError
+from koopman_hooks.recipes.config import UnlearningSection
+from koopman_hooks.training import epoch_steps, train_classifier
+from koopman_hooks.unlearning import finetune, neggrad_plus
 
 
 def test_augmentation_transforms_every_training_batch_and_only_training_batches():
@@ -43,3 +45,33 @@ def test_augmentation_refuses_inputs_that_are_not_one_tensor():
 
     with pytest.raises(TypeError, match="augmentation transforms one input tensor per batch, got dict"):
         train_classifier(Wrapped(), batches, 1, verbose=False, augment=lambda x: x)
+
+
+def test_fractional_epochs_run_that_share_of_the_steps_under_one_full_schedule():
+    assert epoch_steps(2, 5) == [5, 5]
+    assert epoch_steps(0.5, 10) == [5]
+    assert epoch_steps(1.25, 8) == [8, 2]
+    assert epoch_steps(0.01, 10) == [1]  # at least one step
+    assert epoch_steps(0.3, 10) == [3]  # 0.3 * 10 is 3.0000000000000004: no fourth step
+    for bad in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="epochs"):
+            epoch_steps(bad, 10)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    loader = TensorLoader(torch.randn(80, 1, 4, 4), torch.randint(0, 3, (80,)), batch_size=8)
+    seen: list[int] = []
+
+    def count(x: torch.Tensor) -> torch.Tensor:
+        seen.append(len(x))
+        return x
+
+    history = train_classifier(model, loader, 1.5, verbose=False, augment=count)
+    assert len(seen) == 15 and len(history) == 2
+    seen.clear()
+    finetune(model, loader, 0.5, augment=count)
+    assert len(seen) == 5
+    seen.clear()
+    neggrad_plus(model, loader, loader, 0.25, augment=count)
+    assert len(seen) == 2 * 3  # ceil(2.5) retain steps, each with a forget batch
+    with pytest.raises(ConfigError, match="neggrad_epochs"):
+        UnlearningSection(neggrad_epochs=0)

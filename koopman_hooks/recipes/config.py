@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -94,14 +95,17 @@ class UnlearningSection:
     batch_size: int | None = None
     eval_train_samples: int = 10000
     stats_samples: int | None = None
-    finetune_epochs: int = 3
+    finetune_epochs: float = 3.0  # a fraction runs that share of one epoch's steps
     finetune_lr: float | None = None
-    neggrad_epochs: int = 3
+    neggrad_epochs: float = 3.0
     neggrad_lr: float | None = None
     neggrad_alpha: float = 0.99
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name in ("finetune_epochs", "neggrad_epochs"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ConfigError(f"unlearning.{name} must be a positive number of epochs, got {getattr(self, name)}")
         from_mapping(EditOptions, self.options, "unlearning.options")
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from koopman_hooks.core.batches import BatchSpec, call_model, move_inputs
 from koopman_hooks.core.optim import adamw
 from koopman_hooks.core.select import MODEL_OUTPUT
-from koopman_hooks.training import Augment, Loader, augmented, labelled, train_classifier
+from koopman_hooks.training import Augment, Loader, augmented, epoch_steps, labelled, train_classifier
 
 # --------------------------------------------------------------------------- training baselines
 
@@ -48,7 +48,7 @@ def retrain(
 def finetune(
     model: nn.Module,
     retain_loader: Loader,
-    epochs: int,
+    epochs: float,
     lr: float = 1e-3,
     weight_decay: float = 0.0,
     device: str | torch.device = "cpu",
@@ -56,8 +56,8 @@ def finetune(
     spec: BatchSpec = BatchSpec(),
     augment: Augment | None = None,
 ) -> tuple[nn.Module, float]:
-    """Fine-tune a copy of ``model`` on the retain set (AdamW, one-cycle, ``augment``, as
-    ``train_classifier``)."""
+    """Fine-tune a copy of ``model`` on the retain set (AdamW, one-cycle, ``augment``, fractional
+    ``epochs``, as ``train_classifier``)."""
     start = time.perf_counter()
     tuned = copy.deepcopy(model)
     train_classifier(tuned, retain_loader, epochs, lr, weight_decay, device, verbose, desc="finetune", spec=spec,
@@ -75,7 +75,7 @@ def neggrad_plus(
     model: nn.Module,
     retain_loader: Loader,
     forget_loader: Loader,
-    epochs: int,
+    epochs: float,
     lr: float = 1e-3,
     alpha: float = 0.99,
     weight_decay: float = 0.0,
@@ -87,23 +87,25 @@ def neggrad_plus(
     """NegGrad+ (Kurmanji et al. 2023) on a copy: minimise ``alpha*CE(retain) - (1-alpha)*CE(forget)``.
 
     An epoch is one pass over ``retain_loader``, each retain batch paired with the next
-    forget batch (the forget loader is cycled). AdamW with a one-cycle schedule, as
-    :func:`finetune`, so the same ``lr`` scale applies; ``max_grad_norm`` clips if given;
-    ``augment`` transforms both batches' inputs.
+    forget batch (the forget loader is cycled); ``epochs`` may be fractional. AdamW with a
+    one-cycle schedule, as :func:`finetune`, so the same ``lr`` scale applies;
+    ``max_grad_norm`` clips if given; ``augment`` transforms both batches' inputs.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
     if len(forget_loader) == 0 or len(retain_loader) == 0:
         raise ValueError("neggrad_plus needs non-empty retain and forget loaders")
+    plan = epoch_steps(epochs, len(retain_loader))
     start = time.perf_counter()
     tuned = copy.deepcopy(model).to(device).train()
     optimiser = adamw(tuned.parameters(), lr, weight_decay)
-    steps = max(epochs * len(retain_loader), 1)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=steps)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=sum(plan))
     loss_fn = nn.CrossEntropyLoss()
     forget_batches = itertools.cycle(forget_loader)
-    for _ in range(epochs):
-        for retain_batch in retain_loader:
+    for steps in plan:
+        for step, retain_batch in enumerate(retain_loader):
+            if step == steps:
+                break
             xr, yr = _labelled(retain_batch, device, spec, augment)
             xf, yf = _labelled(next(forget_batches), device, spec, augment)
             retain_logits = MODEL_OUTPUT.get(call_model(tuned, xr))
