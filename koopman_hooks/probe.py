@@ -169,7 +169,8 @@ class KoopmanProbe:
 
     # ------------------------------------------------------------------ fitting
 
-    def fit(self, loader: Iterable[Any], epochs: int | None = None, val_loader: Iterable[Any] | None = None) -> KoopmanProbe:
+    def fit(self, loader: Iterable[Any], epochs: int | None = None, val_loader: Iterable[Any] | None = None,
+            keep_cache: bool = False) -> KoopmanProbe:
         """Fit adapters, autoencoder and operator on ``loader``; returns ``self``.
 
         The model runs twice over ``loader`` (adapters, then a cache of adapted states); the
@@ -179,10 +180,22 @@ class KoopmanProbe:
         cycle that lowers the held-out loss by less than 5%. The model's weights, modes, hooks
         and the global RNG are the same afterwards, even if fitting raises; a fit that raises
         leaves the probe as it was (unfitted, or with its previous fit).
+
+        ``keep_cache=True`` keeps the cached rows (at most ``cache_mb`` in RAM, the rest in a
+        temporary file) until :meth:`release_cache`, so that ``unlearning_statistics()`` and
+        ``unlearn(c)`` without a loader read them instead of running the model again.
         """
-        self._fitted = fit_probe(self.model, self.config, self.selectors, loader, epochs, self.device, self.verbose,
-                                 val_loader)
+        fitted = fit_probe(self.model, self.config, self.selectors, loader, epochs, self.device, self.verbose,
+                           val_loader, keep_cache)
+        if self._fitted is not None:
+            self._fitted.release_cache()
+        self._fitted = fitted
         return self
+
+    def release_cache(self) -> None:
+        """Free the rows a ``fit(..., keep_cache=True)`` kept (a no-op otherwise)."""
+        if self._fitted is not None:
+            self._fitted.release_cache()
 
     def fetch_model(self) -> FittedProbe:
         """The fitted artifact (:class:`~koopman_hooks.errors.NotFittedError` before a fit)."""
@@ -285,16 +298,17 @@ class KoopmanProbe:
         """Betti numbers of network layers vs surrogate steps (:func:`koopman_hooks.analysis.compare_topology`)."""
         return compare_topology(self.fetch_model(), loader, n_points, layers, **options)
 
-    def unlearn(self, forget_class: int | Sequence[int], loader: Iterable[Any] | LatentGroupStatistics,
+    def unlearn(self, forget_class: int | Sequence[int], loader: Iterable[Any] | LatentGroupStatistics | None = None,
                 method: Method = "endpoint", labels: LabelSource = "loader", **options: Any) -> KoopmanSurrogate:
         """An edited surrogate that forgets ``forget_class`` (:func:`koopman_hooks.unlearning.unlearn`);
-        patch it in with ``probe.patch(edited)``."""
+        patch it in with ``probe.patch(edited)``. Without a ``loader``, the rows the fit kept
+        (``fit(loader, keep_cache=True)``) are read."""
         return unlearn(self.fetch_model(), forget_class, loader, method, labels, **options)
 
-    def unlearning_statistics(self, loader: Iterable[Any], labels: LabelSource = "loader",
+    def unlearning_statistics(self, loader: Iterable[Any] | None = None, labels: LabelSource = "loader",
                               forget_class: int | Sequence[int] = (), **options: Any) -> LatentGroupStatistics:
-        """One pass over ``loader`` that many :meth:`unlearn` calls can reuse
-        (:func:`koopman_hooks.unlearning.unlearning_statistics`)."""
+        """One pass over ``loader`` (default: the rows the fit kept) that many :meth:`unlearn`
+        calls can reuse (:func:`koopman_hooks.unlearning.unlearning_statistics`)."""
         return unlearning_statistics(self.fetch_model(), loader, labels, forget_class, **options)
 
     def __repr__(self) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import os
 import warnings
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -27,6 +28,7 @@ from koopman_hooks.core.select import OutputSelector, Select, make_selectors
 from koopman_hooks.core.serialization import load_tensors, prefixed, save_tensors, unprefixed
 from koopman_hooks.core.shapes import parameter_mismatch, parameter_shapes
 from koopman_hooks.errors import ConfigError, IncompatibleFileError, LayerError
+from koopman_hooks.fitting.cache import StateCache
 from koopman_hooks.fitting.config import ProbeConfig
 from koopman_hooks.fitting.passes import CALIBRATION_ROWS, find_tail
 from koopman_hooks.fitting.sizing import Sizes
@@ -54,6 +56,10 @@ class FittedProbe:
         info: how the fit went: model passes, samples, the epoch kept and why, ...
         tail: the model's output from a supplied ``layers[-1]`` activation alone (``None`` when
             the fit found none, or after loading).
+        fit_cache: the rows the fit cached (adapted states of every layer, the model's scores,
+            labels), kept by ``fit(loader, keep_cache=True)`` until :meth:`release_cache`;
+            ``unlearning_statistics(None)`` reads them instead of running the model. ``None``
+            otherwise (and after loading).
     """
 
     def __init__(
@@ -87,6 +93,24 @@ class FittedProbe:
         self.tail_example = tail_example  # stand-in inputs for the tail, or None when it needs the real ones
         self._tail_searched = tail is not None
         self._patched: tuple[nn.Module, PatchedModel] | None = None  # the last patch() of patched_outputs
+        self.fit_cache: StateCache | None = None
+        self._release: weakref.finalize | None = None
+
+    # ------------------------------------------------------------------ the fit's cache
+
+    def keep_cache(self, cache: StateCache) -> None:
+        """Hold the fit's finalised cache of rows (``fit(loader, keep_cache=True)``) for analyses
+        that can read it instead of running the model; it is released by :meth:`release_cache`,
+        or when this object is garbage-collected or the interpreter exits."""
+        self.release_cache()
+        self.fit_cache = cache
+        self._release = weakref.finalize(self, cache.close)
+
+    def release_cache(self) -> None:
+        """Free the kept cache (its RAM, and its temporary folder when it spilled to disk)."""
+        if self._release is not None:
+            self._release()
+        self.fit_cache, self._release = None, None
 
     # ------------------------------------------------------------------ layers and data
 
@@ -215,8 +239,11 @@ class FittedProbe:
         """Whether :meth:`patched_outputs`, for a surrogate ending at ``dst``, reads nothing of
         rows like ``inputs`` but their adapted states: the tail runs alone on stand-in inputs
         and there is no attention mask to read."""
-        return (self.tail is not None and self.tail.dst == dst and self.tail_example is not None
-                and self.mask_of(inputs) is None)
+        return self.tail_reads_states(dst, self.mask_of(inputs) is not None)
+
+    def tail_reads_states(self, dst: str, masked: bool) -> bool:
+        """:meth:`outputs_from_states` for rows with (``masked``) or without an attention mask."""
+        return self.tail is not None and self.tail.dst == dst and self.tail_example is not None and not masked
 
     def patched_outputs(self, surrogate: nn.Module, inputs: Inputs, states: torch.Tensor | None = None) -> Any:
         """The model's output with ``surrogate`` patched in, for rows with these ``inputs``: from

@@ -229,9 +229,11 @@ class PairMoments:
         return self
 
 
-def inputs_of(rows: Mapping[str, torch.Tensor], example: Inputs) -> Inputs:
+def inputs_of(rows: Mapping[str, torch.Tensor], example: Inputs | None = None) -> Inputs:
     """The model inputs of cached rows (``in`` or ``in.<key>`` fields, non-tensors from ``example``)."""
     if "in" in rows:
         return rows["in"]
+    if example is None:
+        return {k[3:]: v for k, v in rows.items() if k.startswith("in.")}
     assert isinstance(example, dict)
     return {k: rows.get(f"in.{k}", v) for k, v in example.items()}

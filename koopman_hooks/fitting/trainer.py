@@ -63,10 +63,12 @@ def fit_probe(
     device: torch.device | str | None = None,
     verbose: bool = True,
     val_loader: Iterable[Any] | None = None,
+    keep_cache: bool = False,
 ) -> FittedProbe:
     """Fit a probe of ``model`` on ``loader`` (see the module docstring); ``epochs`` is an upper
     bound (default 60): training stops after a cosine cycle of the learning rate that improves
-    the held-out score by less than 5%. Under an
+    the held-out score by less than 5%. ``keep_cache`` hands the cache of rows to the fitted
+    probe (``FittedProbe.fit_cache``) instead of deleting it. Under an
     initialised ``torch.distributed`` process group every rank passes its own shard of the data
     and all ranks end with the same fitted probe."""
     if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
@@ -78,12 +80,20 @@ def fit_probe(
         # the autoencoder's initial weights come from the CPU generator, seeded inside the fork; not
         # torch.manual_seed, which would also (lazily) reseed every GPU's generator, outside the fork
         torch.random.default_generator.manual_seed(config.seed)
-        with StateCache(config.cache_mb) as cache:
+        cache, kept = StateCache(config.cache_mb), False
+        try:
             run = _Run(model, config, selectors, device, verbose)
             adapters, calib = run.adapters(loader)
             train_rows, val_rows, passes = run.cache(cache, adapters, calib, loader, val_loader)
             fitted = run.train(cache, adapters, calib, train_rows, val_rows, epochs)
-            fitted.info.update(model_passes=passes, cache_on_disk=cache.on_disk, cache_mb=cache.nbytes / 2**20)
+            fitted.info.update(model_passes=passes, cache_on_disk=cache.on_disk, cache_mb=cache.nbytes / 2**20,
+                               cache_kept=keep_cache)
+            if keep_cache:
+                fitted.keep_cache(cache)
+                kept = True
+        finally:
+            if not kept:  # also after an exception: the temporary folder goes
+                cache.close()
     fitted.fit_seconds = time.perf_counter() - start_time
     return fitted
 

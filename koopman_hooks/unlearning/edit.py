@@ -96,7 +96,7 @@ def check_classes(forget: list[int], stats: LatentGroupStatistics, labels: str =
 
 def unlearning_statistics(
     probe: FittedProbe,
-    loader: Iterable[Any],
+    loader: Iterable[Any] | None = None,
     labels: LabelSource = "loader",
     forget_class: int | Sequence[int] = (),
     src: str | None = None,
@@ -107,7 +107,8 @@ def unlearning_statistics(
     """Stream ``loader`` once and keep what :func:`unlearn` needs for ``method`` and ``options``,
     to reuse for many edits (every single-class edit, and any multi-class edit whose forgotten
     samples' runner-up classes are retained; pass ``forget_class`` when they are not). Memory is
-    ``O(groups · d²)`` plus the rows the refinement samples."""
+    ``O(groups · d²)`` plus the rows the refinement samples. ``loader=None`` reads the rows the
+    fit kept (``fit(loader, keep_cache=True)``) instead: the model does not run."""
     opts = EditOptions.for_method(method, options)
     check(labels, LabelSource, "labels")
     empty = isinstance(forget_class, Sequence) and not isinstance(forget_class, str) and len(forget_class) == 0
@@ -121,7 +122,7 @@ def unlearning_statistics(
 def unlearn(
     probe: FittedProbe,
     forget_class: int | Sequence[int],
-    loader: Iterable[Any] | LatentGroupStatistics,
+    loader: Iterable[Any] | LatentGroupStatistics | None = None,
     method: Method = "endpoint",
     labels: LabelSource = "loader",
     src: str | None = None,
@@ -135,7 +136,8 @@ def unlearn(
         forget_class: a class index or a sequence of them (not all classes).
         loader: labelled batches (or any batches with ``labels="model"``), streamed once; or
             the statistics of such a pass from :func:`unlearning_statistics`, collected once
-            and reused for every single-class edit (the edit is then all that runs).
+            and reused for every single-class edit (the edit is then all that runs); or
+            ``None``: the rows the fit kept (``fit(loader, keep_cache=True)``).
         method: ``"endpoint"``, ``"per_step"`` or ``"leace"`` (see the module docstring).
         labels: class membership from the ``"loader"`` or from the ``"model"``'s predictions.
         src, dst: the layers of the surrogate (default: the first and last probed layers).

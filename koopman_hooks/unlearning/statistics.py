@@ -11,19 +11,19 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from koopman_hooks.core import distributed
-from koopman_hooks.core.batches import class_labels
-from koopman_hooks.core.capture import Captured
+from koopman_hooks.core.batches import Inputs, class_labels
 from koopman_hooks.core.hooks import preserved_state
 from koopman_hooks.core.select import MODEL_OUTPUT
 from koopman_hooks.errors import EmptyLoaderError
 from koopman_hooks.fitting.fitted import FittedProbe
+from koopman_hooks.fitting.passes import inputs_of
 from koopman_hooks.koopman.surrogate import KoopmanSurrogate
 from koopman_hooks.maths.linalg import apply_homogeneous
 from koopman_hooks.maths.stats import StreamingMoments
@@ -201,19 +201,58 @@ def decoder_jacobian(decoder: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
     return jac.reshape(len(z), -1, z.shape[1]).double()
 
 
-def _class_labels(captured: Captured, scores: torch.Tensor | None, labels: LabelSource, n_outputs: int | None) -> torch.Tensor:
+def _class_labels(given: Any, scores: torch.Tensor | None, labels: LabelSource, n_outputs: int | None) -> torch.Tensor:
     if labels == "model":
         if scores is None:
             raise ValueError('labels="model" needs a model whose output is (batch, classes) scores')
         return scores.argmax(dim=-1).cpu()
-    if captured.labels is None:
+    if given is None:
         raise ValueError('labels="loader" needs labelled batches; pass labels="model" to use predictions')
-    return class_labels(captured.labels, n_outputs)
+    return class_labels(given, n_outputs)
+
+
+@dataclass
+class _Folder:
+    """What :func:`collect_statistics` folds in per batch, wherever the rows come from."""
+
+    stats: LatentGroupStatistics
+    surrogate: KoopmanSurrogate
+    forget: torch.Tensor
+    metric_rows: int
+    generator: torch.Generator
+
+    def fold(self, given_labels: Any, scores: torch.Tensor | None, states: torch.Tensor, mask: torch.Tensor | None,
+             inputs: Callable[[int], Inputs] | None) -> None:
+        """One batch: its loader labels, the model's ``(batch, classes)`` scores (or ``None``), the
+        source layer's adapted ``states`` and ``mask``; ``inputs(n)`` gives the batch's model
+        inputs for the refinement sample (``None``: the refinement reads the states alone)."""
+        stats, surrogate = self.stats, self.surrogate
+        y = _class_labels(given_labels, scores, stats.labels, stats.n_outputs)
+        keys = None
+        if stats.redirect == "runner_up" and scores is not None:
+            keys = runner_up(scores, y, self.forget)
+        if keys is None:
+            keys = torch.full_like(y, NO_GROUP)
+        assert stats.power is not None
+        with torch.no_grad():
+            z0 = surrogate.encoder(states).double()
+            z = apply_homogeneous(stats.power.to(z0.device), z0)
+        jac = rows = None
+        if stats.metric_kind == "decoder":  # the pull-back metric is averaged over a seeded subsample of rows
+            rows = torch.randperm(len(z), generator=self.generator)[: self.metric_rows].sort().values
+            jac = decoder_jacobian(surrogate.decoder, z[rows.to(z.device)])
+        stats.update(y, keys, z0, z, jac, rows)
+        if stats.reservoir is not None:
+            predictions = None  # the model's classes best first: a retained row's target skips forgotten ones
+            if scores is not None:
+                predictions = scores.topk(min(RANKED_CLASSES, scores.shape[-1]), dim=-1).indices.cpu()
+            kept = torch.empty(len(y), 0) if inputs is None else inputs(len(y))
+            stats.reservoir.update(kept, y, keys, predictions, states)
 
 
 def collect_statistics(
     probe: FittedProbe,
-    loader: Iterable[Any],
+    loader: Iterable[Any] | None,
     forget_classes: Sequence[int] = (),
     labels: LabelSource = "loader",
     surrogate: KoopmanSurrogate | None = None,
@@ -235,23 +274,36 @@ def collect_statistics(
     ``refine_rows > 0`` also keeps a seeded sample of that many rows for the refinement: their
     source-layer states, and their model inputs unless the model's tail can run from the
     states alone (then an image model's sample costs no more than its states).
+    ``loader=None`` reads the rows the fit kept (``fit(loader, keep_cache=True)``): their
+    states, scores and labels were cached, so the model does not run at all.
     """
     start = time.perf_counter()
     surrogate = surrogate if surrogate is not None else probe.surrogate()
-    device = surrogate.operator.device
     stats = LatentGroupStatistics(
         surrogate.latent_dim, tuple(sorted(set(forget_classes))), labels=labels, redirect=redirect,
         metric_kind=metric, src=surrogate.src_layer, dst=surrogate.dst_layer,
     )
-    generator = torch.Generator().manual_seed(seed)
     if metric == "decoder":
         stats.metric = {}
     if refine_rows > 0:
         stats.reservoir = SampleReservoir(int(refine_rows), seed)
-    power = surrogate.endpoint_map()  # E K^k, the latent the decoder reads (E = I unless edited)
-    stats.power = power.detach().cpu()
+    stats.power = surrogate.endpoint_map().detach().cpu()  # E K^k, the latent the decoder reads (E = I unless edited)
     forget = torch.tensor(sorted(set(forget_classes)), dtype=torch.long)
-    need_output = labels == "model" or redirect == "runner_up"
+    folder = _Folder(stats, surrogate, forget, metric_rows, torch.Generator().manual_seed(seed))
+    if loader is None:
+        seen = _from_fit_cache(probe, folder)
+    else:
+        seen = _from_loader(probe, loader, folder)
+    if not distributed.summed([float(seen)])[0]:
+        raise EmptyLoaderError()
+    stats.seconds = time.perf_counter() - start
+    return distributed.merged(stats)  # every rank streamed its shard: the statistics of the union
+
+
+def _from_loader(probe: FittedProbe, loader: Iterable[Any], folder: _Folder) -> bool:
+    stats, surrogate = folder.stats, folder.surrogate
+    device = surrogate.operator.device
+    need_output = stats.labels == "model" or stats.redirect == "runner_up"
     seen = False
     with preserved_state(probe.model):
         for i, batch in enumerate(loader):
@@ -267,32 +319,46 @@ def collect_statistics(
                     stats.n_outputs = int(scores.shape[-1]) if scores.dim() == 2 else None
                 if scores.dim() != 2:
                     scores = None
-            y = _class_labels(captured, scores, labels, stats.n_outputs)
-            keys = runner_up(scores, y, forget) if redirect == "runner_up" and scores is not None else None
-            if keys is None:
-                keys = torch.full_like(y, NO_GROUP)
             x0 = captured.activations[surrogate.src_layer].to(device, torch.float32)
             mask = probe.mask_of(captured.inputs)
             mask = None if mask is None else mask.to(device)
             with torch.no_grad():
-                z0 = surrogate.encode(x0, mask).double()
-                z = apply_homogeneous(power.to(z0.device), z0)
-            jac = rows = None
-            if metric == "decoder":  # the pull-back metric is averaged over a seeded subsample of rows
-                rows = torch.randperm(len(z), generator=generator)[:metric_rows].sort().values
-                jac = decoder_jacobian(surrogate.decoder, z[rows.to(z.device)])
-            stats.update(y, keys, z0, z, jac, rows)
-            if stats.reservoir is not None:
-                predictions = None  # the model's classes best first: a retained row's target skips forgotten ones
-                if scores is not None:
-                    predictions = scores.topk(min(RANKED_CLASSES, scores.shape[-1]), dim=-1).indices.cpu()
-                with torch.no_grad():
-                    states = surrogate.in_adapter(x0, mask)
-                inputs = captured.inputs
-                if probe.outputs_from_states(surrogate.dst_layer, inputs):
-                    inputs = torch.empty(len(y), 0)  # the refinement reads the states alone: keep no inputs
-                stats.reservoir.update(inputs, y, keys, predictions, states)
-    if not distributed.summed([float(seen)])[0]:
-        raise EmptyLoaderError()
-    stats.seconds = time.perf_counter() - start
-    return distributed.merged(stats)  # every rank streamed its shard: the statistics of the union
+                states = surrogate.in_adapter(x0, mask)
+            inputs = None
+            if not probe.outputs_from_states(surrogate.dst_layer, captured.inputs):
+                def inputs(n: int, real: Inputs = captured.inputs) -> Inputs:
+                    return real
+            folder.fold(captured.labels, scores if need_output else None, states, mask, inputs)
+    return seen
+
+
+CACHE_BATCH = 1024  # rows of the fit's cache read at a time
+
+
+def _from_fit_cache(probe: FittedProbe, folder: _Folder) -> bool:
+    stats, surrogate = folder.stats, folder.surrogate
+    cache = probe.fit_cache
+    if cache is None:
+        raise ValueError("no loader given and the fit kept no cache: pass a loader, or fit with "
+                         "probe.fit(loader, keep_cache=True)")
+    if surrogate.src_layer != probe.layers[0]:
+        raise ValueError(f"the fit's cache holds the states of {surrogate.src_layer!r} in other coordinates than "
+                         f"the surrogate reads (only {probe.layers[0]!r}'s are the same); pass a loader")
+    fields = set(cache.fields)
+    inputs_needed = stats.reservoir is not None and not probe.tail_reads_states(surrogate.dst_layer, "mask" in fields)
+    if inputs_needed and not any(f == "in" or f.startswith("in.") for f in fields):
+        raise ValueError("the refinement needs model inputs that the fit's cache does not hold (the model's tail "
+                         "cannot run from the last probed layer alone); pass a loader, or refine=0")
+    device = surrogate.operator.device
+    for rows in cache.batches(torch.arange(cache.n), CACHE_BATCH):
+        scores = rows.get("scores")
+        if scores is not None and stats.n_outputs is None:
+            stats.n_outputs = int(scores.shape[-1])
+        mask = rows.get("mask")
+        inputs = None
+        if inputs_needed:
+            def inputs(n: int, cached: Mapping[str, torch.Tensor] = rows) -> Inputs:
+                return inputs_of(cached)
+        folder.fold(rows.get("labels"), scores, rows["s0"].to(device), None if mask is None else mask.to(device),
+                    inputs)
+    return cache.n > 0

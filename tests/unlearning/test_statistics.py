@@ -80,3 +80,62 @@ def test_group_statistics_stream_the_group_moments_and_merge_exactly():
         assert merged.metric_n[key] == whole.metric_n[key]
     with pytest.raises(ValueError, match="other forget"):
         merged.merge(LatentGroupStatistics(3, (1,)))
+
+
+def test_statistics_from_the_kept_fit_cache_equal_a_pass_over_the_same_rows_without_running_the_model():
+    import gc
+    import os
+
+    from koopman_hooks import KoopmanProbe
+    from koopman_hooks.data import TensorLoader, YinYangDataset
+    from koopman_hooks.models import ResMLP
+    from koopman_hooks.training import train_classifier
+
+    torch.manual_seed(0)
+    data = YinYangDataset(1000, seed=3)
+    model = ResMLP(4, 3, width=10, depth=3)
+    train_classifier(model, TensorLoader.from_dataset(data, 50, shuffle=True), epochs=3, lr=2e-2, verbose=False)
+    loader = TensorLoader.from_dataset(data, batch_size=1000)  # one batch: the same rows, order and metric sample
+    probe = KoopmanProbe(model, ["blocks.0", "blocks.2"], cache_mb=0.01, verbose=False)
+    probe.fit(loader, epochs=2, keep_cache=True)
+    fitted = probe.fetch_model()
+    cache = fitted.fit_cache
+    assert cache is not None and cache.n == len(data) and fitted.info["cache_kept"]
+    folder = cache.folder
+    assert folder is not None and os.path.isdir(folder)  # spilled past 0.01 MB: a temporary file
+
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        kept = probe.unlearning_statistics(refine=10, refine_rows=64)
+    finally:
+        handle.remove()
+    assert not calls  # the model did not run
+    streamed = probe.unlearning_statistics(loader, refine=10, refine_rows=64)
+    assert kept.n == streamed.n == len(data) and kept.n_outputs == streamed.n_outputs == 3
+    assert kept.groups.keys() == streamed.groups.keys()
+    for key, moments in streamed.groups.items():
+        for mine, theirs in ((kept.groups[key], moments), (kept.start[key], streamed.start[key])):
+            assert mine.n == theirs.n
+            torch.testing.assert_close(mine.mean_x, theirs.mean_x, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(mine.m2_xx, theirs.m2_xx, rtol=1e-5, atol=1e-5)
+        assert kept.metric is not None and streamed.metric is not None
+        torch.testing.assert_close(kept.metric[key], streamed.metric[key], rtol=1e-5, atol=1e-6)
+    assert kept.reservoir is not None and streamed.reservoir is not None
+    torch.testing.assert_close(kept.reservoir.states, streamed.reservoir.states, rtol=1e-5, atol=1e-6)
+    one = probe.unlearn(1, kept, refine=10, refine_rows=64)
+    other = probe.unlearn(1, streamed, refine=10, refine_rows=64)
+    torch.testing.assert_close(one.endpoint(), other.endpoint(), rtol=1e-4, atol=1e-5)
+
+    probe.release_cache()
+    assert fitted.fit_cache is None and not os.path.exists(folder)
+    with pytest.raises(ValueError, match="keep_cache=True"):
+        probe.unlearn(1)
+    probe.fit(loader, epochs=1, keep_cache=True)  # a refit replaces the kept rows; dropping the probe frees them
+    folder = probe.fetch_model().fit_cache.folder
+    assert folder is not None and os.path.isdir(folder)
+    del probe, fitted
+    gc.collect()
+    assert not os.path.exists(folder)
+    plain = KoopmanProbe(model, ["blocks.0", "blocks.2"], verbose=False).fit(loader, epochs=1)
+    assert plain.fetch_model().fit_cache is None and not plain.fetch_model().info["cache_kept"]
