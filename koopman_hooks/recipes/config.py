@@ -94,7 +94,10 @@ class UnlearningSection:
     baseline_classes: Literal["all"] | tuple[int, ...] = "all"
     batch_size: int | None = None
     eval_train_samples: int = 10000
-    stats_samples: int | None = None
+    stats_samples: int | None = None  # training rows streamed for the statistics (and the LEACE baseline)
+    # "fit_cache": the Koopman edits' statistics read the rows the probe's fit cached (its states,
+    # scores and labels) instead of running the model over stats_samples rows again
+    statistics_from: Literal["data", "fit_cache"] = "data"
     finetune_epochs: float = 3.0  # a fraction runs that share of one epoch's steps
     finetune_lr: float | None = None
     neggrad_epochs: float = 3.0

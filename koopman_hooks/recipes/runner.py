@@ -127,7 +127,8 @@ def run_seed(recipe: Recipe, seed: int, out_dir: Path, data_root: str | None = N
                          train_seconds, train_loss, verbose and main, {"seed": seed})
     with clock.part("probe_fit"):
         fit_loader = context.loader(train_set, FIT_LOADER_BATCH, limit=recipe.probe.samples, shard=True)
-        probe.fit(fit_loader, epochs=recipe.probe.epochs)
+        keep = recipe.unlearning is not None and recipe.unlearning.statistics_from == "fit_cache"
+        probe.fit(fit_loader, epochs=recipe.probe.epochs, keep_cache=keep)
         probe.save(out_dir / "probe.safetensors")
     context.results["peak_rss_mb"] = peak_rss_mb()
     wall: dict[str, Any] = {}

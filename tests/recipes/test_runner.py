@@ -148,7 +148,8 @@ TOKENS_TINY = [
 def test_a_token_recipe_runs_on_dict_batches_end_to_end(tmp_path):
     pytest.importorskip("transformers")
     argv = ["run", "tokens_gpt2", "--out", str(tmp_path), "--quiet"]
-    for item in TOKENS_TINY:
+    # the edits' statistics (and the refinement's sample: token ids and masks) from the fit's cache
+    for item in [*TOKENS_TINY, "unlearning.statistics_from='fit_cache'"]:
         argv += ["--set", item]
     assert main(argv) == 0
     report = json.loads((tmp_path / "report.json").read_text())

@@ -104,7 +104,9 @@ def run_unlearning(context: RunContext) -> dict[str, Any]:
     batch = cfg.batch_size or train_cfg.batch_size
     train_eval = context.loader(context.train_set, 1000, limit=cfg.eval_train_samples)
     test_eval = context.loader(context.test_set, 1000)
-    stats_loader = context.loader(context.train_set, 1000, limit=cfg.stats_samples, shard=True)
+    stats_loader = None  # "fit_cache": the rows the fit kept, on every rank its own shard's
+    if cfg.statistics_from == "data":
+        stats_loader = context.loader(context.train_set, 1000, limit=cfg.stats_samples, shard=True)
     rows: list[dict[str, Any]] = []
     spec = probe.fetch_model().batch_spec
     original_outputs: dict[int, Outputs] = {}
@@ -132,6 +134,7 @@ def run_unlearning(context: RunContext) -> dict[str, Any]:
 
     for method in cfg.methods:
         stats_for(method)
+    probe.release_cache()  # every statistic is collected: the fit's rows are not read again
     if not distributed.is_main():  # the edits and the baselines' scores are rank 0's
         return {"rows": [], "retrain_seconds_mean": None, "time": clock}
 
