@@ -103,14 +103,19 @@ def test_a_patch_whose_skipped_modules_feed_the_rest_falls_back_to_the_full_path
     torch.testing.assert_close(out, model.head(h0 * 2 + model.blocks[1](h0)), rtol=1e-5, atol=1e-6)
 
 
-def test_the_tail_runner_reproduces_the_output_from_the_last_layer_alone():
-    torch.manual_seed(1)
+def resmlp_tail(seed: int) -> tuple[ResMLP, torch.Tensor, torch.Tensor, torch.Tensor, TailRunner | None]:
+    """A 3-block ResMLP, a batch, its ``blocks.2`` activation and output, and the tail runner."""
+    torch.manual_seed(seed)
     model = ResMLP(4, 3, width=6, depth=3).eval()
     x = torch.randn(10, 4)
     with torch.no_grad():
         real = model.blocks[2](model.blocks[1](model.blocks[0](model.input(x))))
         expected = model(x)
-    runner = tail_runner(model, "blocks.2", OutputSelector(None, "blocks.2"), x, real, expected)
+    return model, x, real, expected, tail_runner(model, "blocks.2", OutputSelector(None, "blocks.2"), x, real, expected)
+
+
+def test_the_tail_runner_reproduces_the_output_from_the_last_layer_alone():
+    model, x, real, expected, runner = resmlp_tail(1)
     assert isinstance(runner, TailRunner)
     with torch.no_grad():
         torch.testing.assert_close(runner(torch.zeros(10, 4), real), expected)  # the inputs do not matter here
@@ -134,16 +139,10 @@ class InPlace(nn.Module):
 
 
 def test_skipped_modules_return_one_broadcast_zero_unless_the_model_writes_into_it():
-    torch.manual_seed(2)
-    model = ResMLP(4, 3, width=6, depth=3).eval()
-    x = torch.randn(10, 4)
-    with torch.no_grad():
-        real = model.blocks[2](model.blocks[1](model.blocks[0](model.input(x))))
-        expected = model(x)
-    runner = tail_runner(model, "blocks.2", OutputSelector(None, "blocks.2"), x, real, expected)
+    resmlp, x, real, expected, runner = resmlp_tail(2)
     assert runner is not None and runner._shared_zeros  # nothing is allocated for the skipped modules
     seen: list[torch.Tensor] = []
-    handle = model.blocks[0].register_forward_hook(lambda m, i, o: seen.append(o))
+    handle = resmlp.blocks[0].register_forward_hook(lambda m, i, o: seen.append(o))
     try:
         with torch.no_grad():
             runner(x, real)
