@@ -8,6 +8,7 @@ first tensor.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
@@ -39,6 +40,8 @@ def epoch_steps(epochs: float, batches: int) -> list[int]:
     stops after that share of the loader's ``batches``, at least one step in all)."""
     if not epochs > 0 or math.isinf(epochs):
         raise ValueError(f"epochs must be a positive number, got {epochs}")
+    if batches < 1:
+        raise EmptyLoaderError()
     total = max(math.ceil(round(epochs * batches, 6)), 1)
     full, rest = divmod(total, max(batches, 1))
     return [batches] * full + ([rest] if rest else [])
@@ -57,7 +60,8 @@ def train_classifier(
     augment: Augment | None = None,
 ) -> list[float]:
     """Train ``model`` with AdamW (fused where it can run) and a one-cycle schedule; return the
-    mean loss per epoch. ``epochs`` may be fractional (``0.5``: half the loader's batches).
+    mean loss per epoch. ``epochs`` may be fractional (``0.5``: the first half of the loader's
+    batches in the last epoch; shuffle the loader for a random half).
     ``spec`` says how batches split into the model's inputs and the labels; ``augment`` (e.g.
     :class:`~koopman_hooks.data.RandomShift`) transforms each batch's input tensor."""
     plan = epoch_steps(epochs, len(loader))
@@ -69,9 +73,7 @@ def train_classifier(
     bar = tqdm(plan, desc=desc, disable=not verbose, leave=False)
     for steps in bar:
         total, count = 0.0, 0
-        for step, batch in enumerate(loader):
-            if step == steps:
-                break
+        for batch in itertools.islice(loader, steps):  # a partial epoch: its first `steps` batches
             x, y = labelled(batch, spec, "train_classifier")
             x = augmented(x, augment)
             loss = loss_fn(MODEL_OUTPUT.get(call_model(model, move_inputs(x, device))), y.to(device))

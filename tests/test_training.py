@@ -75,3 +75,14 @@ def test_fractional_epochs_run_that_share_of_the_steps_under_one_full_schedule()
     assert len(seen) == 2 * 3  # ceil(2.5) retain steps, each with a forget batch
     with pytest.raises(ConfigError, match="neggrad_epochs"):
         UnlearningSection(neggrad_epochs=0)
+
+
+def test_training_on_an_empty_loader_or_for_no_epochs_is_refused():
+    from koopman_hooks.errors import EmptyLoaderError
+    from koopman_hooks.recipes.config import TrainSection
+
+    model = nn.Linear(4, 2)
+    with pytest.raises(EmptyLoaderError):
+        train_classifier(model, [], 1, verbose=False)
+    with pytest.raises(ConfigError, match="train.epochs"):
+        TrainSection(epochs=0)

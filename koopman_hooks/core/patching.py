@@ -22,7 +22,15 @@ from koopman_hooks.core.hooks import hooked
 from koopman_hooks.core.layers import get_module
 from koopman_hooks.core.select import MODEL_OUTPUT, OutputSelector
 from koopman_hooks.core.shapes import check_shape
-from koopman_hooks.core.skipping import Trace, batch_of, skip_plan, skipped, trace
+from koopman_hooks.core.skipping import (
+    Trace,
+    batch_of,
+    broadcast_writes_raise,
+    is_broadcast_write,
+    skip_plan,
+    skipped,
+    trace,
+)
 from koopman_hooks.errors import LayerError
 
 Path = Literal["pending", "fast", "full"]
@@ -164,10 +172,16 @@ class PatchedModel(nn.Module):
             value = self._predict(captured.pop("src"), None, mask)
             return self.dst_selector.replace(zeros, value.to(dtype=template.dtype, device=template.device))
 
-        with hooked(self.model, {self.src_layer: capture}):
-            with skipped(self.model, self._trace, self._skip, batch, device, {self.dst_layer: supply},
-                         shared=self._shared_zeros):
-                return self.model(*args, **kwargs)
+        try:
+            with hooked(self.model, {self.src_layer: capture}):
+                with skipped(self.model, self._trace, self._skip, batch, device, {self.dst_layer: supply},
+                             shared=self._shared_zeros):
+                    return self.model(*args, **kwargs)
+        except RuntimeError as error:  # a write into a broadcast zero the calibration batch did not make
+            if not (self._shared_zeros and is_broadcast_write(error)):
+                raise
+            self._shared_zeros = False
+            return self._fast(*args, **kwargs)
 
     def calibrate(self, *args: Any, **kwargs: Any) -> Any:
         """Run the full path on this batch (in the caller's grad mode) and, where allowed, try the
@@ -186,7 +200,7 @@ class PatchedModel(nn.Module):
         for shared in (True, False):  # skipped modules' zeros broadcast from one, else allocated
             self._shared_zeros = shared
             try:
-                with torch.no_grad():
+                with torch.no_grad(), broadcast_writes_raise():
                     if self._skip and outputs_agree(self._fast(*args, **kwargs), out):
                         self.path = "fast"
                         break
@@ -229,9 +243,15 @@ class TailRunner:
             template = self.selector.get(zeros)
             return self.selector.replace(zeros, value.to(dtype=template.dtype, device=template.device))
 
-        with skipped(self.model, self._trace, self._skip, batch, value.device, {self.dst: supply},
-                     shared=self._shared_zeros):
-            return call_model(self.model, inputs)
+        try:
+            with skipped(self.model, self._trace, self._skip, batch, value.device, {self.dst: supply},
+                         shared=self._shared_zeros):
+                return call_model(self.model, inputs)
+        except RuntimeError as error:  # a write into a broadcast zero the check's batch did not make
+            if not (self._shared_zeros and is_broadcast_write(error)):
+                raise
+            self._shared_zeros = False
+            return self(inputs, value)
 
     def check(self, inputs: Inputs, value: torch.Tensor, expected: Any) -> bool:
         """Whether the tail of ``value`` (``dst``'s real output on ``inputs``) reproduces
@@ -240,7 +260,7 @@ class TailRunner:
         for shared in (True, False):
             self._shared_zeros = shared
             try:
-                with torch.no_grad():
+                with torch.no_grad(), broadcast_writes_raise():
                     if outputs_agree(self(inputs, value), expected):
                         return True
             except Exception:  # noqa: BLE001 - a tail that cannot run is not exact

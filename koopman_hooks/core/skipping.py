@@ -13,6 +13,7 @@ callers compare both paths on a real batch before they rely on the short one.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -55,6 +56,23 @@ def zeros_like_template(template: Template, batch: int, device: torch.device, sh
     if kind == "mapping":
         return template[1]({k: zeros_like_template(t, batch, device, shared) for k, t in template[2].items()})
     return template[1]
+
+
+OVERLAP_ERROR = "more than one element of the written-to tensor"  # torch's message for a write into a broadcast
+
+
+@contextmanager
+def broadcast_writes_raise() -> Iterator[None]:
+    """While open, the in-place writes torch lets through on broadcast tensors with only a
+    deprecation warning (``masked_fill_``, ``index_put_``, ``tensor[mask] = x``) raise too."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=r".*on expanded tensors is deprecated", category=UserWarning)
+        yield
+
+
+def is_broadcast_write(error: BaseException) -> bool:
+    """Whether ``error`` is torch refusing an in-place write into a broadcast tensor."""
+    return isinstance(error, RuntimeError) and OVERLAP_ERROR in str(error)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ class StateCache:
     def __init__(self, budget_mb: float = 16.0, folder: str | os.PathLike[str] | None = None) -> None:
         self.budget = int(budget_mb * 2**20)
         self.parent = folder
+        self._owner = os.getpid()  # a forked child that closes its copy leaves the folder alone
         self.n = 0
         self.nbytes = 0
         self.folder: str | None = None
@@ -140,13 +141,14 @@ class StateCache:
             raise KeyError(f"no field {name!r}; fields: {self.fields}")
         return self.gather(index, [name])[name]
 
-    def batches(self, indices: torch.Tensor, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-        """Every field at ``indices``, ``batch_size`` rows at a time."""
+    def batches(self, indices: torch.Tensor, batch_size: int,
+                names: Sequence[str] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """Every field (or those in ``names``) at ``indices``, ``batch_size`` rows at a time."""
         for start in range(0, len(indices), batch_size):
             rows = indices[start : start + batch_size]
             if self.on_disk:
                 rows = rows.sort().values  # sequential reads from the memory map
-            yield self.gather(rows)
+            yield self.gather(rows, names)
 
     # ------------------------------------------------------------------ cleaning up
 
@@ -163,9 +165,9 @@ class StateCache:
             self._map = None
             self._frozen.clear()
             self._ram.clear()
-            if self.folder is not None:
+            if self.folder is not None and os.getpid() == self._owner:
                 shutil.rmtree(self.folder, ignore_errors=True)
-                self.folder = None
+            self.folder = None
 
     def __enter__(self) -> StateCache:
         return self

@@ -94,17 +94,34 @@ class FittedProbe:
         self._tail_searched = tail is not None
         self._patched: tuple[nn.Module, PatchedModel] | None = None  # the last patch() of patched_outputs
         self.fit_cache: StateCache | None = None
+        self._cache_rows = 0
+        self._cache_version = 0
         self._release: weakref.finalize | None = None
 
     # ------------------------------------------------------------------ the fit's cache
 
-    def keep_cache(self, cache: StateCache) -> None:
+    def keep_cache(self, cache: StateCache, loader_rows: int | None = None) -> None:
         """Hold the fit's finalised cache of rows (``fit(loader, keep_cache=True)``) for analyses
-        that can read it instead of running the model; it is released by :meth:`release_cache`,
-        or when this object is garbage-collected or the interpreter exits."""
+        that can read it instead of running the model; ``loader_rows``: how many of its first
+        rows came from the fit's own loader (the rest from ``val_loader``). It is released by
+        :meth:`release_cache`, or when this object is garbage-collected or the interpreter exits."""
         self.release_cache()
         self.fit_cache = cache
+        self._cache_rows = cache.n if loader_rows is None else int(loader_rows)
+        self._cache_version = _parameters_version(self.model)
         self._release = weakref.finalize(self, cache.close)
+
+    def kept_rows(self) -> tuple[StateCache, int]:
+        """The kept cache and how many of its first rows came from the fit's loader; a
+        ``ValueError`` without one, or when the model's parameters or buffers changed in place
+        since the fit (its rows would be stale)."""
+        if self.fit_cache is None:
+            raise ValueError("no loader given and the fit kept no cache: pass a loader, or fit with "
+                             "probe.fit(loader, keep_cache=True)")
+        if _parameters_version(self.model) != self._cache_version:
+            raise ValueError("the model's parameters or buffers changed since the fit, so the rows it cached are "
+                             "stale; pass a loader (and refit the probe if the model changed for good)")
+        return self.fit_cache, self._cache_rows
 
     def release_cache(self) -> None:
         """Free the kept cache (its RAM, and its temporary folder when it spilled to disk)."""
@@ -354,3 +371,10 @@ class FittedProbe:
         c, ae = self.config, self.autoencoder.config
         return (f"FittedProbe(layers={list(c.layers)}, width={ae.width}, latent_dim={ae.latent_dim}, "
                 f"hidden={list(ae.hidden)}, steps={list(ae.segment_steps)}, operator={c.operator!r})")
+
+
+def _parameters_version(model: nn.Module) -> int:
+    """Sum of the in-place version counters of ``model``'s parameters and buffers: it grows
+    whenever any of them is written in place (an optimiser step, ``load_state_dict``, a
+    batch-norm update in train mode)."""
+    return sum(t._version for t in (*model.parameters(), *model.buffers()))

@@ -197,7 +197,8 @@ def fill_cache(
         if keep_scores:
             fields["scores"] = MODEL_OUTPUT.get(captured.output).detach().float()[rows.to(device)]
         if captured.labels is not None:
-            fields["labels"] = torch.as_tensor(captured.labels).reshape(-1)[rows]
+            labels = torch.as_tensor(captured.labels)  # as given: (batch,) classes, or any per-row shape
+            fields["labels"] = labels[rows.to(labels.device)]
         if keep_inputs:
             inputs = select_rows(captured.inputs, rows)
             if isinstance(inputs, torch.Tensor):

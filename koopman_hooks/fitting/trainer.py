@@ -89,7 +89,7 @@ def fit_probe(
             fitted.info.update(model_passes=passes, cache_on_disk=cache.on_disk, cache_mb=cache.nbytes / 2**20,
                                cache_kept=keep_cache)
             if keep_cache:
-                fitted.keep_cache(cache)
+                fitted.keep_cache(cache, run.loader_rows)
                 kept = True
         finally:
             if not kept:  # also after an exception: the temporary folder goes
@@ -111,6 +111,7 @@ class _Run:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.rows = 0  # rows this rank's loader yielded in pass 1
         self.moments: PairMoments | None = None
+        self.loader_rows = 0  # rows of the cache that came from the fit's loader (val_loader's follow)
 
     def adapters(self, loader: Iterable[Any]) -> tuple[dict[str, LayerAdapter], Calibration]:
         """Pass 1 (merged over ranks), and the calibration on the first batch."""
@@ -154,6 +155,7 @@ class _Run:
         mask_key = self.config.mask_key
         flags = [fill_cache(cache, *args, loader, self.spec, self.shapes, self.device, keep_scores, keep_inputs, sample,
                             self.moments, mask_key)]
+        self.loader_rows = len(flags[0])
         if val_loader is not None:
             flags.append(fill_cache(cache, *args, val_loader, self.spec, self.shapes, self.device, keep_scores,
                                     keep_inputs, None, None, mask_key))

@@ -59,6 +59,8 @@ class TrainSection:
     shift: int = 0
 
     def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"train.epochs must be >= 1, got {self.epochs}")
         if self.shift < 0:
             raise ConfigError(f"train.shift must be >= 0 (pixels), got {self.shift}")
 

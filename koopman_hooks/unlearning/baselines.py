@@ -103,9 +103,7 @@ def neggrad_plus(
     loss_fn = nn.CrossEntropyLoss()
     forget_batches = itertools.cycle(forget_loader)
     for steps in plan:
-        for step, retain_batch in enumerate(retain_loader):
-            if step == steps:
-                break
+        for retain_batch in itertools.islice(retain_loader, steps):
             xr, yr = _labelled(retain_batch, device, spec, augment)
             xf, yf = _labelled(next(forget_batches), device, spec, augment)
             retain_logits = MODEL_OUTPUT.get(call_model(tuned, xr))

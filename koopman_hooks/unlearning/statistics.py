@@ -221,12 +221,15 @@ class _Folder:
     metric_rows: int
     generator: torch.Generator
 
-    def fold(self, given_labels: Any, scores: torch.Tensor | None, states: torch.Tensor, mask: torch.Tensor | None,
+    def fold(self, given_labels: Any, scores: torch.Tensor | None, states: torch.Tensor,
              inputs: Callable[[int], Inputs] | None) -> None:
-        """One batch: its loader labels, the model's ``(batch, classes)`` scores (or ``None``), the
-        source layer's adapted ``states`` and ``mask``; ``inputs(n)`` gives the batch's model
-        inputs for the refinement sample (``None``: the refinement reads the states alone)."""
+        """One batch: its loader labels, the model's ``(batch, classes)`` scores (or ``None``) and
+        the source layer's adapted ``states``; ``inputs(n)`` gives the batch's model inputs for
+        the refinement sample (``None``: the refinement reads the states alone). Scores are used
+        only where the grouping needs them (``labels="model"`` or ``redirect="runner_up"``)."""
         stats, surrogate = self.stats, self.surrogate
+        if not (stats.labels == "model" or stats.redirect == "runner_up"):
+            scores = None
         y = _class_labels(given_labels, scores, stats.labels, stats.n_outputs)
         keys = None
         if stats.redirect == "runner_up" and scores is not None:
@@ -328,37 +331,40 @@ def _from_loader(probe: FittedProbe, loader: Iterable[Any], folder: _Folder) -> 
             if not probe.outputs_from_states(surrogate.dst_layer, captured.inputs):
                 def inputs(n: int, real: Inputs = captured.inputs) -> Inputs:
                     return real
-            folder.fold(captured.labels, scores if need_output else None, states, mask, inputs)
+            folder.fold(captured.labels, scores, states, inputs)
     return seen
 
 
 CACHE_BATCH = 1024  # rows of the fit's cache read at a time
 
 
+def _same_adapter(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa)
+
+
 def _from_fit_cache(probe: FittedProbe, folder: _Folder) -> bool:
+    """The rows the fit kept from its own loader (not ``val_loader``'s), read in chunks."""
     stats, surrogate = folder.stats, folder.surrogate
-    cache = probe.fit_cache
-    if cache is None:
-        raise ValueError("no loader given and the fit kept no cache: pass a loader, or fit with "
-                         "probe.fit(loader, keep_cache=True)")
-    if surrogate.src_layer != probe.layers[0]:
-        raise ValueError(f"the fit's cache holds the states of {surrogate.src_layer!r} in other coordinates than "
-                         f"the surrogate reads (only {probe.layers[0]!r}'s are the same); pass a loader")
+    cache, n_rows = probe.kept_rows()
+    first = probe.layers[0]
+    if surrogate.src_layer != first or not _same_adapter(surrogate.in_adapter, probe.adapters[first]):
+        raise ValueError(f"the fit's cache holds {first!r}'s states as its adapter maps them, which is not what this "
+                         f"surrogate (from {surrogate.src_layer!r}) reads; pass a loader")
     fields = set(cache.fields)
     inputs_needed = stats.reservoir is not None and not probe.tail_reads_states(surrogate.dst_layer, "mask" in fields)
     if inputs_needed and not any(f == "in" or f.startswith("in.") for f in fields):
         raise ValueError("the refinement needs model inputs that the fit's cache does not hold (the model's tail "
                          "cannot run from the last probed layer alone); pass a loader, or refine=0")
     device = surrogate.operator.device
-    for rows in cache.batches(torch.arange(cache.n), CACHE_BATCH):
+    names = [f for f in cache.fields if f in ("s0", "scores", "labels") or (inputs_needed and f.split(".")[0] == "in")]
+    for rows in cache.batches(torch.arange(n_rows), CACHE_BATCH, names):
         scores = rows.get("scores")
         if scores is not None and stats.n_outputs is None:
             stats.n_outputs = int(scores.shape[-1])
-        mask = rows.get("mask")
         inputs = None
         if inputs_needed:
             def inputs(n: int, cached: Mapping[str, torch.Tensor] = rows) -> Inputs:
                 return inputs_of(cached)
-        folder.fold(rows.get("labels"), scores, rows["s0"].to(device), None if mask is None else mask.to(device),
-                    inputs)
-    return cache.n > 0
+        folder.fold(rows.get("labels"), scores, rows["s0"].to(device), inputs)
+    return n_rows > 0

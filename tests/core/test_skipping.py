@@ -167,3 +167,44 @@ def test_skipped_modules_return_one_broadcast_zero_unless_the_model_writes_into_
     with torch.no_grad():
         patched(x)
     assert patched.path == "fast" and not patched._shared_zeros
+
+
+class LateWrite(nn.Module):
+    """Writes into ``b``'s output with ``masked_fill_`` (only a warning on a broadcast tensor) and,
+    on batches larger than 8 rows only, with ``add_`` (an error on a broadcast tensor)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor, fill: bool = False) -> torch.Tensor:
+        g = self.b(self.a(x))
+        if fill:
+            g.masked_fill_(g > 0, 0.5)
+        if len(x) > 8:
+            g.add_(1.0)
+        return self.head(self.c(g))
+
+
+class Doubled(nn.Module):
+    def forward(self, x: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+        return 2 * x
+
+
+def test_a_write_into_a_broadcast_zero_never_goes_through_silently():
+    torch.manual_seed(3)
+    model = LateWrite().eval()
+    small, large = torch.randn(6, 4), torch.randn(12, 4)
+    patched = PatchedModel(model, Doubled(), "a", "c")
+    full = PatchedModel(model, Doubled(), "a", "c", fast=False)
+    with torch.no_grad():
+        patched(small)  # calibrated on 6 rows: no write, so the broadcast zeros are used
+        assert patched.path == "fast" and patched._shared_zeros
+        # 12 rows: add_ into b's skipped output raises on the broadcast zero; retried with allocated zeros
+        torch.testing.assert_close(patched(large), full(large))
+        assert patched.path == "fast" and not patched._shared_zeros
+
+        masked = PatchedModel(model, Doubled(), "a", "c")  # masked_fill_ only warns on a broadcast tensor:
+        masked(small, fill=True)  # the calibration takes the warning as a failure
+        assert masked.path == "fast" and not masked._shared_zeros
+        torch.testing.assert_close(masked(small, fill=True), full(small, fill=True))

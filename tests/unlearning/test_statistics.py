@@ -139,3 +139,37 @@ def test_statistics_from_the_kept_fit_cache_equal_a_pass_over_the_same_rows_with
     assert not os.path.exists(folder)
     plain = KoopmanProbe(model, ["blocks.0", "blocks.2"], verbose=False).fit(loader, epochs=1)
     assert plain.fetch_model().fit_cache is None and not plain.fetch_model().info["cache_kept"]
+
+
+def test_the_kept_cache_reads_only_the_fit_loaders_rows_and_refuses_a_changed_model():
+    from koopman_hooks import KoopmanProbe
+    from koopman_hooks.data import TensorLoader, YinYangDataset
+    from koopman_hooks.models import ResMLP
+
+    torch.manual_seed(1)
+    data, val = YinYangDataset(800, seed=4), YinYangDataset(300, seed=5)
+    model = ResMLP(4, 3, width=10, depth=3).eval()
+    loader = TensorLoader.from_dataset(data, batch_size=800)
+    probe = KoopmanProbe(model, ["blocks.0", "blocks.2"], verbose=False)
+    probe.fit(loader, epochs=1, val_loader=TensorLoader.from_dataset(val, 300), keep_cache=True)
+    assert probe.fetch_model().fit_cache.n == 1100  # the validation rows are cached too, for the fit's scores ...
+    for redirect in ("nearest", "runner_up"):  # ... but the statistics read the loader's 800 alone
+        kept = probe.unlearning_statistics(redirect=redirect, refine=5, refine_rows=32)
+        streamed = probe.unlearning_statistics(loader, redirect=redirect, refine=5, refine_rows=32)
+        assert kept.n == streamed.n == 800 and kept.groups.keys() == streamed.groups.keys()
+        for key, moments in streamed.groups.items():
+            torch.testing.assert_close(kept.groups[key].mean_x, moments.mean_x, rtol=1e-5, atol=1e-6)
+        assert kept.reservoir is not None and streamed.reservoir is not None
+        torch.testing.assert_close(kept.reservoir.predictions, streamed.reservoir.predictions)
+        if redirect == "nearest":  # no model ranking is read: the same on both paths
+            assert bool((kept.reservoir.predictions == -1).all())
+    collect_statistics(probe.fetch_model(), None, surrogate=probe.linear_baseline())  # same adapter: readable
+    other = probe.surrogate()
+    with torch.no_grad():
+        other.in_adapter.mean.add_(1.0)  # e.g. a surrogate of another fit: the cached states are not its own
+    with pytest.raises(ValueError, match="this surrogate"):
+        collect_statistics(probe.fetch_model(), None, surrogate=other)
+    with torch.no_grad():
+        model.head.weight.add_(0.1)  # the model changed after the fit: its cached scores are stale
+    with pytest.raises(ValueError, match="stale"):
+        probe.unlearn(0)
