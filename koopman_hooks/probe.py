@@ -72,6 +72,10 @@ class KoopmanProbe:
             Python's ``tempfile`` folder), read through the page cache, so that the fit's resident
             memory does not grow with the data. Where that folder is a RAM disk (tmpfs), point
             ``TMPDIR`` at a disk or raise ``cache_mb``.
+        replay_mb: disk for the first pass's reduced activations (and the scores and labels
+            beside them), which the second pass then reads back instead of running the model
+            again: one model pass where they fit (``cache_mb`` of them in RAM, the rest in a
+            temporary file deleted after the fit), two otherwise; ``0`` always runs it twice.
         amp: ``"bf16"``/``"fp16"`` autocast for the model's forward passes (activations become
             float32 in the adapters); ``None`` runs the model as it is.
         input_key, label_key, ignore_keys: how dict batches reach the model (see
@@ -107,6 +111,7 @@ class KoopmanProbe:
         patience: int = 8,
         val_fraction: float = 0.1,
         cache_mb: float = 16.0,
+        replay_mb: float = 2048.0,
         amp: Literal["bf16", "fp16"] | None = None,
         input_key: str | None = None,
         label_key: str | None = None,
@@ -141,6 +146,7 @@ class KoopmanProbe:
             patience=patience,
             val_fraction=val_fraction,
             cache_mb=cache_mb,
+            replay_mb=replay_mb,
             amp=amp,
             input_key=input_key,
             label_key=label_key,
@@ -173,7 +179,8 @@ class KoopmanProbe:
             keep_cache: bool = False) -> KoopmanProbe:
         """Fit adapters, autoencoder and operator on ``loader``; returns ``self``.
 
-        The model runs twice over ``loader`` (adapters, then a cache of adapted states); the
+        The model runs once over ``loader`` (twice where pass 1's reduced activations pass
+        ``replay_mb``): adapters, then a cache of adapted states; the
         fit starts from the closed-form linear model and trains from the cache in cosine cycles
         of 5 epochs for at most ``epochs`` (default 60), keeping the state that scores best on
         held-out data (``val_loader``, or ``val_fraction`` of ``loader``); it stops after a

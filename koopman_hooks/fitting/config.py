@@ -45,6 +45,7 @@ class ProbeConfig:
     patience: int = 8
     val_fraction: float = 0.1
     cache_mb: float = 16.0
+    replay_mb: float = 2048.0
     amp: Literal["bf16", "fp16"] | None = None
     input_key: str | None = None
     label_key: str | None = None
@@ -80,8 +81,9 @@ class ProbeConfig:
                               "width latent coordinates hold the linear model")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.cache_mb < 0:
-            raise ConfigError(f"cache_mb must be >= 0, got {self.cache_mb}")
+        for name in ("cache_mb", "replay_mb"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 < self.variance <= 1.0:
             raise ConfigError(f"variance must be in (0, 1], got {self.variance}")
         if self.rank is not None and (self.rank < 1 or (self.latent_dim is not None and self.rank > self.latent_dim)):

@@ -1,15 +1,17 @@
 """The passes of a fit over the user's data: calibrate on one batch, fit the adapters, fill the cache.
 
-A fit runs the model at most twice over the fit data: once (stopping after the last probed
-layer) to fit the adapters, once to stream the exact moments of every training sample's adapted
-states (for the closed-form start) while keeping a bounded, seeded uniform sample of rows --
-adapted states, the model's scores and labels -- in the cache, split into training and held-out
-rows; everything after that reads the cache, so memory does not grow with the data.
+A fit passes over the fit data twice: pass 1 fits the adapters, pass 2 streams the exact
+moments of every training sample's adapted states (for the closed-form start) while keeping a
+bounded, seeded uniform sample of rows -- adapted states, the model's scores and labels -- in
+the cache, split into training and held-out rows; everything after that reads the cache, so
+memory does not grow with the data. The model runs in pass 1 only where its reduced activations
+fit in ``replay_mb`` of disk (:class:`Replay`: pass 2 reads them back), in both otherwise (pass 1
+then stopping after the last probed layer).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -114,23 +116,128 @@ def fit_adapters(
     model: nn.Module, layers: Sequence[str], selectors: Mapping[str, OutputSelector], loader: Iterable[Any],
     spec: BatchSpec, reduce: Mapping[str, str | None], device: torch.device,
     on_first: Callable[[Captured], Mapping[str, str] | None] | None = None, mask_key: str | None = None,
+    replay: Replay | None = None,
 ) -> AdapterFitter:
     """Pass 1: stream every probed layer's reduced activations, stopping each forward pass after
     the last probed layer -- except on the first batch, which ``on_first(captured)`` sees whole
-    (it may return reductions for layers left to the default)."""
+    (it may return reductions for layers left to the default) -- and, while ``replay`` holds
+    them, every batch's reduced activations and what pass 2 keeps beside them (then each pass
+    runs the whole model when pass 2 keeps its scores)."""
     fitter = AdapterFitter(layers, reduce, device=device)
     seen = False
     for i, batch in enumerate(loader):
         seen = True
+        whole = i == 0 or (replay is not None and replay.active and replay.keep_scores)
         with torch.no_grad():
-            captured = capture_batch(model, selectors, batch, spec, stop_early=i > 0)
+            captured = capture_batch(model, selectors, batch, spec, stop_early=not whole)
         if i == 0 and on_first is not None:
             chosen = on_first(captured) or {}
             fitter.reduce.update({name: r for name, r in chosen.items() if fitter.reduce.get(name) is None})
-        fitter.update(captured.activations, mask_of(captured.inputs, mask_key))
+        mask = mask_of(captured.inputs, mask_key)
+        reduced = fitter.update_reduced(captured.activations, mask)
+        if replay is not None and replay.active:
+            replay.add([reduced[name] for name in layers], captured, mask)
     if not seen:
         raise EmptyLoaderError()
     return fitter
+
+
+class Replay:
+    """Pass 1's reduced activations and what pass 2 keeps beside them (scores, labels, mask,
+    inputs), so that pass 2 reads them back instead of running the model again: RAM up to
+    ``ram_mb``, then a temporary file; given up (and deleted) once it would pass ``limit_mb``.
+    ``keep_scores`` / ``keep_inputs`` are set from the calibration on the first batch."""
+
+    def __init__(self, limit_mb: float, ram_mb: float) -> None:
+        self.limit_mb, self.limit = limit_mb, int(limit_mb * 2**20)
+        self.store: StateCache | None = StateCache(ram_mb) if self.limit > 0 else None
+        self.keep_scores = False
+        self.keep_inputs = False
+        self.dropped_because: str | None = None if self.limit > 0 else "replay_mb=0"
+
+    @property
+    def active(self) -> bool:
+        return self.store is not None
+
+    def add(self, reduced: Sequence[torch.Tensor], captured: Captured, mask: torch.Tensor | None) -> None:
+        """Keep one batch (a no-op once given up)."""
+        if self.store is None:
+            return
+        fields = {f"r{i}": r for i, r in enumerate(reduced)}
+        fields.update(_kept_fields(captured, mask, self.keep_scores, self.keep_inputs))
+        size = sum(v.numel() * v.element_size() for v in fields.values())
+        if self.store.nbytes + size > self.limit:
+            self.drop(f"pass 1's reduced activations pass replay_mb={self.limit_mb:g}")
+            return
+        try:
+            self.store.append(fields)
+        except ValueError as error:  # batches with other fields (e.g. labels on some only): no replay
+            self.drop(str(error))
+
+    def drop(self, why: str) -> None:
+        if self.store is not None:
+            self.store.close()
+        self.store, self.dropped_because = None, why
+
+    def rows(self, adapters: Sequence[LayerAdapter], device: torch.device, batch_size: int) -> Iterator[PassRows]:
+        """Pass 2 from the kept batches: every layer's adapted states and the kept fields."""
+        assert self.store is not None
+        store = self.store.finalize()
+        for rows in store.batches(torch.arange(store.n), batch_size):
+            mask = rows.get("mask")
+            states = [adapter.from_features(rows[f"r{i}"].to(device)) for i, adapter in enumerate(adapters)]
+            inputs = inputs_of(rows) if self.keep_inputs else None
+            yield PassRows(states, None if mask is None else mask.to(device), rows.get("scores"), rows.get("labels"),
+                           inputs)
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+
+def _kept_fields(captured: Captured, mask: torch.Tensor | None, keep_scores: bool,
+                 keep_inputs: bool) -> dict[str, torch.Tensor]:
+    """What pass 2 keeps of a batch beside its states: attention ``mask``, ``scores``, ``labels``
+    (as given: one row each) and, with ``keep_inputs``, the tensor inputs (``in``/``in.<key>``)."""
+    fields: dict[str, torch.Tensor] = {}
+    if mask is not None:
+        fields["mask"] = mask
+    if keep_scores:
+        fields["scores"] = MODEL_OUTPUT.get(captured.output).detach().float()
+    if captured.labels is not None:
+        fields["labels"] = torch.as_tensor(captured.labels)
+    if keep_inputs:
+        if isinstance(captured.inputs, torch.Tensor):
+            fields["in"] = captured.inputs
+        else:
+            fields.update({f"in.{k}": v for k, v in captured.inputs.items() if isinstance(v, torch.Tensor)})
+    return fields
+
+
+@dataclass
+class PassRows:
+    """One batch of pass 2: every probed layer's adapted states and what the cache keeps beside them."""
+
+    states: list[torch.Tensor]
+    mask: torch.Tensor | None
+    scores: torch.Tensor | None
+    labels: torch.Tensor | None
+    inputs: Inputs | None
+
+
+def live_rows(model: nn.Module, layers: Sequence[str], selectors: Mapping[str, OutputSelector],
+              adapters: Mapping[str, LayerAdapter], loader: Iterable[Any], spec: BatchSpec,
+              shapes: Mapping[str, Sequence[int]], device: torch.device, keep_scores: bool,
+              mask_key: str | None = None) -> Iterator[PassRows]:
+    """Pass 2 over the data: the model runs (to the end only when its scores are kept)."""
+    for captured in iter_captures(model, selectors, loader, spec, stop_early=not keep_scores, shapes=shapes):
+        mask = mask_of(captured.inputs, mask_key)
+        with torch.no_grad():
+            states = [adapters[name](captured.activations[name].to(device, torch.float32),
+                                     None if mask is None else mask.to(device)) for name in layers]
+        kept = _kept_fields(captured, mask, keep_scores, False)
+        yield PassRows(states, mask, kept.get("scores"), kept.get("labels"), captured.inputs)
 
 
 @dataclass
@@ -152,19 +259,10 @@ class Sample:
 
 def fill_cache(
     cache: StateCache,
-    model: nn.Module,
-    layers: Sequence[str],
-    selectors: Mapping[str, OutputSelector],
-    adapters: Mapping[str, LayerAdapter],
-    loader: Iterable[Any],
-    spec: BatchSpec,
-    shapes: Mapping[str, Sequence[int]],
-    device: torch.device,
-    keep_scores: bool,
+    batches: Iterable[PassRows],
     keep_inputs: bool,
     sample: Sample | None,
     moments: PairMoments | None = None,
-    mask_key: str | None = None,
 ) -> torch.Tensor:
     """Pass 2: the rows ``sample`` keeps go to the cache -- adapted states (``s0``, ``s1``, ...),
     scores, labels, the attention ``mask`` and, with ``keep_inputs``, inputs (``in`` or
@@ -172,8 +270,9 @@ def fill_cache(
     every row is kept, as a held-out row). Returns, for each cached row, whether it is held out."""
     start = 0
     held: list[torch.Tensor] = []
-    for captured in iter_captures(model, selectors, loader, spec, stop_early=not keep_scores, shapes=shapes):
-        n = len(next(iter(captured.activations.values())))
+    for batch in batches:
+        states = batch.states
+        n = len(states[0])
         if sample is None:
             keep = out = torch.ones(n, dtype=torch.bool)
         elif start + n > len(sample.kept):
@@ -182,25 +281,18 @@ def fill_cache(
         else:
             keep, out = sample.kept[start : start + n], sample.held_out[start : start + n]
         start += n
-        mask = mask_of(captured.inputs, mask_key)
-        with torch.no_grad():
-            states = [adapters[name](captured.activations[name].to(device, torch.float32),
-                                     None if mask is None else mask.to(device)) for name in layers]
         if moments is not None and (~out).any():
             moments.update([s[(~out).to(s.device)] for s in states])
         if not keep.any():
             continue
         rows = keep.nonzero().squeeze(1)
         fields: dict[str, torch.Tensor] = {f"s{i}": s[rows.to(s.device)] for i, s in enumerate(states)}
-        if mask is not None:
-            fields["mask"] = mask[rows.to(mask.device)]
-        if keep_scores:
-            fields["scores"] = MODEL_OUTPUT.get(captured.output).detach().float()[rows.to(device)]
-        if captured.labels is not None:
-            labels = torch.as_tensor(captured.labels)  # as given: (batch,) classes, or any per-row shape
-            fields["labels"] = labels[rows.to(labels.device)]
+        for name, value in (("mask", batch.mask), ("scores", batch.scores), ("labels", batch.labels)):
+            if value is not None:
+                fields[name] = value[rows.to(value.device)]
         if keep_inputs:
-            inputs = select_rows(captured.inputs, rows)
+            assert batch.inputs is not None
+            inputs = select_rows(batch.inputs, rows)
             if isinstance(inputs, torch.Tensor):
                 fields["in"] = inputs
             else:

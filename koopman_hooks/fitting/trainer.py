@@ -2,7 +2,8 @@
 
 1. pass 1 over the data: per-layer PCA adapters (and, on the first batch, a trace of the model,
    the multiply-adds of the replaced modules, and whether the model's tail can be run alone);
-2. pass 2: every sample's adapted states, scores and labels into a :class:`StateCache`;
+2. pass 2 -- replaying pass 1's reduced activations where they fit in ``replay_mb``, else over
+   the data again -- every sample's adapted states, scores and labels into a :class:`StateCache`;
 3. the closed-form linear start (:mod:`koopman_hooks.koopman.start`) from the cached training
    rows: before any gradient step the surrogate *is* the ridge (DMD) baseline;
 4. epochs of AdamW on the cache; a held-out split (``val_fraction``, or ``val_loader``) scores
@@ -34,7 +35,17 @@ from koopman_hooks.fitting.config import ProbeConfig
 from koopman_hooks.fitting.epochs import Schedule, Tail, refit_operator, train
 from koopman_hooks.fitting.fitted import FittedProbe
 from koopman_hooks.fitting.head import ignored_part_reaches_output
-from koopman_hooks.fitting.passes import Calibration, PairMoments, Sample, calibrate, fill_cache, fit_adapters, inputs_of
+from koopman_hooks.fitting.passes import (
+    Calibration,
+    PairMoments,
+    Replay,
+    Sample,
+    calibrate,
+    fill_cache,
+    fit_adapters,
+    inputs_of,
+    live_rows,
+)
 from koopman_hooks.koopman.adapters import LayerAdapter
 from koopman_hooks.koopman.autoencoder import AutoencoderConfig, KoopmanAutoencoder
 from koopman_hooks.koopman.losses import LossWeights
@@ -44,6 +55,7 @@ DEFAULT_EPOCHS = 60
 MAX_VAL_ROWS = 5000
 MIN_VAL_ROWS = 250
 CACHED_TRAIN_ROWS = 16384  # at most this many training rows are cached (a seeded uniform sample)
+REPLAY_BATCH = 1024  # rows of pass 1's kept batches adapted at a time in pass 2
 
 
 def held_out_rows(n: int, fraction: float, world: int = 1) -> int:
@@ -81,10 +93,12 @@ def fit_probe(
         # torch.manual_seed, which would also (lazily) reseed every GPU's generator, outside the fork
         torch.random.default_generator.manual_seed(config.seed)
         cache, kept = StateCache(config.cache_mb), False
+        replay = Replay(config.replay_mb, config.cache_mb)
         try:
             run = _Run(model, config, selectors, device, verbose)
-            adapters, calib = run.adapters(loader)
-            train_rows, val_rows, passes = run.cache(cache, adapters, calib, loader, val_loader)
+            adapters, calib = run.adapters(loader, replay)
+            train_rows, val_rows, passes = run.cache(cache, adapters, calib, loader, val_loader, replay)
+            replay.close()
             fitted = run.train(cache, adapters, calib, train_rows, val_rows, epochs)
             fitted.info.update(model_passes=passes, cache_on_disk=cache.on_disk, cache_mb=cache.nbytes / 2**20,
                                cache_kept=keep_cache)
@@ -92,7 +106,8 @@ def fit_probe(
                 fitted.keep_cache(cache, run.loader_rows)
                 kept = True
         finally:
-            if not kept:  # also after an exception: the temporary folder goes
+            replay.close()
+            if not kept:  # also after an exception: the temporary folders go
                 cache.close()
     fitted.fit_seconds = time.perf_counter() - start_time
     return fitted
@@ -113,8 +128,9 @@ class _Run:
         self.moments: PairMoments | None = None
         self.loader_rows = 0  # rows of the cache that came from the fit's loader (val_loader's follow)
 
-    def adapters(self, loader: Iterable[Any]) -> tuple[dict[str, LayerAdapter], Calibration]:
-        """Pass 1 (merged over ranks), and the calibration on the first batch."""
+    def adapters(self, loader: Iterable[Any], replay: Replay) -> tuple[dict[str, LayerAdapter], Calibration]:
+        """Pass 1 (merged over ranks), and the calibration on the first batch; ``replay`` keeps
+        the batches for pass 2 where they fit."""
         config = self.config
         found: dict[str, Calibration] = {}
         want_tail = config.loss_weights.output is None or config.loss_weights.output > 0
@@ -123,10 +139,11 @@ class _Run:
         def on_first(captured: Captured) -> dict[str, str]:
             found["calibration"] = calib = calibrate(self.model, captured, self.layers, self.selectors, want_tail,
                                                      detect_head, config.mask_key)
+            replay.keep_scores, replay.keep_inputs = calib.n_outputs is not None, calib.tail_inputs == "real"
             return {} if calib.reduce is None else {self.layers[-1]: calib.reduce}
 
         fitter = fit_adapters(self.model, self.layers, self.selectors, loader, self.spec, config.per_layer("reduce"),
-                              self.device, on_first, config.mask_key)
+                              self.device, on_first, config.mask_key, replay)
         parts = distributed.gathered(fitter.n)
         fitter = distributed.merged(fitter)
         calib = agreed(found["calibration"])
@@ -142,27 +159,36 @@ class _Run:
         return fitter.finalize(width), calib
 
     def cache(self, cache: StateCache, adapters: Mapping[str, LayerAdapter], calib: Calibration, loader: Iterable[Any],
-              val_loader: Iterable[Any] | None) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Pass 2: the training rows' moments, and a bounded sample of rows in the cache; returns
-        the cached training rows, the cached held-out rows and the passes made over data."""
+              val_loader: Iterable[Any] | None, replay: Replay) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Pass 2 -- replayed from pass 1's kept batches where they fit, else over the data -- the
+        training rows' moments, and a bounded sample of rows in the cache; returns the cached
+        training rows, the cached held-out rows and the passes the model made over data."""
         keep_scores, keep_inputs = calib.n_outputs is not None, calib.tail_inputs == "real"
         world = distributed.world_size()
         width = next(iter(adapters.values())).width
         self.moments = PairMoments(len(self.layers), width, self.device)
         held = 0 if val_loader is not None else held_out_rows(self.rows, self.config.val_fraction, world)
         sample = Sample.draw(self.rows, held, CACHED_TRAIN_ROWS // world, self.generator)
-        args = (self.model, self.layers, self.selectors, adapters)
-        mask_key = self.config.mask_key
-        flags = [fill_cache(cache, *args, loader, self.spec, self.shapes, self.device, keep_scores, keep_inputs, sample,
-                            self.moments, mask_key)]
+        model_args = (self.model, self.layers, self.selectors, adapters)
+        if replay.active:
+            batches = replay.rows([adapters[name] for name in self.layers], self.device, REPLAY_BATCH)
+            self.notes["passes"] = "pass 2 replayed pass 1's reduced activations: the model ran once"
+        else:
+            batches = live_rows(*model_args, loader, self.spec, self.shapes, self.device, keep_scores,
+                                self.config.mask_key)
+            self.notes["passes"] = f"the model ran twice ({replay.dropped_because})"
+        flags = [fill_cache(cache, batches, keep_inputs, sample, self.moments)]
+        passes = 1 if replay.active else 2
         self.loader_rows = len(flags[0])
         if val_loader is not None:
-            flags.append(fill_cache(cache, *args, val_loader, self.spec, self.shapes, self.device, keep_scores,
-                                    keep_inputs, None, None, mask_key))
+            val = live_rows(*model_args, val_loader, self.spec, self.shapes, self.device, keep_scores,
+                            self.config.mask_key)
+            flags.append(fill_cache(cache, val, keep_inputs, None, None))
+            passes += 1
         cache.finalize()
         out = torch.cat(flags)
         self.moments = distributed.merged(self.moments)
-        return (~out).nonzero().squeeze(1), out.nonzero().squeeze(1), 2 if val_loader is None else 3
+        return (~out).nonzero().squeeze(1), out.nonzero().squeeze(1), passes
 
     def train(self, cache: StateCache, adapters: Mapping[str, LayerAdapter], calib: Calibration, train_rows: torch.Tensor,
               val_rows: torch.Tensor, epochs: int | None) -> FittedProbe:

@@ -79,7 +79,11 @@ class LayerAdapter(nn.Module):
         return reduce_activation(x.float(), self.reduce, mask)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return (self.reduced(x, mask) - self.mean) @ self.basis / self.scale
+        return self.from_features(self.reduced(x, mask))
+
+    def from_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The adapted vectors of already reduced features ``(B, F)`` (what :meth:`reduced` gives)."""
+        return (features - self.mean) @ self.basis / self.scale
 
     def decode_features(self, a: torch.Tensor) -> torch.Tensor:
         """Adapted vectors back to reduced features ``(B, F)``."""
@@ -226,21 +230,30 @@ class AdapterFitter:
         for name in self.layers:
             self.moments[name] = StreamingMoments(dims[name], device=self.device)
 
-    @torch.no_grad()
     def update(self, activations: Mapping[str, torch.Tensor], mask: torch.Tensor | None = None) -> AdapterFitter:
         """Fold in one batch of raw activations ``{layer: (B, ...)}`` (``mask``: the inputs'
         attention mask, for token reductions)."""
+        self.update_reduced(activations, mask)
+        return self
+
+    @torch.no_grad()
+    def update_reduced(self, activations: Mapping[str, torch.Tensor],
+                       mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """:meth:`update`, returning every layer's reduced features ``(B, F)`` (float32, on
+        ``device``): what the finalised adapters' ``from_features`` read."""
         if not self.moments:
             self._start(activations)
         mask = None if mask is None else mask.to(self.device)
+        reduced = {}
         for name in self.layers:
             flat = reduce_activation(activations[name].to(self.device, torch.float32), self.reduce[name] or "flatten", mask)
             self.moments[name].update(flat)
+            reduced[name] = flat
             total = activations[name].to(self.device, torch.float64).sum(0)
             self.sums[name] = total if name not in self.sums else self.sums[name] + total
         self.n += len(next(iter(activations.values())))
         self._spectra.clear()
-        return self
+        return reduced
 
     def merge(self, other: AdapterFitter) -> AdapterFitter:
         """Fold in another fitter's statistics (of disjoint samples); returns ``self``."""

@@ -76,7 +76,8 @@ def test_model_restored_after_exception_in_fit(failure):
     state = {k: v.clone() for k, v in m.state_dict().items()}
 
     data = loader(n=48, batch_size=16)  # 3 batches per pass
-    probe = KoopmanProbe(m, ["input", "mid", "out"], **TINY)
+    # the loader fails in its second pass: only a fit that does not replay pass 1 reads it twice
+    probe = KoopmanProbe(m, ["input", "mid", "out"], **TINY, replay_mb=0 if failure == "loader_training" else 64)
     if failure == "nan":
         m.mid.make_nan = True
         with pytest.raises(ValueError, match="'mid'") as err:
@@ -192,3 +193,49 @@ def test_known_linear_dynamics_are_recovered():
     torch.testing.assert_close(raw_jacobian(probe.linear_baseline("1")), a, rtol=0, atol=1e-3)
 
 
+
+
+def test_pass_two_replays_pass_one_instead_of_running_the_model_again_with_the_same_fit():
+    import glob
+    import tempfile
+
+    torch.manual_seed(0)
+    model = resmlp(depth=3, batch_norm=True).eval()
+    data = loader(n=600, batch_size=100)
+    calls: list[int] = []
+
+    class Counted(nn.Module):  # counts the rows the model really computes (its hooks would also see skipped calls)
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if len(x) == 100:  # a data batch, not the calibration's 8 rows
+                calls.append(len(x))
+            return self.inner(x)
+
+    model.input = Counted(model.input)
+    before = set(glob.glob(f"{tempfile.gettempdir()}/koopman_hooks_cache_*"))
+    fits = {}
+    # 0.001 MB of RAM: the kept batches go to a temporary file; 0.05 MB of replay: given up mid-pass
+    for replay_mb in (64.0, 0.05, 0.0):
+        calls.clear()
+        probe = KoopmanProbe(model, ["blocks.0", "blocks.1", "blocks.2"], replay_mb=replay_mb, cache_mb=0.001,
+                             verbose=False)
+        fits[replay_mb] = (probe.fit(data, epochs=2).fetch_model(), sum(calls))
+    assert set(glob.glob(f"{tempfile.gettempdir()}/koopman_hooks_cache_*")) == before  # nothing left behind
+    replayed, rows = fits[64.0]
+    assert rows == 600 and replayed.info["model_passes"] == 1 and "ran once" in replayed.sizes.notes["passes"]
+    for replay_mb in (0.05, 0.0):
+        twice, rows = fits[replay_mb]
+        assert rows == 1200 and twice.info["model_passes"] == 2
+        assert ("replay_mb=0.05" if replay_mb else "replay_mb=0") in twice.sizes.notes["passes"]
+        for name in replayed.layers:
+            torch.testing.assert_close(replayed.adapters[name].basis, twice.adapters[name].basis)
+        for (wa, ba), (wb, bb) in zip(replayed.baselines.values(), twice.baselines.values(), strict=True):
+            torch.testing.assert_close(wa, wb, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(ba, bb, rtol=1e-5, atol=1e-6)
+        for key in ("val_state_fvu_1", "val_state_fvu_2", "val_kl"):  # the closed-form start's held-out scores
+            assert replayed.history[0][key] == pytest.approx(twice.history[0][key], rel=1e-4, abs=1e-7)
+        torch.testing.assert_close(replayed.autoencoder.operator.matrix(), twice.autoencoder.operator.matrix(),
+                                   rtol=1e-4, atol=1e-5)
