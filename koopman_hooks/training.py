@@ -43,7 +43,7 @@ def epoch_steps(epochs: float, batches: int) -> list[int]:
     if batches < 1:
         raise EmptyLoaderError()
     total = max(math.ceil(round(epochs * batches, 6)), 1)
-    full, rest = divmod(total, max(batches, 1))
+    full, rest = divmod(total, batches)
     return [batches] * full + ([rest] if rest else [])
 
 

@@ -22,15 +22,7 @@ from koopman_hooks.core.hooks import hooked
 from koopman_hooks.core.layers import get_module
 from koopman_hooks.core.select import MODEL_OUTPUT, OutputSelector
 from koopman_hooks.core.shapes import check_shape
-from koopman_hooks.core.skipping import (
-    Trace,
-    batch_of,
-    broadcast_writes_raise,
-    is_broadcast_write,
-    skip_plan,
-    skipped,
-    trace,
-)
+from koopman_hooks.core.skipping import Trace, batch_of, call_with_zeros, skip_plan, skipped, trace, zeros_that_work
 from koopman_hooks.errors import LayerError
 
 Path = Literal["pending", "fast", "full"]
@@ -156,6 +148,11 @@ class PatchedModel(nn.Module):
                 return self.model(*args, **kwargs)
 
     def _fast(self, *args: Any, **kwargs: Any) -> Any:
+        out, self._shared_zeros = call_with_zeros(lambda shared: self._skipping(shared, *args, **kwargs),
+                                                  self._shared_zeros)
+        return out
+
+    def _skipping(self, shared: bool, *args: Any, **kwargs: Any) -> Any:
         assert self._trace is not None
         found = batch_of(args, kwargs)
         if found is None:
@@ -172,16 +169,9 @@ class PatchedModel(nn.Module):
             value = self._predict(captured.pop("src"), None, mask)
             return self.dst_selector.replace(zeros, value.to(dtype=template.dtype, device=template.device))
 
-        try:
-            with hooked(self.model, {self.src_layer: capture}):
-                with skipped(self.model, self._trace, self._skip, batch, device, {self.dst_layer: supply},
-                             shared=self._shared_zeros):
-                    return self.model(*args, **kwargs)
-        except RuntimeError as error:  # a write into a broadcast zero the calibration batch did not make
-            if not (self._shared_zeros and is_broadcast_write(error)):
-                raise
-            self._shared_zeros = False
-            return self._fast(*args, **kwargs)
+        with hooked(self.model, {self.src_layer: capture}):
+            with skipped(self.model, self._trace, self._skip, batch, device, {self.dst_layer: supply}, shared=shared):
+                return self.model(*args, **kwargs)
 
     def calibrate(self, *args: Any, **kwargs: Any) -> Any:
         """Run the full path on this batch (in the caller's grad mode) and, where allowed, try the
@@ -197,15 +187,10 @@ class PatchedModel(nn.Module):
                 self._skip = skip_plan(self._trace, self.dst_layer, after=self.src_layer)
         except Exception:  # noqa: BLE001 - any failure of the short path means: use the full one
             return out
-        for shared in (True, False):  # skipped modules' zeros broadcast from one, else allocated
-            self._shared_zeros = shared
-            try:
-                with torch.no_grad(), broadcast_writes_raise():
-                    if self._skip and outputs_agree(self._fast(*args, **kwargs), out):
-                        self.path = "fast"
-                        break
-            except Exception:  # noqa: BLE001 - any failure of the short path means: use the full one
-                continue
+        if self._skip:
+            shared = zeros_that_work(lambda shared: outputs_agree(self._skipping(shared, *args, **kwargs), out))
+            if shared is not None:
+                self.path, self._shared_zeros = "fast", shared
         return out
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -237,35 +222,27 @@ class TailRunner:
         self._shared_zeros = True
 
     def __call__(self, inputs: Inputs, value: torch.Tensor) -> Any:
-        batch = batch_size_of(inputs)
+        out, self._shared_zeros = call_with_zeros(lambda shared: self._run(shared, inputs, value), self._shared_zeros)
+        return out
 
+    def _run(self, shared: bool, inputs: Inputs, value: torch.Tensor) -> Any:
         def supply(zeros: Any) -> Any:
             template = self.selector.get(zeros)
             return self.selector.replace(zeros, value.to(dtype=template.dtype, device=template.device))
 
-        try:
-            with skipped(self.model, self._trace, self._skip, batch, value.device, {self.dst: supply},
-                         shared=self._shared_zeros):
-                return call_model(self.model, inputs)
-        except RuntimeError as error:  # a write into a broadcast zero the check's batch did not make
-            if not (self._shared_zeros and is_broadcast_write(error)):
-                raise
-            self._shared_zeros = False
-            return self(inputs, value)
+        with skipped(self.model, self._trace, self._skip, batch_size_of(inputs), value.device, {self.dst: supply},
+                     shared=shared):
+            return call_model(self.model, inputs)
 
     def check(self, inputs: Inputs, value: torch.Tensor, expected: Any) -> bool:
         """Whether the tail of ``value`` (``dst``'s real output on ``inputs``) reproduces
         ``expected``: with the skipped modules' zeros broadcast from one where that works, else
         with allocated zeros."""
-        for shared in (True, False):
-            self._shared_zeros = shared
-            try:
-                with torch.no_grad(), broadcast_writes_raise():
-                    if outputs_agree(self(inputs, value), expected):
-                        return True
-            except Exception:  # noqa: BLE001 - a tail that cannot run is not exact
-                continue
-        return False
+        shared = zeros_that_work(lambda shared: outputs_agree(self._run(shared, inputs, value), expected))
+        if shared is None:
+            return False
+        self._shared_zeros = shared
+        return True
 
 
 def tail_runner(model: nn.Module, dst: str, selector: OutputSelector, inputs: Inputs, value: torch.Tensor,

@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ from torch import nn
 from koopman_hooks.core.hooks import hooked
 from koopman_hooks.core.layers import unwrap_model
 
+T = TypeVar("T")
 Template = Any  # a module output with every tensor replaced by (shape without batch, dtype)
 
 
@@ -73,6 +74,31 @@ def broadcast_writes_raise() -> Iterator[None]:
 def is_broadcast_write(error: BaseException) -> bool:
     """Whether ``error`` is torch refusing an in-place write into a broadcast tensor."""
     return isinstance(error, RuntimeError) and OVERLAP_ERROR in str(error)
+
+
+def zeros_that_work(check: Callable[[bool], bool]) -> bool | None:
+    """``check(shared)`` without grad, with broadcast zeros first, then allocated ones (writes
+    torch only warns about raising; an exception counts as a failed check): the first
+    ``shared`` that passes, or ``None``."""
+    for shared in (True, False):
+        try:
+            with torch.no_grad(), broadcast_writes_raise():
+                if check(shared):
+                    return shared
+        except Exception:  # noqa: BLE001 - a path that cannot run does not pass
+            continue
+    return None
+
+
+def call_with_zeros(call: Callable[[bool], T], shared: bool) -> tuple[T, bool]:
+    """``call(shared)``, rerun with allocated zeros when it wrote into a broadcast one; returns
+    the result and the zeros to use from now on."""
+    try:
+        return call(shared), shared
+    except RuntimeError as error:  # a write the checked batch did not make
+        if not (shared and is_broadcast_write(error)):
+            raise
+        return call(False), False
 
 
 @dataclass(frozen=True)

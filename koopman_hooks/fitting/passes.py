@@ -175,9 +175,8 @@ class Replay:
             self.drop(str(error))
 
     def drop(self, why: str) -> None:
-        if self.store is not None:
-            self.store.close()
-        self.store, self.dropped_because = None, why
+        self.close()
+        self.dropped_because = why
 
     def rows(self, adapters: Sequence[LayerAdapter], device: torch.device, batch_size: int) -> Iterator[PassRows]:
         """Pass 2 from the kept batches: every layer's adapted states and the kept fields."""
@@ -208,11 +207,20 @@ def _kept_fields(captured: Captured, mask: torch.Tensor | None, keep_scores: boo
     if captured.labels is not None:
         fields["labels"] = torch.as_tensor(captured.labels)
     if keep_inputs:
-        if isinstance(captured.inputs, torch.Tensor):
-            fields["in"] = captured.inputs
-        else:
-            fields.update({f"in.{k}": v for k, v in captured.inputs.items() if isinstance(v, torch.Tensor)})
+        fields.update(input_fields(captured.inputs))
     return fields
+
+
+def input_fields(inputs: Inputs) -> dict[str, torch.Tensor]:
+    """Model inputs as cache fields: ``in``, or ``in.<key>`` for every tensor of dict inputs
+    (:func:`inputs_of` reads them back)."""
+    if isinstance(inputs, torch.Tensor):
+        return {"in": inputs}
+    return {f"in.{k}": v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+
+
+def is_input_field(name: str) -> bool:
+    return name == "in" or name.startswith("in.")
 
 
 @dataclass
@@ -292,11 +300,7 @@ def fill_cache(
                 fields[name] = value[rows.to(value.device)]
         if keep_inputs:
             assert batch.inputs is not None
-            inputs = select_rows(batch.inputs, rows)
-            if isinstance(inputs, torch.Tensor):
-                fields["in"] = inputs
-            else:
-                fields.update({f"in.{k}": v for k, v in inputs.items() if isinstance(v, torch.Tensor)})
+            fields.update(input_fields(select_rows(batch.inputs, rows)))
         cache.append(fields)
         held.append(out[rows])
     return torch.cat(held) if held else torch.zeros(0, dtype=torch.bool)
@@ -327,6 +331,6 @@ def inputs_of(rows: Mapping[str, torch.Tensor], example: Inputs | None = None) -
     if "in" in rows:
         return rows["in"]
     if example is None:
-        return {k[3:]: v for k, v in rows.items() if k.startswith("in.")}
+        return {k[3:]: v for k, v in rows.items() if is_input_field(k)}
     assert isinstance(example, dict)
     return {k: rows.get(f"in.{k}", v) for k, v in example.items()}

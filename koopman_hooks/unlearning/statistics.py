@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,7 @@ from koopman_hooks.core.hooks import preserved_state
 from koopman_hooks.core.select import MODEL_OUTPUT
 from koopman_hooks.errors import EmptyLoaderError
 from koopman_hooks.fitting.fitted import FittedProbe
-from koopman_hooks.fitting.passes import inputs_of
+from koopman_hooks.fitting.passes import inputs_of, is_input_field
 from koopman_hooks.koopman.surrogate import KoopmanSurrogate
 from koopman_hooks.maths.linalg import apply_homogeneous
 from koopman_hooks.maths.stats import StreamingMoments
@@ -221,11 +221,10 @@ class _Folder:
     metric_rows: int
     generator: torch.Generator
 
-    def fold(self, given_labels: Any, scores: torch.Tensor | None, states: torch.Tensor,
-             inputs: Callable[[int], Inputs] | None) -> None:
+    def fold(self, given_labels: Any, scores: torch.Tensor | None, states: torch.Tensor, inputs: Inputs | None) -> None:
         """One batch: its loader labels, the model's ``(batch, classes)`` scores (or ``None``) and
-        the source layer's adapted ``states``; ``inputs(n)`` gives the batch's model inputs for
-        the refinement sample (``None``: the refinement reads the states alone). Scores are used
+        the source layer's adapted ``states``; ``inputs``: the batch's model inputs for the
+        refinement sample (``None``: the refinement reads the states alone). Scores are used
         only where the grouping needs them (``labels="model"`` or ``redirect="runner_up"``)."""
         stats, surrogate = self.stats, self.surrogate
         if not (stats.labels == "model" or stats.redirect == "runner_up"):
@@ -249,7 +248,7 @@ class _Folder:
             predictions = None  # the model's classes best first: a retained row's target skips forgotten ones
             if scores is not None:
                 predictions = scores.topk(min(RANKED_CLASSES, scores.shape[-1]), dim=-1).indices.cpu()
-            kept = torch.empty(len(y), 0) if inputs is None else inputs(len(y))
+            kept = torch.empty(len(y), 0) if inputs is None else inputs
             stats.reservoir.update(kept, y, keys, predictions, states)
 
 
@@ -327,10 +326,7 @@ def _from_loader(probe: FittedProbe, loader: Iterable[Any], folder: _Folder) -> 
             mask = None if mask is None else mask.to(device)
             with torch.no_grad():
                 states = surrogate.in_adapter(x0, mask)
-            inputs = None
-            if not probe.outputs_from_states(surrogate.dst_layer, captured.inputs):
-                def inputs(n: int, real: Inputs = captured.inputs) -> Inputs:
-                    return real
+            inputs = None if probe.outputs_from_states(surrogate.dst_layer, captured.inputs) else captured.inputs
             folder.fold(captured.labels, scores, states, inputs)
     return seen
 
@@ -353,18 +349,14 @@ def _from_fit_cache(probe: FittedProbe, folder: _Folder) -> bool:
                          f"surrogate (from {surrogate.src_layer!r}) reads; pass a loader")
     fields = set(cache.fields)
     inputs_needed = stats.reservoir is not None and not probe.tail_reads_states(surrogate.dst_layer, "mask" in fields)
-    if inputs_needed and not any(f == "in" or f.startswith("in.") for f in fields):
+    if inputs_needed and not any(is_input_field(f) for f in fields):
         raise ValueError("the refinement needs model inputs that the fit's cache does not hold (the model's tail "
                          "cannot run from the last probed layer alone); pass a loader, or refine=0")
     device = surrogate.operator.device
-    names = [f for f in cache.fields if f in ("s0", "scores", "labels") or (inputs_needed and f.split(".")[0] == "in")]
+    names = [f for f in cache.fields if f in ("s0", "scores", "labels") or (inputs_needed and is_input_field(f))]
     for rows in cache.batches(torch.arange(n_rows), CACHE_BATCH, names):
         scores = rows.get("scores")
         if scores is not None and stats.n_outputs is None:
             stats.n_outputs = int(scores.shape[-1])
-        inputs = None
-        if inputs_needed:
-            def inputs(n: int, cached: Mapping[str, torch.Tensor] = rows) -> Inputs:
-                return inputs_of(cached)
-        folder.fold(rows.get("labels"), scores, rows["s0"].to(device), inputs)
+        folder.fold(rows.get("labels"), scores, rows["s0"].to(device), inputs_of(rows) if inputs_needed else None)
     return n_rows > 0
