@@ -4,15 +4,15 @@ Rows are appended batch by batch under named fields (adapted states, model score
 inputs). Up to ``budget_mb`` they stay in RAM; past it they move to one file of fixed-size
 records (every field of a row side by side) in a temporary folder that is deleted when the
 cache closes, also after an exception (use it as a context manager). Reading random rows is a
-gather from RAM or from the memory map; after each gather the map's pages are released from
-the process (``MADV_DONTNEED``: they stay in the page cache), so a cache on disk adds nothing to
-the process's resident memory as it is read.
+gather from RAM, or positioned reads (``pread``) of the file's runs of wanted rows straight into
+the batch's buffer: the file is never mapped, so a cache on disk adds only the batch being read
+to the process's resident memory (a memory map would count every page the kernel maps around a
+touched row -- most of the file for a random batch -- until it is unmapped).
 """
 
 from __future__ import annotations
 
 import math
-import mmap
 import os
 import shutil
 import tempfile
@@ -37,15 +37,15 @@ class StateCache:
         self._ram: dict[str, list[torch.Tensor]] = {}
         self._file: Any = None  # the records' file while appending on disk
         self._specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-        self._map: mmap.mmap | None = None
-        self._records: np.ndarray | None = None  # (n, bytes per row) uint8 view of the map
+        self._fd: int | None = None  # the records' file, open for reading once finalised
+        self._width = 0  # bytes per record
         self._frozen: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ writing
 
     def append(self, fields: Mapping[str, torch.Tensor]) -> StateCache:
         """Add one batch: every field has the same number of rows, and the same fields each time."""
-        if self._frozen or self._records is not None:
+        if self._frozen or self._fd is not None:
             raise RuntimeError("the cache is finalised; no rows can be added")
         rows = {len(v) for v in fields.values()}
         if len(rows) != 1:
@@ -89,18 +89,12 @@ class StateCache:
             for name in list(self._ram):  # one field at a time: its chunks go as its copy is made
                 self._frozen[name] = torch.cat(self._ram.pop(name))
             return self
-        if self._records is not None:  # finalised already
+        if self._fd is not None:  # finalised already
             return self
         self._file.close()
         self._file = None
-        width = sum(_row_bytes(spec) for spec in self._specs.values())
-        path = os.path.join(self.folder, "rows.bin")
-        if not os.path.getsize(path):  # rows without bytes: nothing to map
-            self._records = np.empty((self.n, 0), dtype=np.uint8)
-            return self
-        with open(path, "rb") as file:
-            self._map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
-        self._records = np.frombuffer(self._map, dtype=np.uint8).reshape(self.n, width)
+        self._width = sum(_row_bytes(spec) for spec in self._specs.values())
+        self._fd = os.open(os.path.join(self.folder, "rows.bin"), os.O_RDONLY | getattr(os, "O_BINARY", 0))
         return self
 
     # ------------------------------------------------------------------ reading
@@ -115,12 +109,11 @@ class StateCache:
 
     def gather(self, index: torch.Tensor | slice | Sequence[int],
                names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-        """The rows at ``index`` of every field (or of ``names``), copies when read from the memory map."""
+        """The rows at ``index`` of every field (or of ``names``); read from the file when on disk."""
         wanted = self.fields if names is None else list(names)
-        if self._records is None:
+        if self._fd is None:
             return {name: self._frozen[name][index] for name in wanted}
-        rows = index.cpu().numpy() if isinstance(index, torch.Tensor) else index
-        records = self._records[rows] if isinstance(rows, slice) else np.take(self._records, rows, axis=0)
+        records = self._read(self._positions(index))
         out, offset = {}, 0
         for name, (shape, dtype) in self._specs.items():
             size = _row_bytes((shape, dtype))
@@ -128,11 +121,33 @@ class StateCache:
                 # the field's columns copied into fresh, aligned memory (also for one row, whose slice
                 # would otherwise stay a strided view into the records), read back as its dtype
                 field = torch.from_numpy(np.array(records[:, offset : offset + size], copy=True, order="C"))
-                out[name] = (field.view(dtype) if size else torch.empty(len(field), 0, dtype=dtype)).reshape(
-                    len(field), *shape)
+                out[name] = (field.view(dtype) if size and len(field) else torch.empty(len(field), 0, dtype=dtype)
+                             ).reshape(len(field), *shape)
             offset += size
-        if self._map is not None and hasattr(mmap, "MADV_DONTNEED"):  # Linux/macOS: drop the pages just read
-            self._map.madvise(mmap.MADV_DONTNEED)
+        return out
+
+    def _positions(self, index: torch.Tensor | slice | Sequence[int]) -> np.ndarray:
+        """``index`` as row numbers (int64, negatives counted from the end), checked against ``n``."""
+        if isinstance(index, slice):
+            return np.arange(*index.indices(self.n), dtype=np.int64)
+        rows = index.cpu().numpy() if isinstance(index, torch.Tensor) else np.asarray(index)
+        if rows.dtype == np.bool_:
+            raise TypeError("a cache on disk is read by row numbers, not by a boolean mask")
+        rows = rows.astype(np.int64, copy=False).reshape(-1)
+        if len(rows) and (rows.min() < -self.n or rows.max() >= self.n):
+            raise IndexError(f"row index out of range for a cache of {self.n} rows")
+        return np.where(rows < 0, rows + self.n, rows)
+
+    def _read(self, rows: np.ndarray) -> np.ndarray:
+        """The records of ``rows`` (in that order) as ``(len(rows), width)`` uint8: one positioned
+        read per run of consecutive rows."""
+        out = np.empty((len(rows), self._width), dtype=np.uint8)
+        if not out.size:
+            return out
+        assert self._fd is not None
+        starts = np.flatnonzero(np.diff(rows, prepend=-2) != 1)  # where a run of consecutive rows begins
+        for first, end in zip(starts.tolist(), [*starts[1:].tolist(), len(rows)]):
+            _read_exactly(self._fd, memoryview(out[first:end]).cast("B"), int(rows[first]) * self._width)
         return out
 
     def rows(self, name: str, index: torch.Tensor | slice | Sequence[int]) -> torch.Tensor:
@@ -147,7 +162,7 @@ class StateCache:
         for start in range(0, len(indices), batch_size):
             rows = indices[start : start + batch_size]
             if self.on_disk:
-                rows = rows.sort().values  # sequential reads from the memory map
+                rows = rows.sort().values  # forward reads, and runs of consecutive rows read at once
             yield self.gather(rows, names)
 
     # ------------------------------------------------------------------ cleaning up
@@ -157,12 +172,11 @@ class StateCache:
         if self._file is not None:
             self._file.close()
             self._file = None
-        self._records = None  # the view first: a map with exported buffers cannot close
         try:
-            if self._map is not None:
-                self._map.close()
+            if self._fd is not None:
+                os.close(self._fd)
         finally:
-            self._map = None
+            self._fd = None
             self._frozen.clear()
             self._ram.clear()
             if self.folder is not None and os.getpid() == self._owner:
@@ -174,6 +188,21 @@ class StateCache:
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
+
+
+def _read_exactly(fd: int, into: memoryview, offset: int) -> None:
+    """Fill ``into`` from ``fd`` at ``offset`` (``pread``: no shared file position, safe after a fork)."""
+    while len(into):
+        if hasattr(os, "preadv"):
+            got = os.preadv(fd, [into], offset)
+        else:  # Windows: no positioned reads
+            os.lseek(fd, offset, os.SEEK_SET)
+            chunk = os.read(fd, len(into))
+            got = len(chunk)
+            into[:got] = chunk
+        if got <= 0:
+            raise OSError(f"the cache file ended {len(into)} bytes early (was it deleted or truncated?)")
+        into, offset = into[got:], offset + got
 
 
 def _row_bytes(spec: tuple[tuple[int, ...], torch.dtype]) -> int:
