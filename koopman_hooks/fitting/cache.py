@@ -147,7 +147,7 @@ class StateCache:
         assert self._fd is not None
         starts = np.flatnonzero(np.diff(rows, prepend=-2) != 1)  # where a run of consecutive rows begins
         for first, end in zip(starts.tolist(), [*starts[1:].tolist(), len(rows)]):
-            _read_exactly(self._fd, memoryview(out[first:end]).cast("B"), int(rows[first]) * self._width)
+            _read_exactly(self._fd, out[first:end].data.cast("B"), int(rows[first]) * self._width)
         return out
 
     def rows(self, name: str, index: torch.Tensor | slice | Sequence[int]) -> torch.Tensor:
