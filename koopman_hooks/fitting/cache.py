@@ -4,15 +4,17 @@ Rows are appended batch by batch under named fields (adapted states, model score
 inputs). Up to ``budget_mb`` they stay in RAM; past it they move to one file of fixed-size
 records (every field of a row side by side) in a temporary folder that is deleted when the
 cache closes, also after an exception (use it as a context manager). Reading random rows is a
-gather from RAM, or positioned reads (``pread``) of the file's runs of wanted rows straight into
-the batch's buffer: the file is never mapped, so a cache on disk adds only the batch being read
-to the process's resident memory (a memory map would count every page the kernel maps around a
-touched row -- most of the file for a random batch -- until it is unmapped).
+gather from RAM or from a memory map of the file, one region of ``REGION_BYTES`` at a time: the
+region's pages are released from the process (``MADV_DONTNEED``; they stay in the page cache)
+before the next region is read. The kernel maps pages around every touched row, so a random
+batch read in one go would count most of the file in the process's resident memory; read by
+regions, a cache on disk adds about one region and the batch.
 """
 
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import shutil
 import tempfile
@@ -22,6 +24,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+REGION_BYTES = 2 * 2**20  # a gather from the file reads, then releases, this much of the map at a time
 
 
 class StateCache:
@@ -37,15 +41,15 @@ class StateCache:
         self._ram: dict[str, list[torch.Tensor]] = {}
         self._file: Any = None  # the records' file while appending on disk
         self._specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-        self._fd: int | None = None  # the records' file, open for reading once finalised
-        self._width = 0  # bytes per record
+        self._map: mmap.mmap | None = None
+        self._records: np.ndarray | None = None  # (n, bytes per row) uint8 view of the map
         self._frozen: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ writing
 
     def append(self, fields: Mapping[str, torch.Tensor]) -> StateCache:
         """Add one batch: every field has the same number of rows, and the same fields each time."""
-        if self._frozen or self._fd is not None:
+        if self._frozen or self._records is not None:
             raise RuntimeError("the cache is finalised; no rows can be added")
         rows = {len(v) for v in fields.values()}
         if len(rows) != 1:
@@ -89,12 +93,18 @@ class StateCache:
             for name in list(self._ram):  # one field at a time: its chunks go as its copy is made
                 self._frozen[name] = torch.cat(self._ram.pop(name))
             return self
-        if self._fd is not None:  # finalised already
+        if self._records is not None:  # finalised already
             return self
         self._file.close()
         self._file = None
-        self._width = sum(_row_bytes(spec) for spec in self._specs.values())
-        self._fd = os.open(os.path.join(self.folder, "rows.bin"), os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        width = sum(_row_bytes(spec) for spec in self._specs.values())
+        path = os.path.join(self.folder, "rows.bin")
+        if not os.path.getsize(path):  # rows without bytes: nothing to map
+            self._records = np.empty((self.n, 0), dtype=np.uint8)
+            return self
+        with open(path, "rb") as file:
+            self._map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+        self._records = np.frombuffer(self._map, dtype=np.uint8).reshape(self.n, width)
         return self
 
     # ------------------------------------------------------------------ reading
@@ -111,7 +121,7 @@ class StateCache:
                names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """The rows at ``index`` of every field (or of ``names``); read from the file when on disk."""
         wanted = self.fields if names is None else list(names)
-        if self._fd is None:
+        if self._records is None:
             return {name: self._frozen[name][index] for name in wanted}
         records = self._read(self._positions(index))
         out, offset = {}, 0
@@ -139,15 +149,24 @@ class StateCache:
         return np.where(rows < 0, rows + self.n, rows)
 
     def _read(self, rows: np.ndarray) -> np.ndarray:
-        """The records of ``rows`` (in that order) as ``(len(rows), width)`` uint8: one positioned
-        read per run of consecutive rows."""
-        out = np.empty((len(rows), self._width), dtype=np.uint8)
+        """The records of ``rows`` (in that order) as ``(len(rows), width)`` uint8, read from the
+        map in file order, one region at a time, each region's pages released once read."""
+        assert self._records is not None
+        records = self._records
+        out = np.empty((len(rows), records.shape[1]), dtype=np.uint8)
         if not out.size:
             return out
-        assert self._fd is not None
-        starts = np.flatnonzero(np.diff(rows, prepend=-2) != 1)  # where a run of consecutive rows begins
-        for first, end in zip(starts.tolist(), [*starts[1:].tolist(), len(rows)]):
-            _read_exactly(self._fd, out[first:end].data.cast("B"), int(rows[first]) * self._width)
+        if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):  # (Windows: no madvise)
+            return np.take(records, rows, axis=0, out=out)
+        order = np.argsort(rows, kind="stable")
+        ordered = rows[order]
+        region_rows = max(REGION_BYTES // records.shape[1], 1)
+        bounds = np.flatnonzero(np.diff(ordered // region_rows)) + 1
+        for first, end in zip([0, *bounds.tolist()], [*bounds.tolist(), len(ordered)]):
+            out[order[first:end]] = records[ordered[first:end]]
+            begin = int(ordered[first]) * records.shape[1] // mmap.PAGESIZE * mmap.PAGESIZE
+            self._map.madvise(mmap.MADV_DONTNEED, begin, (int(ordered[end - 1]) + 1) * records.shape[1] - begin)
+        self._map.madvise(mmap.MADV_DONTNEED)  # and what the kernel mapped around the regions' edges
         return out
 
     def rows(self, name: str, index: torch.Tensor | slice | Sequence[int]) -> torch.Tensor:
@@ -162,7 +181,7 @@ class StateCache:
         for start in range(0, len(indices), batch_size):
             rows = indices[start : start + batch_size]
             if self.on_disk:
-                rows = rows.sort().values  # forward reads, and runs of consecutive rows read at once
+                rows = rows.sort().values  # forward reads through the map
             yield self.gather(rows, names)
 
     # ------------------------------------------------------------------ cleaning up
@@ -172,11 +191,12 @@ class StateCache:
         if self._file is not None:
             self._file.close()
             self._file = None
+        self._records = None  # the view first: a map with exported buffers cannot close
         try:
-            if self._fd is not None:
-                os.close(self._fd)
+            if self._map is not None:
+                self._map.close()
         finally:
-            self._fd = None
+            self._map = None
             self._frozen.clear()
             self._ram.clear()
             if self.folder is not None and os.getpid() == self._owner:
@@ -188,21 +208,6 @@ class StateCache:
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
-
-
-def _read_exactly(fd: int, into: memoryview, offset: int) -> None:
-    """Fill ``into`` from ``fd`` at ``offset`` (``pread``: no shared file position, safe after a fork)."""
-    while len(into):
-        if hasattr(os, "preadv"):
-            got = os.preadv(fd, [into], offset)
-        else:  # Windows: no positioned reads
-            os.lseek(fd, offset, os.SEEK_SET)
-            chunk = os.read(fd, len(into))
-            got = len(chunk)
-            into[:got] = chunk
-        if got <= 0:
-            raise OSError(f"the cache file ended {len(into)} bytes early (was it deleted or truncated?)")
-        into, offset = into[got:], offset + got
 
 
 def _row_bytes(spec: tuple[tuple[int, ...], torch.dtype]) -> int:
