@@ -97,7 +97,11 @@ def test_reading_a_cache_on_disk_adds_only_the_batch_to_resident_memory():
         assert _status_kb("VmHWM") - before < 8 * 1024
 
 
-def test_rows_are_read_from_disk_in_any_order_with_repeats_and_negative_indices():
+@pytest.mark.parametrize("region_bytes", [2 * 2**20, 64])  # one region, or a region per 5 rows
+def test_rows_are_read_from_disk_in_any_order_with_repeats_and_negative_indices(monkeypatch, region_bytes):
+    import koopman_hooks.fitting.cache as cache_module
+
+    monkeypatch.setattr(cache_module, "REGION_BYTES", region_bytes)
     whole = torch.randn(50, 3, generator=torch.Generator().manual_seed(0))
     with StateCache(-1.0) as cache:
         for start in range(0, 50, 7):
