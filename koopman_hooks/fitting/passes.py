@@ -47,6 +47,16 @@ class Calibration:
     reduce: str | None = None  # the token reduction that follows the head at the last layer, if found
     notes: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def keeps_scores(self) -> bool:
+        """Whether pass 2 keeps the model's scores (for the output-matching loss and the scores)."""
+        return self.n_outputs is not None
+
+    @property
+    def keeps_inputs(self) -> bool:
+        """Whether pass 2 keeps the model's inputs (its tail reads the real ones)."""
+        return self.tail_inputs == "real"
+
 
 def _per_sample_macs(model: nn.Module, example: Inputs, calib_trace: Trace, layers: Sequence[str]) -> int | None:
     """Multiply-adds per sample of the modules a fast patched path skips between ``layers[0]``

@@ -139,7 +139,7 @@ class _Run:
         def on_first(captured: Captured) -> dict[str, str]:
             found["calibration"] = calib = calibrate(self.model, captured, self.layers, self.selectors, want_tail,
                                                      detect_head, config.mask_key)
-            replay.keep_scores, replay.keep_inputs = calib.n_outputs is not None, calib.tail_inputs == "real"
+            replay.keep_scores, replay.keep_inputs = calib.keeps_scores, calib.keeps_inputs
             return {} if calib.reduce is None else {self.layers[-1]: calib.reduce}
 
         fitter = fit_adapters(self.model, self.layers, self.selectors, loader, self.spec, config.per_layer("reduce"),
@@ -163,7 +163,6 @@ class _Run:
         """Pass 2 -- replayed from pass 1's kept batches where they fit, else over the data -- the
         training rows' moments, and a bounded sample of rows in the cache; returns the cached
         training rows, the cached held-out rows and the passes the model made over data."""
-        keep_scores, keep_inputs = calib.n_outputs is not None, calib.tail_inputs == "real"
         world = distributed.world_size()
         width = next(iter(adapters.values())).width
         self.moments = PairMoments(len(self.layers), width, self.device)
@@ -174,16 +173,16 @@ class _Run:
             batches = replay.rows([adapters[name] for name in self.layers], self.device, REPLAY_BATCH)
             self.notes["passes"] = "pass 2 replayed pass 1's reduced activations: the model ran once"
         else:
-            batches = live_rows(*model_args, loader, self.spec, self.shapes, self.device, keep_scores,
+            batches = live_rows(*model_args, loader, self.spec, self.shapes, self.device, calib.keeps_scores,
                                 self.config.mask_key)
             self.notes["passes"] = f"the model ran twice ({replay.dropped_because})"
-        flags = [fill_cache(cache, batches, keep_inputs, sample, self.moments)]
+        flags = [fill_cache(cache, batches, calib.keeps_inputs, sample, self.moments)]
         passes = 1 if replay.active else 2
         self.loader_rows = len(flags[0])
         if val_loader is not None:
-            val = live_rows(*model_args, val_loader, self.spec, self.shapes, self.device, keep_scores,
+            val = live_rows(*model_args, val_loader, self.spec, self.shapes, self.device, calib.keeps_scores,
                             self.config.mask_key)
-            flags.append(fill_cache(cache, val, keep_inputs, None, None))
+            flags.append(fill_cache(cache, val, calib.keeps_inputs, None, None))
             passes += 1
         cache.finalize()
         out = torch.cat(flags)

@@ -155,18 +155,19 @@ def _refine(layers: Sequence[str], moments: Sequence[StreamingMoments], offsets:
         return [(rotations[layers[j]].T @ yx).to(dtype) for j, (_, yx, _) in enumerate(terms, start=1)]
 
     norm = torch.stack([yy.trace() for _, _, yy in terms]).sum()  # the error of predicting zero
-    second = {dtype: [xx.to(dtype) for xx, _, _ in terms] for dtype in (torch.float32, torch.float64)}
+    # per dtype (float32 for L-BFGS, float64 for the final error): E[a_0 a_0ᵀ] of every pair, the norm
+    fixed = {dtype: ([xx.to(dtype) for xx, _, _ in terms], norm.to(dtype)) for dtype in (torch.float32, torch.float64)}
 
     def loss(k: torch.Tensor, aligned: Sequence[torch.Tensor]) -> torch.Tensor:
-        xxs = second[k.dtype]
-        total = norm.to(k.dtype)
+        xxs, scale = fixed[k.dtype]
+        total = scale
         powers = {0: torch.eye(len(k), dtype=k.dtype, device=k.device)}
         for xx, ryx, s in zip(xxs, aligned, steps, strict=True):
             for t in range(max(powers) + 1, s + 1):
                 powers[t] = powers[t - 1] @ k
             p = powers[s]
             total = total - 2 * (ryx * p).sum() + ((p @ xx) * p).sum()
-        return total / norm.to(k.dtype)
+        return total / scale
 
     k = operator.float()
     for _ in range(rounds):
