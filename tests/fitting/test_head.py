@@ -100,3 +100,39 @@ def test_ignored_part_reaches_output_only_where_the_head_reads_more():
     exact = LayerAdapter((7, 6), "flatten", torch.zeros(42), torch.eye(42), 1.0)
     assert ignored_part_reaches_output(TokenNet("cls").eval(), "block", OutputSelector(None, "block"), exact, inputs,
                                        mask) is None
+
+
+class MeanHeadNet(nn.Module):
+    """Three token blocks (each token also sees the tokens' mean) and a head reading the last
+    block's mean token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 4), nn.Tanh()) for _ in range(3))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(torch.cat([x, x.mean(1, keepdim=True).expand_as(x)], -1))
+        return self.head(x.mean(1))
+
+
+@pytest.mark.parametrize("layers, expected", [(["blocks.0", "blocks.1", "blocks.2"], "flatten"),
+                                              (["blocks.0", "blocks.2"], "mean")])
+def test_a_mean_head_is_followed_only_where_no_layer_in_between_is_taken_whole(layers, expected):
+    from koopman_hooks import KoopmanProbe
+    from koopman_hooks.data import TensorLoader
+
+    model = MeanHeadNet().eval()
+    x = torch.randn(256, 5, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    probe = KoopmanProbe(model, layers, verbose=False).fit(TensorLoader(x, y, batch_size=64), epochs=1)
+    fit = probe.fetch_model()
+    assert fit.adapters["blocks.2"].reduce == expected
+    assert "reads the mean of the real tokens of 'blocks.2'" in fit.sizes.notes["reduce"]
+    assert ("taken whole like the layers before it" in fit.sizes.notes["reduce"]) == (expected == "flatten")
+    # the user's choice wins over both
+    chosen = KoopmanProbe(model, layers, reduce=[None] * (len(layers) - 1) + ["mean"], verbose=False)
+    assert chosen.fit(TensorLoader(x, y, batch_size=64), epochs=1).fetch_model().adapters["blocks.2"].reduce == "mean"
