@@ -78,15 +78,15 @@ def calibrate(model: nn.Module, captured: Captured, layers: Sequence[str], selec
     layer and whether stand-in inputs (the first row repeated) are enough to run it; with
     ``detect_head``, the token reduction that follows what the head reads of the last layer.
 
-    A head that reads the mean of every token is followed only where nothing in between is
-    probed, the batch has no padding or the layer is too large to take whole: when the
-    intermediate layers are taken whole (``whole_before``), the last one is too, so that the one
-    operator K carries the same token states to the end instead of also pooling them in its last
-    step (the pooling is the model's head's, exactly). Every token reaches such a head, so none is
-    noise to the fit; a head that reads one token (``"cls"``, ``"last"``) is always followed: the
-    other tokens of the last layer reach nothing. On the 6-block ViT recipe (same model and
-    data), taking its last block whole lowered the latent FVU at every layer (0.129 -> 0.081 at
-    the last) and the state FVU of the intermediate ones (0.121 -> 0.097 at blocks.4)."""
+    A head that reads the mean of every token is not followed when the probed layers in between
+    are taken whole (``whole_before``), the batch is not padded and the last layer is small
+    enough to take whole: it is then taken whole too, so that the one operator K carries the
+    same token states to the end instead of also pooling them in its last step (the model's head
+    pools them, exactly). Every token reaches such a head, so none is noise to the fit; a head
+    that reads one token (``"cls"``, ``"last"``) is always followed, as the other tokens of the
+    last layer reach nothing. On the 6-block ViT recipe (same model and data), taking its last
+    block whole lowered the latent FVU at every layer (0.129 -> 0.081 at the last) and the
+    intermediate layers' state FVU (0.121 -> 0.097 at blocks.4)."""
     rows = torch.arange(min(CALIBRATION_ROWS, batch_size_of(captured.inputs)))
     example = select_rows(captured.inputs, rows)
     calib_trace = trace(model, lambda: call_model(model, example))
