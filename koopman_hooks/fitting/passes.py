@@ -79,14 +79,14 @@ def calibrate(model: nn.Module, captured: Captured, layers: Sequence[str], selec
     ``detect_head``, the token reduction that follows what the head reads of the last layer.
 
     A head that reads the mean of every token is not followed when the probed layers in between
-    are taken whole (``whole_before``), the batch is not padded and the last layer is small
-    enough to take whole: it is then taken whole too, so that the one operator K carries the
-    same token states to the end instead of also pooling them in its last step (the model's head
-    pools them, exactly). Every token reaches such a head, so none is noise to the fit; a head
-    that reads one token (``"cls"``, ``"last"``) is always followed, as the other tokens of the
-    last layer reach nothing. On the 6-block ViT recipe (same model and data), taking its last
-    block whole lowered the latent FVU at every layer (0.129 -> 0.081 at the last) and the
-    intermediate layers' state FVU (0.121 -> 0.097 at blocks.4)."""
+    are taken whole (``whole_before``) and the last layer is small enough to take whole: it is
+    then taken whole too, so that the one operator K carries the same token states to the end
+    instead of also pooling them in its last step (the model's head pools them, exactly). Every
+    real token reaches such a head; a head that reads one token (``"cls"``, ``"last"``) is always
+    followed, as the other tokens of the last layer reach nothing. On the 6-block ViT recipe
+    (same model and data), taking its last block whole lowered the latent FVU at every layer
+    (0.129 -> 0.081 at the last) and the intermediate layers' state FVU (0.121 -> 0.097 at
+    blocks.4)."""
     rows = torch.arange(min(CALIBRATION_ROWS, batch_size_of(captured.inputs)))
     example = select_rows(captured.inputs, rows)
     calib_trace = trace(model, lambda: call_model(model, example))
@@ -101,8 +101,7 @@ def calibrate(model: nn.Module, captured: Captured, layers: Sequence[str], selec
         calibration.reduce = reading.reduce
         calibration.notes["reduce"] = reading.reason
         shape = tuple(captured.activations[last].shape[1:])
-        if (reading.reduce == "mean" and whole_before and default_reduce(shape) == "flatten"
-                and (mask is None or bool(mask.all()))):
+        if reading.reduce == "mean" and whole_before and default_reduce(shape) == "flatten":
             calibration.reduce = None
             calibration.notes["reduce"] = (f"{reading.reason}; taken whole like the layers before it, so that K "
                                            "carries token states to the end and the head pools them")
