@@ -49,8 +49,10 @@ class KoopmanProbe:
             ``variance`` of every layer's variance (at most ``max_width``).
         reduce: per-layer reduction (``"flatten"``, ``"pool:HxW"``, ``"cls"``, ``"last"``,
             ``"mean"``); ``None``: at the last layer of a token model, the token the head reads
-            (``"cls"``, ``"last"`` real token or ``"mean"``, found by perturbing a real batch); else
-            ``"flatten"`` for small layers, pooling/averaging for large ones.
+            (``"cls"``, ``"last"`` real token or ``"mean"``, found by perturbing a real batch;
+            a ``"mean"`` head's layer is taken whole instead when the probe has layers in between
+            and every earlier probed layer is taken whole); else ``"flatten"`` for small layers,
+            pooling/averaging for large ones.
         operator: ``"dense"``, ``"exp"`` (K = exp(M/k), the paper's) or ``"lowrank"`` (``rank``).
         operator_fit: ``"gradient"`` (K trained with the autoencoder) or ``"ridge"`` (ridge
             EDMD: K in closed form from latent covariances; one step per layer pair).

@@ -94,7 +94,8 @@ def mnist_vit(
     Extra keyword arguments go to ``timm.models.vision_transformer.VisionTransformer``.
     The MNIST recipe uses ``patch_size=7`` (16 tokens: 3.5x faster on a CPU, and a ViT
     needs many passes over the data) with ``global_pool="avg", class_token=False``, whose
-    head reads the mean token, so ``reduce="mean"`` is honest at the last block.
+    head reads the mean token: the probe takes the last block whole like the blocks before it
+    (every token reaches that head), and ``reduce="mean"`` there would be honest too.
     """
     from timm.models.vision_transformer import VisionTransformer
 

@@ -78,9 +78,9 @@ def calibrate(model: nn.Module, captured: Captured, layers: Sequence[str], selec
     layer and whether stand-in inputs (the first row repeated) are enough to run it; with
     ``detect_head``, the token reduction that follows what the head reads of the last layer.
 
-    A head that reads the mean of every token is not followed when the probed layers in between
-    are taken whole (``whole_before``) and the last layer is small enough to take whole: it is
-    then taken whole too, so that the one operator K carries the same token states to the end
+    A head that reads the mean of every token is not followed when the probe has layers in
+    between and every earlier probed layer is taken whole (``whole_before``), and the last layer
+    is small enough to take whole: it is then taken whole too, so that the one operator K carries the same token states to the end
     instead of also pooling them in its last step (the model's head pools them, exactly). Every
     real token reaches such a head; a head that reads one token (``"cls"``, ``"last"``) is always
     followed, as the other tokens of the last layer reach nothing. On the 6-block ViT recipe

@@ -108,9 +108,10 @@ class MeanHeadNet(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        torch.manual_seed(0)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 4), nn.Tanh()) for _ in range(3))
-        self.head = nn.Linear(4, 3)
+        with torch.random.fork_rng():  # the same weights every time, the global RNG untouched
+            torch.manual_seed(0)
+            self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 4), nn.Tanh()) for _ in range(3))
+            self.head = nn.Linear(4, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
@@ -118,9 +119,12 @@ class MeanHeadNet(nn.Module):
         return self.head(x.mean(1))
 
 
-@pytest.mark.parametrize("layers, expected", [(["blocks.0", "blocks.1", "blocks.2"], "flatten"),
-                                              (["blocks.0", "blocks.2"], "mean")])
-def test_a_mean_head_is_followed_only_where_no_layer_in_between_is_taken_whole(layers, expected):
+@pytest.mark.parametrize("layers, reduce, expected", [
+    (["blocks.0", "blocks.1", "blocks.2"], None, "flatten"),  # layers in between, every earlier one whole
+    (["blocks.0", "blocks.1", "blocks.2"], [None, "mean", None], "mean"),  # one earlier layer reduced
+    (["blocks.0", "blocks.2"], None, "mean"),  # no layer in between: K^s may pool
+])
+def test_a_mean_head_is_not_followed_where_every_earlier_layer_is_taken_whole(layers, reduce, expected):
     from koopman_hooks import KoopmanProbe
     from koopman_hooks.data import TensorLoader
 
@@ -128,7 +132,7 @@ def test_a_mean_head_is_followed_only_where_no_layer_in_between_is_taken_whole(l
     x = torch.randn(256, 5, 4, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         y = model(x).argmax(1)
-    probe = KoopmanProbe(model, layers, verbose=False).fit(TensorLoader(x, y, batch_size=64), epochs=1)
+    probe = KoopmanProbe(model, layers, reduce=reduce, verbose=False).fit(TensorLoader(x, y, batch_size=64), epochs=1)
     fit = probe.fetch_model()
     assert fit.adapters["blocks.2"].reduce == expected
     assert "reads the mean of the real tokens of 'blocks.2'" in fit.sizes.notes["reduce"]
