@@ -73,15 +73,16 @@ def _per_sample_macs(model: nn.Module, example: Inputs, calib_trace: Trace, laye
 
 def calibrate(model: nn.Module, captured: Captured, layers: Sequence[str], selectors: Mapping[str, OutputSelector],
               want_tail: bool, detect_head: bool = False, mask_key: str | None = None,
-              whole_before: bool = False) -> Calibration:
+              reduce: Mapping[str, str | None] | None = None) -> Calibration:
     """Trace the model on (up to 8 rows of) the first batch; find its tail after the last probed
     layer and whether stand-in inputs (the first row repeated) are enough to run it; with
     ``detect_head``, the token reduction that follows what the head reads of the last layer.
 
     A head that reads the mean of every token is not followed when the probe has layers in
-    between and every earlier probed layer is taken whole (``whole_before``), and the last layer
-    is small enough to take whole: it is then taken whole too, so that the one operator K carries the same token states to the end
-    instead of also pooling them in its last step (the model's head pools them, exactly). Every
+    between and every earlier probed layer is taken whole (by the user's ``reduce`` or by
+    default), and the last layer is small enough to take whole: it is then taken whole too, so
+    that the one operator K carries the same token states to the end instead of also pooling
+    them in its last step (the model's head pools them, exactly). Every
     real token reaches such a head; a head that reads one token (``"cls"``, ``"last"``) is always
     followed, as the other tokens of the last layer reach nothing. On the 6-block ViT recipe
     (same model and data), taking its last block whole lowered the latent FVU at every layer
@@ -100,8 +101,10 @@ def calibrate(model: nn.Module, captured: Captured, layers: Sequence[str], selec
         reading = head_reduce(model, last, selectors[last], example, captured.activations[last][rows], mask)
         calibration.reduce = reading.reduce
         calibration.notes["reduce"] = reading.reason
-        shape = tuple(captured.activations[last].shape[1:])
-        if reading.reduce == "mean" and whole_before and default_reduce(shape) == "flatten":
+        chosen = reduce or {}  # the user's reductions (None at the last layer: detect_head)
+        if reading.reduce == "mean" and len(layers) > 2 and all(
+                (chosen.get(name) or default_reduce(tuple(captured.activations[name].shape[1:]))) == "flatten"
+                for name in layers):
             calibration.reduce = None
             calibration.notes["reduce"] = (f"{reading.reason}; taken whole like the layers before it, so that K "
                                            "carries token states to the end and the head pools them")

@@ -49,7 +49,6 @@ from koopman_hooks.fitting.passes import (
 from koopman_hooks.koopman.adapters import LayerAdapter
 from koopman_hooks.koopman.autoencoder import AutoencoderConfig, KoopmanAutoencoder
 from koopman_hooks.koopman.losses import LossWeights
-from koopman_hooks.koopman.reduce import default_reduce
 from koopman_hooks.koopman.start import linear_start
 
 DEFAULT_EPOCHS = 60
@@ -138,12 +137,8 @@ class _Run:
         detect_head = config.per_layer("reduce")[self.layers[-1]] is None
 
         def on_first(captured: Captured) -> dict[str, str]:
-            reduce = config.per_layer("reduce")
-            whole_before = len(self.layers) > 2 and all(
-                (reduce[name] or default_reduce(tuple(captured.activations[name].shape[1:]))) == "flatten"
-                for name in self.layers[:-1])
             found["calibration"] = calib = calibrate(self.model, captured, self.layers, self.selectors, want_tail,
-                                                     detect_head, config.mask_key, whole_before)
+                                                     detect_head, config.mask_key, config.per_layer("reduce"))
             replay.keep_scores, replay.keep_inputs = calib.keeps_scores, calib.keeps_inputs
             return {} if calib.reduce is None else {self.layers[-1]: calib.reduce}
 
