@@ -47,6 +47,7 @@ class ProbeConfig:
     cache_mb: float = 16.0
     replay_mb: float = 2048.0
     amp: Literal["bf16", "fp16"] | None = None
+    train_amp: Literal["auto", "bf16"] | None = "auto"
     input_key: str | None = None
     label_key: str | None = None
     ignore_keys: tuple[str, ...] = ()

@@ -98,6 +98,7 @@ class Schedule:
     patience: int
     ridge: float | None = None  # a closed-form K per batch (operator_fit="ridge")
     verbose: bool = False
+    amp: bool = False  # the training steps' products in bfloat16 (autocast); the scores stay float32
 
 
 @dataclass
@@ -254,12 +255,13 @@ def train(
         steps = 0
         for batch in cache.batches(order[: n_steps * schedule.batch_size], schedule.batch_size):
             states = rotated_states(batch, rotations, device)
-            losses = koopman_losses(ae, states, weights, topological, schedule.ridge)
-            prediction = losses.pop("prediction")
-            if tail is not None and weights.output:
-                predicted = last.inverse(prediction, mask=_mask(batch, device))
-                losses["output"] = output_matching_loss(tail(batch, predicted), batch["scores"].to(device))
-                losses["total"] = losses["total"] + weights.output * losses["output"]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=schedule.amp):
+                losses = koopman_losses(ae, states, weights, topological, schedule.ridge)
+                prediction = losses.pop("prediction")
+                if tail is not None and weights.output:
+                    predicted = last.inverse(prediction.float(), mask=_mask(batch, device))
+                    losses["output"] = output_matching_loss(tail(batch, predicted), batch["scores"].to(device))
+                    losses["total"] = losses["total"] + weights.output * losses["output"]
             optimiser.zero_grad(set_to_none=True)
             losses["total"].backward()
             nn.utils.clip_grad_norm_(params, 1.0)

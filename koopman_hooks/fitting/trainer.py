@@ -27,6 +27,7 @@ from koopman_hooks.core.batches import BatchSpec, mask_of, move_inputs, repeated
 from koopman_hooks.core.capture import Captured
 from koopman_hooks.core.hooks import frozen_parameters, preserved_state
 from koopman_hooks.core.layers import module_device
+from koopman_hooks.core.precision import native_bf16
 from koopman_hooks.core.select import OutputSelector
 from koopman_hooks.errors import ConfigError
 from koopman_hooks.fitting import sizing
@@ -223,8 +224,10 @@ class _Run:
         # per process, as DDP: every rank takes batches of this size from its own shard, so a fit over
         # W processes takes 1/W of the steps per epoch (the autoencoder's steps are overhead-bound:
         # halving the batch per rank barely shortens a step)
+        amp, amp_reason = _train_amp(config.train_amp, device)
         schedule = Schedule(epochs or DEFAULT_EPOCHS, batch_size, config.lr, config.weight_decay, config.patience,
-                            config.ridge if config.operator_fit == "ridge" else None, self.verbose and distributed.is_main())
+                            config.ridge if config.operator_fit == "ridge" else None, self.verbose and distributed.is_main(),
+                            amp)
         outcome = train(ae, cache, train_rows, val_rows, rotations, weights, schedule, device, start.adapters[layers[-1]],
                         tail, self.generator)
         if config.operator_fit == "ridge":
@@ -241,6 +244,7 @@ class _Run:
             "lossy_reduction_reaches_output": reaches,
             "start_score": None if outcome.start_score is None else outcome.start_score.describe(),
             "kept_score": None if outcome.kept_score is None else outcome.kept_score.describe(),
+            "train_amp": f"{'bf16' if amp else 'float32'} ({amp_reason})",
         }
         if not held_out:
             info["kept_because"] = "no held-out rows (val_fraction=0): the last epoch"
@@ -254,6 +258,19 @@ class _Run:
         return FittedProbe(self.model, config, self.selectors, start.adapters, ae, start.baselines, outcome.history,
                            None, device, sizes, info, calib.tail,
                            calib.example if calib.tail_inputs == "repeated" else None)
+
+
+def _train_amp(option: str | None, device: torch.device) -> tuple[bool, str]:
+    """Whether the autoencoder's steps autocast to bfloat16, and why; one answer for every rank
+    (bfloat16 only where every rank's device runs it natively)."""
+    if option is None:
+        return False, "train_amp=None"
+    if option == "bf16":
+        return True, "train_amp='bf16'"
+    fast, reason = native_bf16(device)
+    if distributed.minimum(int(fast)) < int(fast):
+        return False, f"{reason}, but not on every rank"
+    return fast, reason
 
 
 def agreed(calib: Calibration) -> Calibration:

@@ -43,7 +43,9 @@ class LossWeights:
 def fvu(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Fraction of variance unexplained, ``Σ‖pred − target‖² / Σ‖target − mean(target)‖²`` over
     the batch; the normaliser is not differentiated, so no term can win by shrinking its target
-    (a collapsed target has no variance left and makes the loss large, not small)."""
+    (a collapsed target has no variance left and makes the loss large, not small). Computed in
+    float32 whatever the inputs' precision (bfloat16 under autocast)."""
+    pred, target = pred.float(), target.float()
     target_var = (target.detach() - target.detach().mean(0)).pow(2).mean()
     scale = target.detach().pow(2).mean()
     return (pred - target).pow(2).mean() / torch.maximum(target_var, 1e-6 * scale).clamp_min(1e-12)
@@ -51,13 +53,20 @@ def fvu(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def isometry_loss(a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """Mismatch of pairwise distances in and out of the latent space (relative)."""
+    a, z = a.float(), z.float()
     da = torch.cdist(a, a)
     dz = torch.cdist(z, z)
     return (dz - da).pow(2).mean() / da.pow(2).mean().clamp_min(1e-8)
 
 
 def batch_ridge_operator(z_in: torch.Tensor, z_out: torch.Tensor, ridge: float) -> torch.Tensor:
-    """``K`` minimising ``‖z_out − z_in Kᵀ‖² + ridge·mean(diag)·‖K‖²`` (differentiable)."""
+    """``K`` minimising ``‖z_out − z_in Kᵀ‖² + ridge·mean(diag)·‖K‖²`` (differentiable; in float32,
+    also under autocast)."""
+    with torch.autocast(z_in.device.type, enabled=False):
+        return _ridge_solve(z_in.float(), z_out.float(), ridge)
+
+
+def _ridge_solve(z_in: torch.Tensor, z_out: torch.Tensor, ridge: float) -> torch.Tensor:
     gram = z_in.T @ z_in / len(z_in)
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     scale = gram.diagonal().mean().detach().clamp_min(1e-8)
@@ -121,7 +130,7 @@ def koopman_losses(
     if weights.isometry:
         losses["isometry"] = torch.stack([isometry_loss(a, z) for a, z in zip(states, latents)]).mean()
     if weights.topological and topological is not None:
-        losses["topological"] = torch.stack([topological(a, z) for a, z in zip(states, latents)]).mean()
+        losses["topological"] = torch.stack([topological(a, z.float()) for a, z in zip(states, latents)]).mean()
     total = torch.zeros((), device=states[0].device)
     for name, value in losses.items():
         if name != "prediction":

@@ -14,8 +14,8 @@ from koopman_hooks.models import ResMLP
 NON_DEFAULT = dict(
     latent_dim=6, steps=[2, 3], width=5, variance=0.9, max_width=7, reduce=["flatten", None, "flatten"],
     operator="lowrank", rank=3, operator_fit="gradient", hidden=(9,), lr=2e-3, weight_decay=1e-4, ridge=1e-5,
-    batch_size=16, patience=3, val_fraction=0.25, cache_mb=0.001, replay_mb=64.0, amp="bf16", input_key=None, label_key="y",
-    ignore_keys=("meta",), mask_key="mask",
+    batch_size=16, patience=3, val_fraction=0.25, cache_mb=0.001, replay_mb=64.0, amp="bf16", train_amp="bf16", input_key=None,
+    label_key="y", ignore_keys=("meta",), mask_key="mask",
     seed=7, loss_weights={"reconstruction": 0.5, "state": 2.0, "latent": 0.3, "isometry": 0.1, "topological": 0.0,
                           "output": 0.0},
 )

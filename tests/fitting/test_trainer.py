@@ -239,3 +239,38 @@ def test_pass_two_replays_pass_one_instead_of_running_the_model_again_with_the_s
             assert replayed.history[0][key] == pytest.approx(twice.history[0][key], rel=1e-4, abs=1e-7)
         torch.testing.assert_close(replayed.autoencoder.operator.matrix(), twice.autoencoder.operator.matrix(),
                                    rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_training_steps_score_and_keep_in_float32(trained_resmlp, yinyang_small):
+    """train_amp: the steps' products in bfloat16; the start and the held-out scores are the
+    float32 fit's, and the fitted surrogate is as faithful."""
+    train, test = yinyang_small
+    fits = {}
+    for amp in (None, "bf16"):
+        probe = KoopmanProbe(trained_resmlp, ["blocks.0", "blocks.2"], verbose=False, train_amp=amp)
+        probe.fit(TensorLoader.from_dataset(train, 256, shuffle=True), epochs=10)
+        fits[amp] = (probe.fetch_model(), probe.evaluate(TensorLoader.from_dataset(test, 500)))
+    (f32, m32), (f16, m16) = fits[None], fits["bf16"]
+    assert f32.info["train_amp"] == "float32 (train_amp=None)"
+    assert f16.info["train_amp"] == "bf16 (train_amp='bf16')"
+    assert f16.info["start_score"] == f32.info["start_score"]  # the closed-form start, scored in float32
+    assert all(p.dtype == torch.float32 for p in f16.autoencoder.parameters())
+    assert m16["agreement"] >= m32["agreement"] - 0.01
+    assert m16["state_fvu"] <= 1.5 * m32["state_fvu"] + 1e-3
+
+
+def test_train_amp_auto_resolves_per_device(trained_resmlp, yinyang_small):
+    from koopman_hooks.core.precision import native_bf16
+
+    train, _ = yinyang_small
+    probe = KoopmanProbe(trained_resmlp, ["blocks.0", "blocks.2"], verbose=False)  # train_amp="auto"
+    probe.fit(TensorLoader.from_dataset(train, 256), epochs=1)
+    fast, why = native_bf16(torch.device("cpu"))
+    assert probe.fetch_model().info["train_amp"] == f"{'bf16' if fast else 'float32'} ({why})"
+
+
+def test_train_amp_is_validated():
+    from koopman_hooks.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train_amp"):
+        KoopmanProbe(resmlp(), ["blocks.0", "blocks.2"], train_amp="fp8", verbose=False)  # type: ignore[arg-type]
