@@ -82,9 +82,10 @@ class KoopmanProbe:
             float32 in the adapters); ``None`` runs the model as it is.
         train_amp: bfloat16 autocast of the autoencoder's training steps (its matrix products;
             weights, optimiser, closed forms and the held-out scores stay float32): ``"auto"``
-            where the device multiplies bfloat16 natively (a CUDA GPU that supports it; a CPU
-            where it measures at least 1.5 x float32's speed, e.g. AVX512-BF16 or AMX), ``"bf16"``
-            always, ``None`` never. The fit's ``info["train_amp"]`` says what ran and why.
+            where it pays -- a step of at least 8M multiply-adds on a device that multiplies
+            bfloat16 natively (a CUDA GPU that supports it; a CPU where it measures at least
+            1.5 x float32's speed, e.g. AVX512-BF16 or AMX) --, ``"bf16"`` always, ``None``
+            never. The fit's ``info["train_amp"]`` says what ran and why.
         input_key, label_key, ignore_keys: how dict batches reach the model (see
             :class:`~koopman_hooks.core.batches.BatchSpec`): by default every key but the label.
         mask_key: the key of dict inputs holding the ``(B, N)`` attention mask that the

@@ -27,7 +27,7 @@ from koopman_hooks.core.batches import BatchSpec, mask_of, move_inputs, repeated
 from koopman_hooks.core.capture import Captured
 from koopman_hooks.core.hooks import frozen_parameters, preserved_state
 from koopman_hooks.core.layers import module_device
-from koopman_hooks.core.precision import native_bf16
+from koopman_hooks.core.precision import bf16_pays
 from koopman_hooks.core.select import OutputSelector
 from koopman_hooks.errors import ConfigError
 from koopman_hooks.fitting import sizing
@@ -224,7 +224,8 @@ class _Run:
         # per process, as DDP: every rank takes batches of this size from its own shard, so a fit over
         # W processes takes 1/W of the steps per epoch (the autoencoder's steps are overhead-bound:
         # halving the batch per rank barely shortens a step)
-        amp, amp_reason = _train_amp(config.train_amp, device)
+        step_macs = batch_size * sizing.surrogate_macs(0, 0, width, latent_dim, hidden)  # φ, K, ψ over a batch
+        amp, amp_reason = _train_amp(config.train_amp, device, step_macs)
         schedule = Schedule(epochs or DEFAULT_EPOCHS, batch_size, config.lr, config.weight_decay, config.patience,
                             config.ridge if config.operator_fit == "ridge" else None, self.verbose and distributed.is_main(),
                             amp)
@@ -260,14 +261,14 @@ class _Run:
                            calib.example if calib.tail_inputs == "repeated" else None)
 
 
-def _train_amp(option: str | None, device: torch.device) -> tuple[bool, str]:
+def _train_amp(option: str | None, device: torch.device, step_macs: int) -> tuple[bool, str]:
     """Whether the autoencoder's steps autocast to bfloat16, and why; one answer for every rank
-    (bfloat16 only where every rank's device runs it natively)."""
+    (``"auto"``: bfloat16 only where it pays on every rank's device)."""
     if option is None:
         return False, "train_amp=None"
     if option == "bf16":
         return True, "train_amp='bf16'"
-    fast, reason = native_bf16(device)
+    fast, reason = bf16_pays(device, step_macs)
     if distributed.minimum(int(fast)) < int(fast):
         return False, f"{reason}, but not on every rank"
     return fast, reason

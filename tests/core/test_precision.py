@@ -20,3 +20,10 @@ def test_cpu_answer_is_measured_once_and_explained():
 def test_devices_without_a_measurement_say_no():
     fast, why = precision.native_bf16(torch.device("meta"))
     assert not fast and "meta" in why
+
+
+def test_small_steps_never_pay_large_ones_follow_the_device():
+    small, why = precision.bf16_pays(torch.device("cpu"), precision.MIN_STEP_MACS - 1)
+    assert not small and "fixed costs" in why
+    large, why = precision.bf16_pays(torch.device("cpu"), 10 * precision.MIN_STEP_MACS)
+    assert large == precision.native_bf16(torch.device("cpu"))[0] and "80.0M" in why

@@ -259,14 +259,23 @@ def test_bf16_training_steps_score_and_keep_in_float32(trained_resmlp, yinyang_s
     assert m16["state_fvu"] <= 1.5 * m32["state_fvu"] + 1e-3
 
 
-def test_train_amp_auto_resolves_per_device(trained_resmlp, yinyang_small):
-    from koopman_hooks.core.precision import native_bf16
+def test_train_amp_auto_takes_bf16_only_where_it_pays(trained_resmlp, yinyang_small):
+    from koopman_hooks.core.precision import MIN_STEP_MACS, bf16_pays, native_bf16
+    from koopman_hooks.fitting.sizing import surrogate_macs
 
     train, _ = yinyang_small
-    probe = KoopmanProbe(trained_resmlp, ["blocks.0", "blocks.2"], verbose=False)  # train_amp="auto"
-    probe.fit(TensorLoader.from_dataset(train, 256), epochs=1)
-    fast, why = native_bf16(torch.device("cpu"))
-    assert probe.fetch_model().info["train_amp"] == f"{'bf16' if fast else 'float32'} ({why})"
+    for latent_dim in (12, 512):  # a step far below and far above MIN_STEP_MACS
+        probe = KoopmanProbe(trained_resmlp, ["blocks.0", "blocks.2"], latent_dim=latent_dim, batch_size=128,
+                             verbose=False)  # train_amp="auto"
+        fitted = probe.fit(TensorLoader.from_dataset(train, 256), epochs=1).fetch_model()
+        sizes = fitted.sizes
+        step = sizes.batch_size * surrogate_macs(0, 0, sizes.width, sizes.latent_dim, sizes.hidden)
+        pays, why = bf16_pays(torch.device("cpu"), step)
+        assert fitted.info["train_amp"] == f"{'bf16' if pays else 'float32'} ({why})"
+        if step < MIN_STEP_MACS:
+            assert not pays and "fixed costs" in why
+        else:
+            assert pays == native_bf16(torch.device("cpu"))[0]
 
 
 def test_train_amp_is_validated():
