@@ -80,12 +80,13 @@ class KoopmanProbe:
             temporary file deleted after the fit), two otherwise; ``0`` always runs it twice.
         amp: ``"bf16"``/``"fp16"`` autocast for the model's forward passes (activations become
             float32 in the adapters); ``None`` runs the model as it is.
-        train_amp: bfloat16 autocast of the autoencoder's training steps (its matrix products;
-            weights, optimiser, closed forms and the held-out scores stay float32): ``"auto"``
-            where it pays -- a step of at least 8M multiply-adds on a device that multiplies
-            bfloat16 natively (a CUDA GPU that supports it; a CPU where it measures at least
-            1.5 x float32's speed, e.g. AVX512-BF16 or AMX) --, ``"bf16"`` always, ``None``
-            never. The fit's ``info["train_amp"]`` says what ran and why.
+        train_amp: bfloat16 autocast of the autoencoder's training steps (the products of φ, K
+            and ψ; weights, optimiser, K's powers, closed forms, the model's own tail and the
+            held-out scores stay float32): ``"auto"`` where it pays -- a batch of at least 8M
+            forward multiply-adds through φ, K and ψ on a device that multiplies bfloat16
+            natively (a CUDA GPU from Ampere on; a CPU where it measures at least 1.5 x
+            float32's speed, e.g. AVX512-BF16 or AMX) --, ``"bf16"`` always, ``None`` never. The
+            fit's ``info["train_amp"]`` says what ran and why; "auto" can differ between machines.
         input_key, label_key, ignore_keys: how dict batches reach the model (see
             :class:`~koopman_hooks.core.batches.BatchSpec`): by default every key but the label.
         mask_key: the key of dict inputs holding the ``(B, N)`` attention mask that the

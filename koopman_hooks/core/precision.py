@@ -12,9 +12,11 @@ autocast, one of 3.4M 0.82 and 0.78 ms, of 11M 1.55 and 1.02 ms, of 40M 5.1 and 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -46,11 +48,20 @@ def _cpu_speedup() -> float:
         return _fastest(lambda: a @ b) / _fastest(lambda: a16 @ b16)
 
 
+def _cuda_native(device: torch.device) -> bool:
+    if torch.version.hip:  # ROCm: torch's own answer, without emulation where it can say so
+        try:
+            return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+        except TypeError:
+            return bool(torch.cuda.is_bf16_supported())
+    return torch.cuda.get_device_properties(device).major >= 8  # bfloat16 tensor cores from Ampere on
+
+
 def native_bf16(device: torch.device) -> tuple[bool, str]:
     """``(whether bfloat16 products are natively fast on device, why)``."""
     if device.type == "cuda":
-        supported = torch.cuda.is_bf16_supported()
-        return supported, f"CUDA {'supports' if supported else 'does not support'} bfloat16"
+        native = _cuda_native(device)
+        return native, f"{torch.cuda.get_device_name(device)} {'has' if native else 'has no'} native bfloat16"
     if device.type != "cpu":
         return False, f"not measured on {device.type}"
     speedup = _cpu_speedup()
@@ -59,9 +70,32 @@ def native_bf16(device: torch.device) -> tuple[bool, str]:
 
 
 def bf16_pays(device: torch.device, step_macs: int) -> tuple[bool, str]:
-    """``(whether autocasting a training step of step_macs multiply-adds to bfloat16 pays, why)``."""
-    size = f"a step's {step_macs / 1e6:.1f}M multiply-adds"
+    """``(whether autocasting a training step to bfloat16 pays, why)``; ``step_macs``: the step's
+    size as the batch's forward multiply-adds through φ, K and ψ (the rows times the surrogate's
+    per row; the step itself encodes and decodes several layers and runs backward: a few times more)."""
+    size = f"a step's {step_macs / 1e6:.1f}M forward multiply-adds"
     if step_macs < MIN_STEP_MACS:
         return False, f"{size} (< {MIN_STEP_MACS / 1e6:.0f}M: bound by its fixed costs)"
     fast, why = native_bf16(device)
     return fast, f"{size}; {why}"
+
+
+def bf16_autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:
+    """bfloat16 autocast on ``device`` when ``enabled``, else nothing at all (not even a disabled
+    autocast, which some torch versions refuse for some devices)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return bool(torch.is_autocast_enabled(device_type))  # torch >= 2.4
+    except TypeError:
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    except RuntimeError:  # a device type autocast does not know: never on
+        return False
+
+
+def float32_region(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Autocast switched off on ``device`` where it is on (e.g. for a solve or a matrix power
+    inside a bfloat16 step), else nothing."""
+    return torch.autocast(device.type, enabled=False) if _autocast_on(device.type) else contextlib.nullcontext()

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from koopman_hooks.core import distributed
 from koopman_hooks.core.optim import adamw
+from koopman_hooks.core.precision import bf16_autocast
 from koopman_hooks.core.select import MODEL_OUTPUT
 from koopman_hooks.fitting.cache import StateCache
 from koopman_hooks.koopman.adapters import LayerAdapter
@@ -255,13 +256,13 @@ def train(
         steps = 0
         for batch in cache.batches(order[: n_steps * schedule.batch_size], schedule.batch_size):
             states = rotated_states(batch, rotations, device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=schedule.amp):
+            with bf16_autocast(device, schedule.amp):
                 losses = koopman_losses(ae, states, weights, topological, schedule.ridge)
-                prediction = losses.pop("prediction")
-                if tail is not None and weights.output:
-                    predicted = last.inverse(prediction.float(), mask=_mask(batch, device))
-                    losses["output"] = output_matching_loss(tail(batch, predicted), batch["scores"].to(device))
-                    losses["total"] = losses["total"] + weights.output * losses["output"]
+            prediction = losses.pop("prediction")
+            if tail is not None and weights.output:  # the model's own tail in its own precision
+                predicted = last.inverse(prediction.float(), mask=_mask(batch, device))
+                losses["output"] = output_matching_loss(tail(batch, predicted), batch["scores"].to(device))
+                losses["total"] = losses["total"] + weights.output * losses["output"]
             optimiser.zero_grad(set_to_none=True)
             losses["total"].backward()
             nn.utils.clip_grad_norm_(params, 1.0)

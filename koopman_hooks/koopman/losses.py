@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from koopman_hooks.core.precision import float32_region
 from koopman_hooks.core.schema import check_fields
 from koopman_hooks.core.select import MODEL_OUTPUT
 from koopman_hooks.koopman.autoencoder import KoopmanAutoencoder
@@ -62,7 +63,7 @@ def isometry_loss(a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 def batch_ridge_operator(z_in: torch.Tensor, z_out: torch.Tensor, ridge: float) -> torch.Tensor:
     """``K`` minimising ``‖z_out − z_in Kᵀ‖² + ridge·mean(diag)·‖K‖²`` (differentiable; in float32,
     also under autocast)."""
-    with torch.autocast(z_in.device.type, enabled=False):
+    with float32_region(z_in.device):
         return _ridge_solve(z_in.float(), z_out.float(), ridge)
 
 

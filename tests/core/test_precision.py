@@ -27,3 +27,45 @@ def test_small_steps_never_pay_large_ones_follow_the_device():
     assert not small and "fixed costs" in why
     large, why = precision.bf16_pays(torch.device("cpu"), 10 * precision.MIN_STEP_MACS)
     assert large == precision.native_bf16(torch.device("cpu"))[0] and "80.0M" in why
+
+
+def test_the_measured_speedup_decides(monkeypatch):
+    big = 10 * precision.MIN_STEP_MACS
+    for speedup, expected in ((1.0, False), (precision.MIN_SPEEDUP - 0.01, False), (3.0, True)):
+        monkeypatch.setattr(precision, "_cpu_speedup", lambda s=speedup: s)
+        assert precision.native_bf16(torch.device("cpu"))[0] is expected
+        assert precision.bf16_pays(torch.device("cpu"), big)[0] is expected
+        assert precision.bf16_pays(torch.device("cpu"), precision.MIN_STEP_MACS - 1)[0] is False
+
+
+def test_autocast_regions():
+    cpu = torch.device("cpu")
+    a = torch.randn(8, 8)
+    with precision.bf16_autocast(cpu, True):
+        assert (a @ a).dtype == torch.bfloat16
+        with precision.float32_region(cpu):
+            assert (a @ a).dtype == torch.float32
+    with precision.bf16_autocast(torch.device("meta"), False):  # nothing entered, whatever the device
+        assert (a @ a).dtype == torch.float32
+        with precision.float32_region(torch.device("meta")):
+            assert (a @ a).dtype == torch.float32
+
+
+def test_operator_powers_stay_float32_in_a_bf16_step():
+    from koopman_hooks.koopman.operator import KoopmanOperator, advance
+
+    torch.manual_seed(0)
+    for parametrization in ("dense", "exp", "lowrank"):
+        op = KoopmanOperator(16, parametrization, total_steps=4)
+        with torch.no_grad():
+            for p in op.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        exact = op.power(3)
+        with precision.bf16_autocast(torch.device("cpu"), True):
+            inside = op.power(3)
+        assert inside.dtype == torch.float32 and torch.equal(inside, exact)
+    k, z = 0.3 * torch.randn(16, 16), torch.randn(32, 16)  # more rows than dims: one product with K^3
+    with precision.bf16_autocast(torch.device("cpu"), True):
+        out = advance(k, z, 3)
+    reference = z @ torch.linalg.matrix_power(k, 3).T
+    assert float((out.float() - reference).norm() / reference.norm()) < 1e-2  # one bfloat16 product, not three

