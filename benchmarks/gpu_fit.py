@@ -48,7 +48,7 @@ def run(name: str, train_size: int | None, amp: str | None) -> dict[str, object]
             "agreement": metrics["agreement"], "linear_agreement": metrics["linear_baseline"]["agreement"],
             "model_accuracy": metrics["model_accuracy"], "edit_seconds": time.perf_counter() - start,
             "edit_info_seconds": edited.info["edit_seconds"], "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20,
-            "epochs_run": probe.fetch_model().info["epochs_run"]}
+            "epochs_run": probe.fetch_model().info["epochs_run"], "train_amp": probe.fetch_model().info["train_amp"]}
 
 
 def main() -> None:
