@@ -14,8 +14,6 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
-from koopman_hooks.core.precision import float32_region
-
 Parametrization = Literal["dense", "exp", "lowrank"]
 PARAMETRIZATIONS: tuple[str, ...] = get_args(Parametrization)
 
@@ -30,9 +28,7 @@ def advance(k: torch.Tensor, z: torch.Tensor, steps: int) -> torch.Tensor:
         for _ in range(steps):
             z = z @ k.T
         return z
-    with float32_region(k.device):  # K^steps in K's precision, also in a bfloat16 step
-        power = torch.linalg.matrix_power(k, steps)
-    return z @ power.T
+    return z @ torch.linalg.matrix_power(k, steps).T
 
 
 class KoopmanOperator(nn.Module):
@@ -63,14 +59,11 @@ class KoopmanOperator(nn.Module):
         return self.power(1)
 
     def power(self, steps: int) -> torch.Tensor:
-        """``K^steps``, acting on row vectors as ``z @ K^steps.T``; in the parameters' precision,
-        also inside a bfloat16 autocast."""
+        """``K^steps``, acting on row vectors as ``z @ K^steps.T``. Inside a bfloat16 autocast
+        (``train_amp``) its products are bfloat16 too: ``K^4`` at latent 240 in float32 cost the
+        MNIST recipe's fit 2.0 s of 13.6 at the same agreement; the scores never run under it."""
         if steps == 0:
             return torch.eye(self.dim, device=self._device(), dtype=self._dtype())
-        with float32_region(self._device()):
-            return self._power(steps)
-
-    def _power(self, steps: int) -> torch.Tensor:
         if self.parametrization == "exp":
             return torch.linalg.matrix_exp(self.generator * (steps / self.total_steps))
         if self.parametrization == "dense":
