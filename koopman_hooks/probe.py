@@ -81,8 +81,8 @@ class KoopmanProbe:
         amp: ``"bf16"``/``"fp16"`` autocast for the model's forward passes (activations become
             float32 in the adapters); ``None`` runs the model as it is.
         train_amp: bfloat16 autocast of the autoencoder's training steps (the products of φ, K
-            and ψ; weights, optimiser, K's powers, closed forms, the model's own tail and the
-            held-out scores stay float32): ``"auto"`` where it pays -- a batch of at least 8M
+            and ψ, K's powers included; weights, optimiser, closed forms, the model's own tail and
+            the held-out scores stay float32): ``"auto"`` where it pays -- a batch of at least 8M
             forward multiply-adds through φ, K and ψ on a device that multiplies bfloat16
             natively (a CUDA GPU from Ampere on; a CPU where it measures at least 1.5 x
             float32's speed, e.g. AVX512-BF16 or AMX) --, ``"bf16"`` always, ``None`` never. The

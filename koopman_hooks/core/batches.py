@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from koopman_hooks.core.precision import autocast_to
 from koopman_hooks.errors import ConfigError
 
 Inputs = torch.Tensor | dict[str, Any]
@@ -71,9 +71,7 @@ class BatchSpec:
 
 def autocast(spec: BatchSpec, device: torch.device) -> Any:
     """The autocast context of ``spec.amp`` on ``device`` (a no-op without ``amp``)."""
-    if spec.amp is None:
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if spec.amp == "bf16" else torch.float16)
+    return autocast_to(device, None if spec.amp is None else torch.bfloat16 if spec.amp == "bf16" else torch.float16)
 def class_labels(labels: Any, n_classes: int | None) -> torch.Tensor:
     """``labels`` as a ``(batch,)`` integer tensor of classes ``0..n_classes-1`` (``n_classes``: the
     width of the model's ``(batch, classes)`` scores; ``None``: only ``>= 0`` is checked), or a

@@ -80,10 +80,10 @@ def bf16_pays(device: torch.device, step_macs: int) -> tuple[bool, str]:
     return fast, f"{size}; {why}"
 
 
-def bf16_autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:
-    """bfloat16 autocast on ``device`` when ``enabled``, else nothing at all (not even a disabled
-    autocast, which some torch versions refuse for some devices)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+def autocast_to(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
+    """Autocast to ``dtype`` on ``device``; ``None``: nothing at all (not even a disabled autocast,
+    which some torch versions refuse for some devices)."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def _autocast_on(device_type: str) -> bool:

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from koopman_hooks.core import distributed
 from koopman_hooks.core.optim import adamw
-from koopman_hooks.core.precision import bf16_autocast
+from koopman_hooks.core.precision import autocast_to
 from koopman_hooks.core.select import MODEL_OUTPUT
 from koopman_hooks.fitting.cache import StateCache
 from koopman_hooks.koopman.adapters import LayerAdapter
@@ -256,7 +256,7 @@ def train(
         steps = 0
         for batch in cache.batches(order[: n_steps * schedule.batch_size], schedule.batch_size):
             states = rotated_states(batch, rotations, device)
-            with bf16_autocast(device, schedule.amp):
+            with autocast_to(device, torch.bfloat16 if schedule.amp else None):
                 losses = koopman_losses(ae, states, weights, topological, schedule.ridge)
             prediction = losses.pop("prediction")
             if tail is not None and weights.output:  # the model's own tail in its own precision

@@ -41,11 +41,11 @@ def test_the_measured_speedup_decides(monkeypatch):
 def test_autocast_regions():
     cpu = torch.device("cpu")
     a = torch.randn(8, 8)
-    with precision.bf16_autocast(cpu, True):
+    with precision.autocast_to(cpu, torch.bfloat16):
         assert (a @ a).dtype == torch.bfloat16
         with precision.float32_region(cpu):
             assert (a @ a).dtype == torch.float32
-    with precision.bf16_autocast(torch.device("meta"), False):  # nothing entered, whatever the device
+    with precision.autocast_to(torch.device("meta"), None):  # nothing entered, whatever the device
         assert (a @ a).dtype == torch.float32
         with precision.float32_region(torch.device("meta")):
             assert (a @ a).dtype == torch.float32
@@ -63,11 +63,11 @@ def test_operator_powers_in_a_bf16_step_stay_close_to_float32():
                 p.add_(0.05 * torch.randn_like(p))
         with torch.no_grad():
             exact = op.power(3)
-            with precision.bf16_autocast(torch.device("cpu"), True):
+            with precision.autocast_to(torch.device("cpu"), torch.bfloat16):
                 inside = op.power(3)
         assert float((inside.float() - exact).norm() / exact.norm()) < 2e-2, parametrization
     k, z = 0.3 * torch.randn(16, 16), torch.randn(32, 16)
-    with precision.bf16_autocast(torch.device("cpu"), True):
+    with precision.autocast_to(torch.device("cpu"), torch.bfloat16):
         out = advance(k, z, 3)
     reference = z @ torch.linalg.matrix_power(k, 3).T
     assert float((out.float() - reference).norm() / reference.norm()) < 2e-2
