@@ -102,7 +102,7 @@ def record(
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if name in recording.activations:
                 raise LayerError(f"layer {name!r} ran more than once in one forward pass; probe a layer that runs once")
-            value = selector.get(output).detach()
+            value = selector.get(output).detach().clone()  # as the layer returned it: later in-place ops cannot reach it
             if shapes is not None and name in shapes:
                 check_shape(name, value, shapes[name])
             recording.activations[name] = value

@@ -2,8 +2,10 @@
 
 :class:`PatchedModel` replaces ``dst``'s output with ``surrogate(src's output)``. Its *fast*
 path also skips the modules that run only between ``src`` and ``dst`` (their output is
-replaced anyway), so the patched model costs less than the original; it is checked once, on
-the first call, against the full path on the same batch and used only if both agree.
+replaced anyway), so the patched model costs less than the original; it is checked on the
+first call in eval mode against the full path on the same batch and used only if every tensor
+of both outputs agrees (a call of another kind is checked again; dropout or batch norm in
+training mode and hooks on skipped modules take the full path).
 :class:`TailRunner` gives the model's output for a supplied ``dst`` activation, skipping
 everything before ``dst``.
 """
@@ -20,7 +22,7 @@ from torch import nn
 from koopman_hooks.core.batches import MASK_KEY, Inputs, batch_size_of, call_model
 from koopman_hooks.core.hooks import hooked
 from koopman_hooks.core.layers import get_module
-from koopman_hooks.core.select import MODEL_OUTPUT, OutputSelector
+from koopman_hooks.core.select import MODEL_OUTPUT, OutputSelector, output_children
 from koopman_hooks.core.shapes import check_shape
 from koopman_hooks.core.skipping import Trace, batch_of, call_with_zeros, skip_plan, skipped, trace, zeros_that_work
 from koopman_hooks.errors import LayerError
@@ -62,11 +64,44 @@ def forward_signature(model: nn.Module) -> inspect.Signature | None:
         return None
 
 
-def outputs_agree(a: Any, b: Any, rtol: float = 1e-4, atol: float = 1e-5) -> bool:
-    """Whether two model outputs have equal scores (the first tensor of each), up to float noise."""
-    x, y = MODEL_OUTPUT.get(a).float(), MODEL_OUTPUT.get(b).float()
+def _tensors_agree(x: torch.Tensor, y: torch.Tensor, rtol: float, atol: float) -> bool:
+    if x.shape != y.shape:
+        return False
+    x, y = x.detach().float(), y.detach().float()
     scale = float(x.abs().max()) if x.numel() else 1.0
-    return x.shape == y.shape and bool(torch.allclose(x, y, rtol=rtol, atol=atol * max(scale, 1.0)))
+    return bool(torch.allclose(x, y, rtol=rtol, atol=atol * max(scale, 1.0)))
+
+
+def output_structure(output: Any) -> Any:
+    """The shape of an output's nesting (container types, keys, lengths; tensors as ``"T"``):
+    two calls whose outputs differ here returned different things (e.g. ``hidden_states``)."""
+    if isinstance(output, torch.Tensor):
+        return "T"
+    children = output_children(output)
+    if not children:
+        return type(output).__name__
+    return (type(output).__name__, tuple((key, output_structure(child)) for key, child in children))
+
+
+def _every_part_agrees(a: Any, b: Any, rtol: float, atol: float) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and _tensors_agree(a, b, rtol, atol)
+    left, right = output_children(a), output_children(b)
+    if not left and not right:
+        try:
+            return type(a) is type(b) and bool(a == b)
+        except Exception:  # noqa: BLE001 - a leaf without a plain truth value (an array) compares by identity
+            return a is b
+    return (len(left) == len(right) and all(ka == kb for (ka, _), (kb, _) in zip(left, right))
+            and all(_every_part_agrees(x, y, rtol, atol) for (_, x), (_, y) in zip(left, right)))
+
+
+def outputs_agree(a: Any, b: Any, rtol: float = 1e-4, atol: float = 1e-5, every_part: bool = False) -> bool:
+    """Whether two model outputs have equal scores (the first tensor of each), up to float noise;
+    with ``every_part``, every tensor of the outputs and the same structure around them."""
+    if every_part:
+        return _every_part_agrees(a, b, rtol, atol)
+    return _tensors_agree(MODEL_OUTPUT.get(a), MODEL_OUTPUT.get(b), rtol, atol)
 
 
 class PatchedModel(nn.Module):
@@ -114,6 +149,8 @@ class PatchedModel(nn.Module):
         self.path: Path = "pending" if (fast and strict) else "full"
         self._trace: Trace | None = None
         self._skip: list[str] = []
+        self._skipped_tree: list[nn.Module] = []
+        self._checked_calls: dict[Any, bool] = {}  # call and output structure -> whether the fast path agreed
         self._shared_zeros = True
 
     def _predict(self, source: torch.Tensor, real: torch.Tensor | None, mask: Any = None) -> torch.Tensor:
@@ -135,7 +172,7 @@ class PatchedModel(nn.Module):
         mask = self._mask(args, kwargs)
 
         def capture(module: nn.Module, inputs: Any, output: Any) -> None:
-            captured["src"] = self.src_selector.get(output)
+            captured["src"] = self.src_selector.get(output).clone()  # safe from in-place ops after src
 
         def replace(module: nn.Module, inputs: Any, output: Any) -> Any:
             if "src" not in captured:
@@ -162,7 +199,7 @@ class PatchedModel(nn.Module):
         mask = self._mask(args, kwargs)
 
         def capture(module: nn.Module, inputs: Any, output: Any) -> None:
-            captured["src"] = self.src_selector.get(output)
+            captured["src"] = self.src_selector.get(output).clone()  # safe from in-place ops after src
 
         def supply(zeros: Any) -> Any:
             template = self.dst_selector.get(zeros)
@@ -175,10 +212,13 @@ class PatchedModel(nn.Module):
 
     def calibrate(self, *args: Any, **kwargs: Any) -> Any:
         """Run the full path on this batch (in the caller's grad mode) and, where allowed, try the
-        fast one (without grad): it is used from now on if both give the same output. Returns the
-        full path's output."""
+        fast one (without grad): it is used from now on if both give the same output, every
+        tensor of it. Returns the full path's output. A model whose dropout or batch-norm layers
+        are in training mode is not calibrated (random layers make the paths differ, and every
+        extra pass would update running statistics): the call runs the full path once and the
+        check waits for a call in eval mode."""
         out = self._full(*args, **kwargs)
-        if self.path != "pending":
+        if self.path != "pending" or self._training():
             return out
         self.path = "full"
         try:
@@ -188,14 +228,52 @@ class PatchedModel(nn.Module):
         except Exception:  # noqa: BLE001 - any failure of the short path means: use the full one
             return out
         if self._skip:
-            shared = zeros_that_work(lambda shared: outputs_agree(self._skipping(shared, *args, **kwargs), out))
+            shared = zeros_that_work(
+                lambda shared: outputs_agree(self._skipping(shared, *args, **kwargs), out, every_part=True))
             if shared is not None:
                 self.path, self._shared_zeros = "fast", shared
+                self._skipped_tree = [m for name in self._skip for m in get_module(self.model, name).modules()]
+                self._checked_calls[self._call_key(args, kwargs, out)] = True
         return out
+
+    def _training(self) -> bool:
+        """Whether a module that acts differently in training now trains: dropout-like layers
+        (random) and layers with buffers (batch norm's running statistics, updated by every pass)."""
+        return any(module.training and (
+            "Drop" in type(module).__name__ or any(True for _ in module.buffers(recurse=False))
+            or (isinstance(module, nn.MultiheadAttention) and module.dropout > 0))
+            for module in self.model.modules())
+
+    def _hooks_on_skipped(self) -> bool:
+        """Whether a forward hook now sits on a skipped module (or on every module): the fast
+        path would call it with zeros, so the call takes the full path."""
+        if getattr(nn.modules.module, "_global_forward_hooks", None) or getattr(
+                nn.modules.module, "_global_forward_pre_hooks", None):
+            return True
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self._skipped_tree)
+
+    @staticmethod
+    def _call_key(args: Sequence[Any], kwargs: Mapping[str, Any], out: Any) -> Any:
+        return len(args), tuple(sorted(kwargs)), output_structure(out)
+
+    def _fast_or_full(self, *args: Any, **kwargs: Any) -> Any:
+        """The fast path's output where it agreed with the full one on a call of this kind (same
+        argument names, same output structure: a call asking for more, e.g. ``hidden_states``,
+        is checked again); else, and in training mode or with hooks on skipped modules, the
+        full path's."""
+        if self._training() or self._hooks_on_skipped():
+            return self._full(*args, **kwargs)
+        fast = self._fast(*args, **kwargs)
+        key = self._call_key(args, kwargs, fast)
+        if key not in self._checked_calls:
+            full = self._full(*args, **kwargs)
+            self._checked_calls[key] = outputs_agree(fast, full, every_part=True)
+            return full
+        return fast if self._checked_calls[key] else self._full(*args, **kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.path == "fast":
-            return self._fast(*args, **kwargs)
+            return self._fast_or_full(*args, **kwargs)
         if self.path == "pending":
             return self.calibrate(*args, **kwargs)
         return self._full(*args, **kwargs)

@@ -20,7 +20,8 @@ Path = tuple[int | str, ...]
 T = TypeVar("T")
 
 
-def _children(output: Any) -> list[tuple[int | str, Any]]:
+def output_children(output: Any) -> list[tuple[int | str, Any]]:
+    """The (key, value) parts of a container output (mapping, tuple, list, dataclass); [] for a leaf."""
     if isinstance(output, Mapping):
         return list(output.items())
     if isinstance(output, (tuple, list)):
@@ -33,7 +34,7 @@ def _children(output: Any) -> list[tuple[int | str, Any]]:
 def _first_tensor_path(output: Any) -> Path | None:
     if isinstance(output, torch.Tensor):
         return ()
-    for key, child in _children(output):
+    for key, child in output_children(output):
         sub = _first_tensor_path(child)
         if sub is not None:
             return (key, *sub)

@@ -37,3 +37,18 @@ def test_record_stop_and_check_order_directly():
         check_order(["input", "blocks.1", "head"], rec)
 
 
+
+
+def test_record_keeps_the_output_as_the_layer_returned_it():
+    """An in-place op after the layer (ReLU(inplace=True)) must not change the recording."""
+    from koopman_hooks.core.select import OutputSelector
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(inplace=True), torch.nn.Linear(6, 2))
+    x = torch.randn(8, 4)
+    with torch.no_grad():
+        expected = model[0](x)
+    with torch.no_grad(), record(model, {"0": OutputSelector(None, "0")}) as rec:
+        model(x)
+    assert bool((expected < 0).any())  # the ReLU had something to change
+    torch.testing.assert_close(rec.activations["0"], expected)

@@ -76,7 +76,7 @@ def test_first_forward_under_autograd_reaches_the_surrogate():
     from koopman_hooks.core.patching import PatchedModel
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
     weight = nn.Parameter(torch.eye(4))
 
     class Surrogate(nn.Module):
@@ -90,3 +90,90 @@ def test_first_forward_under_autograd_reaches_the_surrogate():
         assert grad.abs().sum() > 0
         assert patched.path == ("fast" if fast else "full")
         assert all(p.grad is None for p in model.parameters())
+
+
+class TwoOutputs(nn.Module):
+    """Returns ``(scores, hidden)``: ``hidden`` is the output of ``b``, a module between the
+    patched layers ``a`` and ``c`` -- the fast path would skip it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c, self.head = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor, with_hidden: bool = True) -> object:
+        b = torch.relu(self.b(torch.relu(self.a(x))))
+        scores = self.head(torch.relu(self.c(b)))
+        return (scores, b) if with_hidden else scores
+
+
+class Shift(nn.Module):
+    """A stand-in surrogate: the source plus one."""
+
+    def forward(self, x: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+        return x + 1.0
+
+
+def test_fast_path_is_used_only_where_every_output_agrees():
+    model = TwoOutputs().eval()
+    x = torch.randn(6, 4)
+    full = PatchedModel(model, Shift(), "a", "c", fast=False)
+    returning_b = PatchedModel(model, Shift(), "a", "c")
+    out = returning_b(x)
+    assert returning_b.path == "full" and returning_b.skipped_modules == []  # b is returned: not skipped
+    for got, want in zip(out, full(x)):
+        torch.testing.assert_close(got, want)
+    # without b among the outputs the fast path skips it; a call of another kind (a keyword
+    # asking for b) is checked again and answered by the full path, whose b is real
+    scores_only = PatchedModel(model, Shift(), "a", "c")
+    torch.testing.assert_close(scores_only(x, with_hidden=False), full(x, with_hidden=False))
+    assert scores_only.path == "fast" and scores_only.skipped_modules == ["b"]
+    again = scores_only(x, with_hidden=True)
+    assert not bool((again[1] == 0).all())
+    torch.testing.assert_close(again[1], full(x, with_hidden=True)[1])
+    torch.testing.assert_close(scores_only(x, with_hidden=False), full(x, with_hidden=False))
+
+
+def test_fast_path_gives_way_to_hooks_on_skipped_modules_and_to_training_mode():
+    model = TwoOutputs().eval()
+    x = torch.randn(6, 4)
+    patched = PatchedModel(model, Shift(), "a", "c")
+    patched(x, with_hidden=False)
+    assert patched.path == "fast"
+    seen: list[torch.Tensor] = []
+    handle = model.b.register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    try:
+        patched(x, with_hidden=False)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(seen[0], torch.relu(model.a(x)) @ model.b.weight.T + model.b.bias)  # really ran
+
+    class Norm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.bn, self.c, self.head = nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 5), nn.Linear(5, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.c(self.bn(self.a(x))))
+
+    net = Norm().train()
+    patched_net = PatchedModel(net, Shift(), "a", "c")
+    patched_net(x)
+    assert int(net.bn.num_batches_tracked) == 1  # one pass, as model(x) makes: no calibration passes
+    assert patched_net.path == "pending"  # checked on the first call in eval mode
+    net.eval()
+    patched_net(x)
+    assert patched_net.path == "fast" and int(net.bn.num_batches_tracked) == 1
+
+
+def test_the_source_is_read_as_the_layer_returned_it():
+    """An in-place op after the source layer (ReLU(inplace=True)) must not change what the
+    surrogate reads."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 5), nn.Linear(5, 3)).eval()
+    x = torch.randn(6, 4)
+    for fast in (True, False):
+        patched = PatchedModel(model, Shift(), "0", "2", fast=fast)
+        patched(x)
+        torch.testing.assert_close(patched(x), model[3](model[0](x) + 1.0))
