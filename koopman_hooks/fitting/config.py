@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from typing import Any, Literal
 
 from koopman_hooks.core.schema import check_fields, from_mapping, to_mapping
 from koopman_hooks.errors import ConfigError
+from koopman_hooks.koopman.autoencoder import MAX_STEPS
 from koopman_hooks.koopman.losses import LossWeights
 from koopman_hooks.koopman.operator import Parametrization
 from koopman_hooks.koopman.reduce import parse_reduce
@@ -56,6 +58,12 @@ class ProbeConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        not_finite = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                      if isinstance(getattr(self, f.name), float) and not math.isfinite(getattr(self, f.name))}
+        not_finite.update({f"loss_weights.{k}": v for k, v in self.loss_weights.as_dict().items()
+                           if isinstance(v, float) and not math.isfinite(v)})
+        if not_finite:
+            raise ConfigError(f"options must be finite numbers, got {not_finite}")
         n = len(self.layers)
         if len(set(self.layers)) != n:
             twice = sorted({name for name in self.layers if self.layers.count(name) > 1})
@@ -65,8 +73,9 @@ class ProbeConfig:
         for name in ("select", "reduce"):
             if not getattr(self, name):
                 object.__setattr__(self, name, (None,) * n)
-        if self.steps is not None and (len(self.steps) != n - 1 or min(self.steps) < 1):
-            raise ConfigError(f"steps needs {n - 1} positive entries (one per layer pair), got {list(self.steps)}")
+        if self.steps is not None and (len(self.steps) != n - 1 or min(self.steps) < 1 or sum(self.steps) > MAX_STEPS):
+            raise ConfigError(f"steps needs {n - 1} positive entries (one per layer pair), at most {MAX_STEPS} in all, "
+                              f"got {list(self.steps)}")
         for name in ("select", "reduce"):
             if len(getattr(self, name)) != n:
                 raise ConfigError(f"{name} needs one entry per layer ({n}), got {len(getattr(self, name))}")

@@ -95,7 +95,7 @@ class FittedProbe:
         self._patched: tuple[nn.Module, PatchedModel] | None = None  # the last patch() of patched_outputs
         self.fit_cache: StateCache | None = None
         self._cache_rows = 0
-        self._cache_version = 0
+        self._cache_version: tuple[Any, ...] = ()
         self._release: weakref.finalize | None = None
 
     # ------------------------------------------------------------------ the fit's cache
@@ -321,6 +321,9 @@ class FittedProbe:
         parameter shapes raises :class:`~koopman_hooks.errors.IncompatibleFileError`.
         """
         tensors, header = load_tensors(path, "probe")
+        not_finite = sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+        if not_finite:
+            raise IncompatibleFileError(f"{path} is not a valid probe file: non-finite values in {not_finite}")
         try:
             config = ProbeConfig.from_dict(header["config"])
             n = len(config.layers)
@@ -333,6 +336,9 @@ class FittedProbe:
             if not len(shapes) == len(reduce) == len(fingerprints) == n:
                 raise ConfigError(f"shapes, reduce and parameter_shapes need one entry per layer ({n})")
             ae_config = from_mapping(AutoencoderConfig, header["autoencoder"], "autoencoder")
+            if len(ae_config.segment_steps) != n - 1:
+                raise ConfigError(f"autoencoder.segment_steps needs one entry per layer pair ({n - 1}), "
+                                  f"got {list(ae_config.segment_steps)}")
             sizes = None if header.get("sizes") is None else from_mapping(Sizes, header["sizes"], "sizes")
             info = check(header.get("info", {}), dict[str, Any], "info")
             history = check(header.get("history", []), tuple[dict[str, Any], ...], "history")
@@ -373,8 +379,12 @@ class FittedProbe:
                 f"hidden={list(ae.hidden)}, steps={list(ae.segment_steps)}, operator={c.operator!r})")
 
 
-def _parameters_version(model: nn.Module) -> int:
-    """Sum of the in-place version counters of ``model``'s parameters and buffers: it grows
-    whenever any of them is written in place (an optimiser step, ``load_state_dict``, a
-    batch-norm update in train mode)."""
-    return sum(t._version for t in (*model.parameters(), *model.buffers()))
+def _parameters_version(model: nn.Module) -> tuple[Any, ...]:
+    """What changes when ``model``'s parameters or buffers do: their in-place version counters
+    (an optimiser step, ``load_state_dict``, a batch-norm update in train mode), their storage
+    (``.data = ...``) and a position-weighted sum of their values (writes through ``.data``,
+    which no version counter sees)."""
+    tensors = [t.detach() for t in (*model.parameters(), *model.buffers())]
+    sums = [float((t.double().flatten() * (1 + torch.arange(t.numel(), device=t.device) % 7)).sum())
+            for t in tensors if t.is_floating_point()]
+    return tuple(t._version for t in tensors), tuple(t.data_ptr() for t in tensors), tuple(sums)

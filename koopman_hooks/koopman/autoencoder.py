@@ -17,7 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from koopman_hooks.errors import ConfigError
 from koopman_hooks.koopman.operator import KoopmanOperator, Parametrization
+
+MAX_STEPS = 10_000  # K's applications in all: far more than a network has modules (a bound for files read back)
 
 
 def mlp(dims: Sequence[int]) -> nn.Module:
@@ -76,6 +79,15 @@ class AutoencoderConfig:
     operator: Parametrization = "dense"
     rank: int | None = None
     segment_steps: tuple[int, ...] = (1,)
+
+    def __post_init__(self) -> None:
+        if self.width < 1 or self.latent_dim < self.width:
+            raise ConfigError(f"need width >= 1 and latent_dim >= width, got {self.width} and {self.latent_dim}")
+        if any(h < 1 for h in self.hidden):
+            raise ConfigError(f"hidden widths must be positive, got {list(self.hidden)}")
+        if not self.segment_steps or any(s < 1 for s in self.segment_steps) or sum(self.segment_steps) > MAX_STEPS:
+            raise ConfigError(f"segment_steps needs one or more positive steps, at most {MAX_STEPS} in all; "
+                              f"got {list(self.segment_steps)}")
 
 
 class KoopmanAutoencoder(nn.Module):

@@ -73,6 +73,11 @@ def test_every_setting_round_trips_through_save_and_load(tmp_path):
         ({"loss_weights": {"state": -1.0}}, "loss_weights must be >= 0"),
         ({"operator_fit": "ridge"}, "operator_fit='ridge' needs operator='dense'"),
         ({"ignore_keys": "meta"}, "ignore_keys: expected list of str"),
+        ({"lr": float("nan")}, r"options must be finite numbers, got \{'lr': nan\}"),
+        ({"ridge": float("inf")}, "options must be finite numbers, got .'ridge': inf"),
+        ({"replay_mb": float("nan")}, "options must be finite numbers, got .'replay_mb'"),
+        ({"loss_weights": {"state": float("nan")}}, "options must be finite numbers, got .'loss_weights.state'"),
+        ({"steps": [20_000]}, "at most 10000 in all"),
     ],
 )
 def test_bad_options_are_refused_naming_the_option(options, message):

@@ -169,7 +169,13 @@ def test_the_kept_cache_reads_only_the_fit_loaders_rows_and_refuses_a_changed_mo
         other.in_adapter.mean.add_(1.0)  # e.g. a surrogate of another fit: the cached states are not its own
     with pytest.raises(ValueError, match="this surrogate"):
         collect_statistics(probe.fetch_model(), None, surrogate=other)
-    with torch.no_grad():
-        model.head.weight.add_(0.1)  # the model changed after the fit: its cached scores are stale
-    with pytest.raises(ValueError, match="stale"):
-        probe.unlearn(0)
+    for change in (lambda: model.head.weight.data.mul_(-1.0),  # through .data: no version counter sees it
+                   lambda: setattr(model.head.weight, "data", model.head.weight.data * 2.0),  # new storage
+                   lambda: model.head.weight.add_(0.1)):  # in place under no_grad
+        original = model.head.weight.detach().clone()
+        with torch.no_grad():
+            change()  # the model changed after the fit: its cached scores are stale
+        with pytest.raises(ValueError, match="stale"):
+            probe.unlearn(0)
+        with torch.no_grad():
+            model.head.weight.copy_(original)
