@@ -26,8 +26,8 @@ class IncompatibleFileError(ValueError):
 class EmptyLoaderError(ValueError):
     """The loader yielded no batches."""
 
-    def __init__(self, what: str = "the loader") -> None:
-        super().__init__(f"{what} yielded no batches")
+    def __init__(self, what: str = "the loader", hint: str | None = None) -> None:
+        super().__init__(f"{what} yielded no batches" + (f"; {hint}" if hint else ""))
 
 
 __all__ = ["EmptyLoaderError", "ConfigError", "IncompatibleFileError", "LayerError", "NotFittedError", "ShapeError"]

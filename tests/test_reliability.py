@@ -36,6 +36,7 @@ from koopman_hooks import (
 )
 from koopman_hooks.cli import main
 from koopman_hooks.data import TensorLoader
+from koopman_hooks.errors import EmptyLoaderError
 from koopman_hooks.models import ResMLP
 from koopman_hooks.recipes import check_recipe, load_recipe
 
@@ -448,6 +449,11 @@ PROBE_CORRUPTIONS = {
     "fit_seconds is a string": _set("fit_seconds", "fast"),
     "parameter shapes are a string": _set("parameter_shapes", "abc"),
     "the header is a list": lambda config: [config],
+    "segment steps are zero": _set("autoencoder.segment_steps", [0]),
+    "segment steps are empty": _set("autoencoder.segment_steps", []),
+    "segment steps for another layer count": _set("autoencoder.segment_steps", [1, 1]),
+    "segment steps too many to run": _set("autoencoder.segment_steps", [10**8]),
+    "the learning rate is NaN": _set("config.lr", float("nan")),
 }
 
 
@@ -623,3 +629,54 @@ def test_13_the_fit_depends_on_its_own_seed_only():
         probe = KoopmanProbe(resmlp(), ["blocks.0", "blocks.2"], seed=5, **TINY).fit(vectors(), epochs=2)
         outputs.append(surrogate_outputs(probe))
     assert torch.equal(outputs[0], outputs[1])
+
+
+def test_13_what_a_loader_draws_from_python_and_numpy_is_undone_after_the_fit():
+    """A loader that augments with Python's and NumPy's global generators advances them during
+    the fit; the caller's streams continue as without the fit (torch's already did)."""
+
+    class Augmenting:
+        def __iter__(self):
+            for x, y in vectors():
+                random.random()
+                yield x + torch.from_numpy(np.random.normal(0.0, 0.01, x.shape)).float(), y
+
+    _seed_everything(7)
+    expected = _global_draws()
+    probe = KoopmanProbe(resmlp(), ["blocks.0", "blocks.2"], **TINY)  # resmlp() seeds torch itself
+    _seed_everything(7)
+    probe.fit(Augmenting(), epochs=1)
+    got = _global_draws()
+    assert torch.equal(got[0], expected[0]) and got[1:] == expected[1:]
+
+
+def test_per_step_edits_leave_numpy_alone_and_do_not_depend_on_its_seed(fitted):
+    stats = fitted.unlearning_statistics(vectors())
+    edited = []
+    for seed in (3, 4):
+        np.random.seed(seed)
+        before = np.random.get_state()[2]
+        edited.append(fitted.unlearn(1, stats, method="per_step").readout.clone())
+        assert np.random.get_state()[2] == before
+    torch.testing.assert_close(edited[0], edited[1], rtol=0, atol=0)
+
+
+def test_a_one_shot_iterator_that_must_be_read_twice_is_named_as_such():
+    probe = KoopmanProbe(resmlp(), ["blocks.0", "blocks.2"], **{**TINY, "replay_mb": 0})
+    with pytest.raises(EmptyLoaderError, match="iterated a second time .replay_mb=0.*cannot be iterated twice"):
+        probe.fit(iter(list(vectors())), epochs=1)
+    assert not probe.is_fitted
+
+
+def test_07_a_file_with_non_finite_values_is_refused(fitted, tmp_path):
+    path = tmp_path / "p.safetensors"
+    fitted.save(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    key = next(k for k in sorted(tensors) if k.startswith("autoencoder."))
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[0] = float("nan")
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(IncompatibleFileError, match=f"non-finite values in .*{key}"):
+        KoopmanProbe.load(path, fitted.model, verbose=False)

@@ -29,7 +29,7 @@ from koopman_hooks.core.hooks import frozen_parameters, preserved_state
 from koopman_hooks.core.layers import module_device
 from koopman_hooks.core.precision import bf16_pays
 from koopman_hooks.core.select import OutputSelector
-from koopman_hooks.errors import ConfigError
+from koopman_hooks.errors import ConfigError, EmptyLoaderError
 from koopman_hooks.fitting import sizing
 from koopman_hooks.fitting.cache import StateCache
 from koopman_hooks.fitting.config import ProbeConfig
@@ -51,6 +51,7 @@ from koopman_hooks.koopman.adapters import LayerAdapter
 from koopman_hooks.koopman.autoencoder import AutoencoderConfig, KoopmanAutoencoder
 from koopman_hooks.koopman.losses import LossWeights
 from koopman_hooks.koopman.start import linear_start
+from koopman_hooks.maths.rng import preserved_host_streams
 
 DEFAULT_EPOCHS = 60
 MAX_VAL_ROWS = 5000
@@ -89,7 +90,8 @@ def fit_probe(
     start_time = time.perf_counter()
     device = torch.device(device) if device is not None else module_device(model)
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), preserved_state(model), frozen_parameters(model):
+    with torch.random.fork_rng(devices=devices), preserved_host_streams(), preserved_state(model), \
+            frozen_parameters(model):
         # the autoencoder's initial weights come from the CPU generator, seeded inside the fork; not
         # torch.manual_seed, which would also (lazily) reseed every GPU's generator, outside the fork
         torch.random.default_generator.manual_seed(config.seed)
@@ -177,7 +179,15 @@ class _Run:
             batches = live_rows(*model_args, loader, self.spec, self.shapes, self.device, calib.keeps_scores,
                                 self.config.mask_key)
             self.notes["passes"] = f"the model ran twice ({replay.dropped_because})"
-        flags = [fill_cache(cache, batches, calib.keeps_inputs, sample, self.moments)]
+        try:
+            flags = [fill_cache(cache, batches, calib.keeps_inputs, sample, self.moments)]
+        except EmptyLoaderError:
+            if replay.active:
+                raise
+            raise EmptyLoaderError(
+                f"the loader, iterated a second time ({replay.dropped_because})",
+                "it gave batches the first time, so it cannot be iterated twice (a generator or an iterator?): "
+                "pass a DataLoader or a list, or raise replay_mb so that the first pass is replayed") from None
         passes = 1 if replay.active else 2
         self.loader_rows = len(flags[0])
         if val_loader is not None:

@@ -12,6 +12,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from koopman_hooks.maths.rng import preserved_host_streams
+
 
 def homogeneous(matrix: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``[[matrix, bias], [0, 1]]`` for column vectors (``bias`` defaults to zero)."""
@@ -85,8 +87,9 @@ def real_matrix_root(a: torch.Tensor, k: int) -> torch.Tensor:
         return a.clone()
     from scipy.linalg import fractional_matrix_power
 
-    root = fractional_matrix_power(a.detach().double().cpu().numpy(), 1.0 / k)
-    return torch.as_tensor(np.real(root), dtype=a.dtype, device=a.device)
+    with preserved_host_streams(seed=0):  # its norm estimates draw from NumPy's global generator
+        root = fractional_matrix_power(a.detach().double().cpu().numpy(), 1.0 / k)
+    return torch.as_tensor(np.ascontiguousarray(np.real(root)), dtype=a.dtype, device=a.device)  # np.real of a complex array is strided
 
 
 def polar(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

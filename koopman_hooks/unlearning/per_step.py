@@ -60,7 +60,7 @@ def per_step_operator(
     candidates = [root[:d].float(), k64[:d].float()] if torch.isfinite(root).all() else [k64[:d].float()]
     with torch.no_grad():
         losses = [float(loss_of(c)) for c in candidates]
-    top = candidates[losses.index(min(losses))].clone().requires_grad_(True)
+    top = candidates[losses.index(min(losses))].contiguous().clone().requires_grad_(True)  # L-BFGS views its gradient flat
     optimiser = torch.optim.LBFGS(
         [top], max_iter=options.iterations, line_search_fn="strong_wolfe", tolerance_grad=1e-12, tolerance_change=1e-15
     )
