@@ -668,15 +668,19 @@ def test_a_one_shot_iterator_that_must_be_read_twice_is_named_as_such():
     assert not probe.is_fitted
 
 
-def test_07_a_file_with_non_finite_values_is_refused(fitted, tmp_path):
+@pytest.mark.parametrize("kind", ["probe", "surrogate"])
+def test_07_a_file_with_non_finite_values_is_refused(fitted, tmp_path, kind):
     path = tmp_path / "p.safetensors"
-    fitted.save(path)
+    (fitted if kind == "probe" else fitted.surrogate()).save(path)
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata())
         tensors = {key: f.get_tensor(key) for key in f.keys()}
-    key = next(k for k in sorted(tensors) if k.startswith("autoencoder."))
+    key = next(k for k in sorted(tensors) if tensors[k].is_floating_point() and tensors[k].numel())
     tensors[key] = tensors[key].clone()
     tensors[key].view(-1)[0] = float("nan")
     save_file(tensors, str(path), metadata=meta)
-    with pytest.raises(IncompatibleFileError, match=f"non-finite values in .*{key}"):
-        KoopmanProbe.load(path, fitted.model, verbose=False)
+    with pytest.raises(IncompatibleFileError, match=f"not a valid {kind} file: non-finite values in .*{key}"):
+        if kind == "probe":
+            KoopmanProbe.load(path, fitted.model, verbose=False)
+        else:
+            KoopmanSurrogate.load(path)

@@ -46,6 +46,9 @@ def load_tensors(path: str | os.PathLike[str], kind: str) -> tuple[dict[str, tor
         raise IncompatibleFileError(f"{path} has a malformed koopman_hooks header")
     if header.get("kind") != kind:
         raise IncompatibleFileError(f"{path} holds a {header.get('kind')!r}, not a {kind!r}")
+    not_finite = sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if not_finite:
+        raise IncompatibleFileError(f"{path} is not a valid {kind} file: non-finite values in {not_finite}")
     return tensors, header["config"]
 
 
