@@ -216,24 +216,31 @@ class PatchedModel(nn.Module):
         tensor of it. Returns the full path's output. A model whose dropout or batch-norm layers
         are in training mode is not calibrated (random layers make the paths differ, and every
         extra pass would update running statistics): the call runs the full path once and the
-        check waits for a call in eval mode."""
+        check waits for a call in eval mode; so it does while a forward hook sits on a module
+        the fast path would skip."""
         out = self._full(*args, **kwargs)
         if self.path != "pending" or self._training():
             return out
-        self.path = "full"
-        try:
-            with torch.no_grad():
-                self._trace = trace(self.model, lambda: self._full(*args, **kwargs))
-                self._skip = skip_plan(self._trace, self.dst_layer, after=self.src_layer)
-        except Exception:  # noqa: BLE001 - any failure of the short path means: use the full one
+        if self._trace is None:
+            try:
+                with torch.no_grad():
+                    self._trace = trace(self.model, lambda: self._full(*args, **kwargs))
+                    self._skip = skip_plan(self._trace, self.dst_layer, after=self.src_layer)
+                    self._skipped_tree = [m for name in self._skip for m in get_module(self.model, name).modules()]
+            except Exception:  # noqa: BLE001 - any failure of the short path means: use the full one
+                self.path = "full"
+                return out
+        if not self._skip:
+            self.path = "full"
             return out
-        if self._skip:
-            shared = zeros_that_work(
-                lambda shared: outputs_agree(self._skipping(shared, *args, **kwargs), out, every_part=True))
-            if shared is not None:
-                self.path, self._shared_zeros = "fast", shared
-                self._skipped_tree = [m for name in self._skip for m in get_module(self.model, name).modules()]
-                self._checked_calls[self._call_key(args, kwargs, out)] = True
+        if self._hooks_on_skipped():  # they would see zeros: checked again on a call without them
+            return out
+        self.path = "full"
+        shared = zeros_that_work(
+            lambda shared: outputs_agree(self._skipping(shared, *args, **kwargs), out, every_part=True))
+        if shared is not None:
+            self.path, self._shared_zeros = "fast", shared
+            self._checked_calls[self._call_key(args, kwargs, out)] = True
         return out
 
     def _training(self) -> bool:

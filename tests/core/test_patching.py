@@ -147,6 +147,18 @@ def test_fast_path_gives_way_to_hooks_on_skipped_modules_and_to_training_mode():
     finally:
         handle.remove()
     torch.testing.assert_close(seen[0], torch.relu(model.a(x)) @ model.b.weight.T + model.b.bias)  # really ran
+    # a hook there before the first call: no calibration while it sits there (it would see zeros)
+    early = PatchedModel(model, Shift(), "a", "c")
+    seen.clear()
+    handle = model.b.register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    try:
+        early(x, with_hidden=False)
+        early(x, with_hidden=False)
+    finally:
+        handle.remove()
+    assert early.path == "pending" and seen and not any(bool((o == 0).all()) for o in seen)
+    early(x, with_hidden=False)
+    assert early.path == "fast"
 
     class Norm(nn.Module):
         def __init__(self) -> None:
