@@ -150,6 +150,7 @@ class PatchedModel(nn.Module):
         self._trace: Trace | None = None
         self._skip: list[str] = []
         self._skipped_tree: list[nn.Module] = []
+        self._mode_sensitive: list[nn.Module] | None = None  # see _training
         self._checked_calls: dict[Any, bool] = {}  # call and output structure -> whether the fast path agreed
         self._shared_zeros = True
 
@@ -245,11 +246,14 @@ class PatchedModel(nn.Module):
 
     def _training(self) -> bool:
         """Whether a module that acts differently in training now trains: dropout-like layers
-        (random) and layers with buffers (batch norm's running statistics, updated by every pass)."""
-        return any(module.training and (
-            "Drop" in type(module).__name__ or any(True for _ in module.buffers(recurse=False))
-            or (isinstance(module, nn.MultiheadAttention) and module.dropout > 0))
-            for module in self.model.modules())
+        (random) and layers with buffers (batch norm's running statistics, updated by every pass);
+        those modules are found once, their flags read on every call."""
+        if self._mode_sensitive is None:
+            self._mode_sensitive = [
+                module for module in self.model.modules()
+                if "Drop" in type(module).__name__ or any(True for _ in module.buffers(recurse=False))
+                or (isinstance(module, nn.MultiheadAttention) and module.dropout > 0)]
+        return any(module.training for module in self._mode_sensitive)
 
     def _hooks_on_skipped(self) -> bool:
         """Whether a forward hook now sits on a skipped module (or on every module): the fast
