@@ -89,7 +89,7 @@ def real_matrix_root(a: torch.Tensor, k: int) -> torch.Tensor:
 
     with preserved_host_streams(seed=0):  # its norm estimates draw from NumPy's global generator
         root = fractional_matrix_power(a.detach().double().cpu().numpy(), 1.0 / k)
-    return torch.as_tensor(np.ascontiguousarray(np.real(root)), dtype=a.dtype, device=a.device)  # np.real of a complex array is strided
+    return torch.as_tensor(np.real(root), dtype=a.dtype, device=a.device)
 
 
 def polar(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
