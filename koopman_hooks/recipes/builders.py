@@ -6,11 +6,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from koopman_hooks.core.schema import closest, from_mapping
-from koopman_hooks.data import TokenSequenceDataset, YinYangDataset, load_mnist
+from koopman_hooks.data import TensorLoader, TokenSequenceDataset, YinYangDataset, load_mnist
 from koopman_hooks.errors import ConfigError
 from koopman_hooks.models import ResMLP
 
@@ -134,19 +135,46 @@ def check_model_section(raw: Any) -> ModelSection:
     return from_mapping(MODEL_KINDS[kind], {**raw, "kind": kind}, "model")
 
 
+VECTOR_FEATURES = {"yinyang": 4, "mnist": 28 * 28}  # a sample's width, as vectors
+
+
 def check_data_model(data: Any, model: ModelSection) -> None:
     """Refuse a model that cannot read the data: text models need the token task and a
-    vocabulary and positions covering it; the other models cannot read tokens."""
+    vocabulary and positions covering it; the other models cannot read tokens; the ResMLP reads
+    vectors of the data's width, the vision models unflattened images."""
     text = isinstance(model, (BertModel, GPT2Model))
     if text != (data.dataset == "tokens"):
         raise ConfigError(f"model.kind {model.kind!r} cannot read data.dataset {data.dataset!r}: "
                           "the hf_* kinds read the 'tokens' dataset, the others read yinyang/mnist")
+    if isinstance(model, ResMLPModel):
+        if data.dataset == "mnist" and not data.flatten:
+            raise ConfigError("model.kind 'resmlp' reads vectors: set data.flatten = true to give it MNIST's images")
+        features = VECTOR_FEATURES.get(data.dataset)
+        if features is not None and model.in_features != features:
+            raise ConfigError(f"model.in_features ({model.in_features}) must be {features}, the width of "
+                              f"data.dataset {data.dataset!r}")
+    if isinstance(model, (ResNetModel, ViTModel)) and (data.dataset != "mnist" or data.flatten):
+        raise ConfigError(f"model.kind {model.kind!r} reads images: data.dataset = 'mnist' with flatten = false")
     if text and isinstance(model, (BertModel, GPT2Model)):
         if model.vocab_size < data.vocab_size:
             raise ConfigError(f"model.vocab_size ({model.vocab_size}) is smaller than data.vocab_size ({data.vocab_size})")
         if model.max_positions < data.max_length + 1:
             raise ConfigError(f"model.max_positions ({model.max_positions}) must be at least data.max_length + 1 "
                               f"({data.max_length + 1}: [CLS] and the longest sequence)")
+
+
+def example_batch(data: Any) -> Any:
+    """A batch of the ``[data]`` section's kind (tuple or dict, its fields and shapes) as the
+    recipe's loaders give it, made without reading any file."""
+    if data.dataset == "tokens":
+        dataset: Dataset = TokenSequenceDataset(NUM_CLASSES["tokens"], seed=0, vocab_size=data.vocab_size,
+                                                min_length=data.min_length, max_length=data.max_length)
+    elif data.dataset == "yinyang":
+        dataset = YinYangDataset(NUM_CLASSES["yinyang"], seed=0)
+    else:
+        images = torch.zeros(2, *((VECTOR_FEATURES["mnist"],) if data.flatten else (1, 28, 28)))
+        return images, torch.zeros(2, dtype=torch.long)
+    return next(iter(TensorLoader.from_dataset(dataset, 2)))
 
 
 def build_datasets(data: Any, seed: int, data_root: str | None) -> tuple[Dataset, Dataset, int]:

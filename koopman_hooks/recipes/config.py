@@ -45,6 +45,17 @@ class DataSection:
     min_length: int = 6
     max_length: int = 16
 
+    def __post_init__(self) -> None:
+        for name in ("train_size", "test_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"data.{name} must be >= 1 (leave it out for the dataset's default), "
+                                  f"got {getattr(self, name)}")
+        if self.data_seed < 0:
+            raise ConfigError(f"data.data_seed must be >= 0, got {self.data_seed}")
+        if self.vocab_size < 1 or not 1 <= self.min_length <= self.max_length:
+            raise ConfigError(f"data needs vocab_size >= 1 and 1 <= min_length <= max_length, got {self.vocab_size}, "
+                              f"{self.min_length} and {self.max_length}")
+
 
 @dataclass(frozen=True)
 class TrainSection:
@@ -63,6 +74,12 @@ class TrainSection:
             raise ConfigError(f"train.epochs must be >= 1, got {self.epochs}")
         if self.shift < 0:
             raise ConfigError(f"train.shift must be >= 0 (pixels), got {self.shift}")
+        if self.batch_size < 1:
+            raise ConfigError(f"train.batch_size must be >= 1, got {self.batch_size}")
+        if not 0 < self.lr < math.inf:
+            raise ConfigError(f"train.lr must be a positive number, got {self.lr}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ConfigError(f"train.weight_decay must be a number >= 0, got {self.weight_decay}")
 
     def augment(self, seed: int) -> RandomShift | None:
         """The training batches' augmentation (None without ``shift``), drawing from ``seed``."""
@@ -86,6 +103,19 @@ class TopologySection:
     metric: Literal["euclidean", "knn"] = "euclidean"
     n_neighbors: int = 10
     variance: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_points < 2 or self.k < 1 or self.n_neighbors < 1:
+            raise ConfigError(f"topology needs n_points >= 2, k >= 1 and n_neighbors >= 1, got {self.n_points}, "
+                              f"{self.k} and {self.n_neighbors}")
+        if not 0 < self.quantile <= 1:
+            raise ConfigError(f"topology.quantile must be in (0, 1], got {self.quantile}")
+        if self.epsilon is not None and not 0 < self.epsilon < math.inf:
+            raise ConfigError(f"topology.epsilon must be a positive number, got {self.epsilon}")
+        if self.variance is not None and not 0 < self.variance <= 1:
+            raise ConfigError(f"topology.variance must be in (0, 1], got {self.variance}")
+        if not self.dims or any(d not in (0, 1) for d in self.dims):
+            raise ConfigError(f"topology.dims must list homology dimensions 0 and/or 1, got {list(self.dims)}")
 
 
 @dataclass(frozen=True)
@@ -169,6 +199,8 @@ def parse_recipe(raw: Mapping[str, Any], default_name: str = "recipe") -> Recipe
     values: dict[str, Any] = {"name": check(raw.get("name", default_name), str, "name")}
     if "threads" in raw:
         values["threads"] = check(raw["threads"], int | None, "threads")
+        if values["threads"] is not None and values["threads"] < 1:
+            raise ConfigError(f"threads must be >= 1, got {values['threads']}")
     for key, cls in SECTIONS.items():
         if key in raw:
             values[key] = from_mapping(cls, raw[key], key)
@@ -270,6 +302,8 @@ def set_by_path(recipe: dict[str, Any], assignment: str) -> None:
         value = {"true": True, "false": False}.get(raw.lower(), raw)
     node = recipe
     parts = key.strip().split(".")
+    if parts[0] == "targets" and len(parts) > 2:  # a target's name holds dots itself: targets.surrogate.agreement
+        parts = ["targets", ".".join(parts[1:])]
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):

@@ -14,13 +14,14 @@ import torch
 from torch import nn
 
 from koopman_hooks.core import distributed
+from koopman_hooks.core.batches import BatchSpec
 from koopman_hooks.core.layers import resolve_layers
-from koopman_hooks.core.schema import to_mapping
+from koopman_hooks.core.schema import closest, to_mapping
 from koopman_hooks.core.serialization import load_tensors, save_tensors
 from koopman_hooks.data import TensorLoader
 from koopman_hooks.errors import ConfigError, LayerError
 from koopman_hooks.probe import KoopmanProbe
-from koopman_hooks.recipes.builders import NUM_CLASSES, build_datasets, check_model_section, model_factory
+from koopman_hooks.recipes.builders import NUM_CLASSES, build_datasets, check_model_section, example_batch, model_factory
 from koopman_hooks.recipes.config import Recipe
 from koopman_hooks.recipes.report import build_report, write_report
 from koopman_hooks.recipes.sections import SECTIONS, RunContext
@@ -56,7 +57,16 @@ def check_recipe(recipe: Recipe) -> None:
     classes of ``[unlearning]`` against the dataset's."""
     num_classes = NUM_CLASSES[recipe.data.dataset]
     model = recipe.model.build(num_classes)
-    make_probe(recipe, model, 0, verbose=False)
+    config = make_probe(recipe, model, 0, verbose=False).config
+    try:  # the batch keys the probe reads (input_key, label_key, ignore_keys) against the data's batches
+        BatchSpec(config.input_key, config.label_key, config.ignore_keys).split(example_batch(recipe.data))
+    except ConfigError as err:
+        raise ConfigError(f"[probe] on {recipe.data.dataset!r} batches: {err}") from None
+    figures = ["seconds", *(name for section in SECTIONS if section.enabled(recipe)
+                            for name in section.target_names(recipe, config.layers))]
+    for path in recipe.targets:
+        if path not in figures and not path.startswith(("wall_time.", "cpu_time.")):
+            raise ConfigError(f"target {path!r} names no figure of this recipe's report{closest(path, figures)}")
     for key, layers in (("topology.layers", recipe.topology and recipe.topology.layers),
                         ("report.pca_layers", recipe.report.pca_layers)):
         if layers:
@@ -179,9 +189,9 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, seeds: Sequence[int] = (0,),
     prepare_out(out)
     with limited_threads(recipe.threads):
         runs = [run_seed(recipe, seed, out / f"seed{seed}", data_root, verbose) for seed in seeds]
-    if not distributed.is_main():
-        return {}
-    report = build_report(recipe, runs)
+        if not distributed.is_main():
+            return {}
+        report = build_report(recipe, runs)  # inside: its environment records the threads the runs had
     write_report(recipe, report, runs, out)
     return report
 

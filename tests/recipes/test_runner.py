@@ -35,8 +35,12 @@ def tiny_run(tmp_path_factory):
 def test_report_files_and_schema(tiny_run):
     report = json.loads((tiny_run / "report.json").read_text())
     assert report["recipe"] == "yinyang" and report["seeds"] == [0, 1]
-    fit = report["surrogate"]["fit"]
-    assert fit["fit_samples"] + fit["held_out_samples"] == 500  # probe.samples of the 600 training rows
+    assert report["environment"]["threads"] == 1  # the recipe's threads, which the runs had
+    fits = report["surrogate"]["fit"]  # one entry per seed: what each fit chose, never averaged
+    assert [fit["seed"] for fit in fits] == [0, 1]
+    for fit in fits:
+        assert fit["fit_samples"] + fit["held_out_samples"] == 500  # probe.samples of the 600 training rows
+        assert isinstance(fit["kept_epoch"], int) and isinstance(fit["stopped_because"], str)
     for key in ("test_accuracy", "per_class_accuracy"):
         assert key in report["model"]
     for key in ("test_accuracy", "agreement", "per_class_accuracy", "state_fvu", "fit_seconds", "peak_rss_mb"):

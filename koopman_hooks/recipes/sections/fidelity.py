@@ -13,6 +13,13 @@ from koopman_hooks.recipes.sections.base import RunContext
 from koopman_hooks.recipes.summary import fmt, mean, spread, with_spread
 
 SUMMARY_KEYS = ("model", "surrogate", "linear_baseline")
+#: the scalar figures of each summary key that targets may name
+TARGET_FIGURES = {
+    "model": ("test_accuracy", "train_seconds"),
+    "surrogate": ("test_accuracy", "agreement", "mixed_agreement", "strict_mixed_gap", "accuracy_drop", "state_fvu",
+                  "latent_fvu", "fit_seconds", "peak_rss_mb", "latent_dim", "width", "surrogate_macs", "replaced_macs"),
+    "linear_baseline": ("test_accuracy", "agreement", "state_fvu"),
+}
 
 
 def peak_rss_mb() -> float:
@@ -103,10 +110,16 @@ class Fidelity:
             {"seed": r["seed"], **{k: r["surrogate"].get(k) for k in ("agreement", "mixed_agreement", "strict_mixed_gap",
                                                                       "lossy_reduction_reaches_output")}}
             for r in runs]
+        # what each seed's fit chose and why (texts, kept epochs): listed per seed, never averaged
+        report["surrogate"]["fit"] = [{"seed": r["seed"], **r["surrogate"]["fit"]} for r in runs]
         report["surrogate"]["lossy_reduction_reaches_output"] = any(
             bool(h["lossy_reduction_reaches_output"]) or (h["strict_mixed_gap"] or 0.0) != 0.0
             for h in report["per_seed_honesty"])
         return report
+
+    def target_names(self, recipe: Recipe, layers: Sequence[str]) -> list[str]:
+        names = [f"{key}.{figure}" for key, figures in TARGET_FIGURES.items() for figure in figures]
+        return names + [f"surrogate.{kind}_fvu_per_layer.{layer}" for kind in ("state", "latent") for layer in layers[1:]]
 
     def markdown(self, report: Mapping[str, Any]) -> list[str]:
         surrogate = report["surrogate"]

@@ -48,6 +48,9 @@ def topology_markdown(topo: dict[str, Any]) -> list[str]:
     def row(values: list[float] | None) -> str:
         return " → ".join(f"{v:g}" for v in values) if values else "–"
 
+    def figure(value: float | None) -> str:  # None: not counted (e.g. a probed layer left out of `layers`)
+        return "–" if value is None else f"{value:.3f}"
+
     first = topo["per_seed"][0]
     if first.get("metric") == "knn":
         scale = (f"ε = {topo['epsilon']:.4g} hop on each cloud's own {first['epsilon_rule']['n_neighbors']}-nearest-"
@@ -66,12 +69,13 @@ def topology_markdown(topo: dict[str, Any]) -> list[str]:
         "| sequence | β0 | β1 | Spearman(step, β0) |",
         "|---|---|---|---|",
         f"| network ({', '.join(topo['network_layers'])}) | {row(topo.get('network_betti0'))} | "
-        f"{row(topo.get('network_betti1'))} | {topo['spearman_network']:.3f} |",
+        f"{row(topo.get('network_betti1'))} | {figure(topo.get('spearman_network'))} |",
         f"| surrogate steps 0..{topo['surrogate_steps'][-1]} | {row(topo.get('surrogate_betti0'))} | "
-        f"{row(topo.get('surrogate_betti1'))} | {topo['spearman_surrogate']:.3f} |",
+        f"{row(topo.get('surrogate_betti1'))} | {figure(topo.get('spearman_surrogate'))} |",
         "",
-        f"β0, surrogate vs network: relative difference {topo['start_betti0_relative_error']:.3f} at the start "
-        f"(step 0 vs the first layer), {topo['final_betti0_relative_error']:.3f} at the end (step k vs the last layer).",
+        f"β0, surrogate vs network: relative difference {figure(topo.get('start_betti0_relative_error'))} at the start "
+        f"(step 0 vs the first probed layer), {figure(topo.get('final_betti0_relative_error'))} at the end (step k vs "
+        "the last).",
         "",
     ]
 
@@ -110,6 +114,9 @@ class Topology:
 
     def run(self, context: RunContext) -> dict[str, Any]:
         return {"topology": run_topology(context)}
+
+    def target_names(self, recipe: Recipe, layers: Sequence[str]) -> list[str]:
+        return [f"topology.{key}" for key in _TOPOLOGY_SCALARS]
 
     def aggregate(self, runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         return {"topology": aggregate_topology([r["topology"] for r in runs])}

@@ -325,6 +325,15 @@ class Unlearning:
     def aggregate(self, runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         return {"unlearning": aggregate_unlearning([r["unlearning"] for r in runs])}
 
+    def target_names(self, recipe: Recipe, layers: Sequence[str]) -> list[str]:
+        cfg = recipe.unlearning
+        assert cfg is not None
+        figures = ("max_test_forget_accuracy", "max_retain_gap_vs_original", "max_retain_gap_vs_retrain",
+                   "max_probe_recall_above_retrain", "max_mia_gap_vs_retrain")
+        koopman = ("max_fit_plus_edit_over_retrain", "max_edit_seconds")
+        names = [f"unlearning.summary.{method}.{f}" for method in cfg.baselines for f in figures]
+        return names + [f"unlearning.summary.koopman_{method}.{f}" for method in cfg.methods for f in (*figures, *koopman)]
+
     def markdown(self, report: Mapping[str, Any]) -> list[str]:
         return unlearning_markdown(report["unlearning"])
 
