@@ -42,6 +42,9 @@ def compare_topology(
     that stands for a network layer (step 0 for the first probed layer, the last step for the
     last, every step at a probed layer's offset) keeps as many components as that layer, so
     that both are counted in the same dimension (``lens_dims`` in the result).
+    ``start_betti0_relative_error`` compares step 0 with the first probed layer and
+    ``final_betti0_relative_error`` the last step with the last one; each is ``None`` when
+    ``layers`` leaves that layer out.
     """
     start = time.perf_counter()
     traj = collect_trajectories(probe, loader, layers, n_points)
@@ -102,8 +105,12 @@ def compare_topology(
     result["spearman_network"] = betti.spearman(b0_net) if b0_net else None
     result["spearman_surrogate"] = betti.spearman(b0_sur) if b0_sur else None
     if b0_net and b0_sur:
-        result["start_betti0_relative_error"] = abs(b0_sur[0] - b0_net[0]) / max(b0_net[0], 1)
-        result["final_betti0_relative_error"] = abs(b0_sur[-1] - b0_net[-1]) / max(b0_net[-1], 1)
+        # step 0 stands for the first probed layer and the last step for the last one: each is
+        # compared with that layer where ``layers`` counts it (None where it does not)
+        for key, step, layer in (("start", 0, probe.layers[0]), ("final", -1, probe.layers[-1])):
+            net_b0 = b0_net[names.index(layer)] if layer in names else None
+            result[f"{key}_betti0_relative_error"] = (None if net_b0 is None
+                                                      else abs(b0_sur[step] - net_b0) / max(net_b0, 1))
     if net.per_class is not None and sur.per_class is not None:
         result["per_class"] = {str(c): {"network": net.per_class[c], "surrogate": sur.per_class[c]} for c in net.per_class}
     result["seconds"] = time.perf_counter() - start

@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import torch
 
+NO_VARIANCE = 1e-14  # a target variance below this share of Σ‖target‖² is rounding error of the float64 sums
+
 
 class StreamingFVU:
-    """``Σ‖pred − target‖² / Σ‖target − mean(target)‖²`` accumulated over batches (float64)."""
+    """``Σ‖pred − target‖² / Σ‖target − mean(target)‖²`` accumulated over batches (float64).
+
+    The target's sums are taken about a shift (the first batch's mean), so its variance does not
+    cancel away when the mean is large against the spread (``Σx² − (Σx)²/n`` loses it)."""
 
     def __init__(self) -> None:
         self.n = 0
         self.sq_error = torch.zeros((), dtype=torch.float64)
-        self.sq_sum = torch.zeros((), dtype=torch.float64)
-        self.sum: torch.Tensor | None = None
+        self.shift: torch.Tensor | None = None
+        self.sum: torch.Tensor | None = None  # Σ (target − shift)
+        self.sq_sum = torch.zeros((), dtype=torch.float64)  # Σ ‖target − shift‖²
 
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> StreamingFVU:
@@ -25,9 +31,14 @@ class StreamingFVU:
         target = target.reshape(len(target), -1).double()
         if pred.shape != target.shape:
             raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+        if not len(target):
+            return self
+        if self.shift is None:
+            self.shift = target.mean(0)
+        centred = target - self.shift.to(target.device)
         self.sq_error = self.sq_error.to(target.device) + (pred - target).pow(2).sum()
-        self.sq_sum = self.sq_sum.to(target.device) + target.pow(2).sum()
-        batch_sum = target.sum(0)
+        self.sq_sum = self.sq_sum.to(target.device) + centred.pow(2).sum()
+        batch_sum = centred.sum(0)
         self.sum = batch_sum if self.sum is None else self.sum.to(target.device) + batch_sum
         self.n += len(target)
         return self
@@ -36,11 +47,18 @@ class StreamingFVU:
         """Fold in the sums of another, disjoint set of samples; returns ``self``."""
         if other.n == 0:
             return self
-        assert other.sum is not None
-        device = other.sq_error.device if self.sum is None else self.sq_error.device
-        self.sq_error = self.sq_error.to(device) + other.sq_error.to(device)
-        self.sq_sum = self.sq_sum.to(device) + other.sq_sum.to(device)
-        self.sum = other.sum.to(device).clone() if self.sum is None else self.sum + other.sum.to(device)
+        assert other.sum is not None and other.shift is not None
+        if self.shift is None or self.sum is None:
+            self.n, self.shift, self.sum = other.n, other.shift.clone(), other.sum.clone()
+            self.sq_error, self.sq_sum = other.sq_error.clone(), other.sq_sum.clone()
+            return self
+        device = self.sq_error.device
+        # the other's sums about this shift: x − s = (x − t) + d with d = t − s
+        d = other.shift.to(device) - self.shift
+        other_sum = other.sum.to(device)
+        self.sq_sum = self.sq_sum + other.sq_sum.to(device) + 2 * (d * other_sum).sum() + other.n * d.pow(2).sum()
+        self.sum = self.sum + other_sum + other.n * d
+        self.sq_error = self.sq_error + other.sq_error.to(device)
         self.n += other.n
         return self
 
@@ -51,9 +69,15 @@ class StreamingFVU:
         return float(self.sq_sum) - float(self.sum.pow(2).sum()) / self.n
 
     def compute(self) -> float:
-        if self.n == 0 or self.sum is None:
+        """The FVU; NaN without samples or when the targets have no variance (one row, or all
+        alike: up to float64 rounding of the sums), where no fraction of it is defined."""
+        if self.n == 0 or self.sum is None or self.shift is None:
             return float("nan")
-        return float(self.sq_error) / max(self.total_variance(), 1e-30)
+        variance = self.total_variance()
+        scale = float(self.sq_sum) + self.n * float(self.shift.pow(2).sum())  # about Σ‖target‖²
+        if variance <= NO_VARIANCE * scale:
+            return float("nan")
+        return float(self.sq_error) / variance
 
 
 class ClassificationCounts:

@@ -30,3 +30,21 @@ def test_steps_that_stand_for_layers_keep_their_layers_number_of_directions(monk
     assert own[0] < network[0]  # their own 90% would see the steps in fewer dimensions than the layers
     assert [surrogate[0], surrogate[2], surrogate[4]] == network
     assert [surrogate[1], surrogate[3]] == [own[1], own[3]]  # steps between layers keep their own lens
+
+
+def test_start_and_final_errors_compare_the_layers_the_steps_stand_for(monkeypatch) -> None:
+    rng = np.random.default_rng(1)
+    layer = {name: torch.as_tensor(rng.normal(size=(200, 6)) * (i + 1)) for i, name in enumerate("abc")}
+    steps = [layer["a"], layer["b"], layer["c"]]  # steps 0..2 stand for layers a, b, c
+    probe = SimpleNamespace(layers=["a", "c"], autoencoder=SimpleNamespace(offsets=[0, 2]))
+
+    def compare(names: list[str]) -> dict:
+        traj = Trajectories({n: layer[n] for n in names}, steps, None)
+        monkeypatch.setattr(topology, "collect_trajectories", lambda *args: traj)
+        return topology.compare_topology(probe, [], n_points=200, dims=(0,), epsilon=0.5)  # type: ignore[arg-type]
+
+    whole = compare(["a", "b", "c"])
+    assert whole["start_betti0_relative_error"] == whole["final_betti0_relative_error"] == 0.0
+    assert compare(["a", "b"])["final_betti0_relative_error"] is None  # the last probed layer is not counted
+    assert compare(["b", "c"])["start_betti0_relative_error"] is None
+    assert compare(["b", "c"])["final_betti0_relative_error"] == 0.0

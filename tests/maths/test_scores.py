@@ -45,3 +45,16 @@ def test_classification_counts_match_direct_counts_and_merge():
             assert abs(per_ref[c] - float((pred_o[pred_m == c] == c).double().mean())) < 1e-12
     unlabelled = ClassificationCounts().update(None, model=model)
     assert not unlabelled.has_labels and unlabelled.agreement("model")[0] == 1.0
+
+
+def test_streaming_fvu_of_targets_without_variance_is_nan():
+    row = torch.randn(1, 5, generator=gen(2), dtype=torch.float64) * 7 + 3
+    for target in (row, row.repeat(8, 1), torch.zeros(4, 5, dtype=torch.float64)):
+        fvu = StreamingFVU().update(target + 0.1, target).compute()
+        assert fvu != fvu, fvu  # NaN: no fraction of a variance that is not there
+    tiny = torch.full((50, 5), 1e3, dtype=torch.float64)
+    tiny[0, 0] += 1e-2  # a small variance on a large mean is still a variance
+    expected = float(((tiny + 0.1 - tiny) ** 2).sum() / ((tiny - tiny.mean(0)) ** 2).sum())
+    assert abs(StreamingFVU().update(tiny + 0.1, tiny).compute() - expected) < 1e-6 * expected
+    left, right = StreamingFVU().update(tiny[:20] + 0.1, tiny[:20]), StreamingFVU().update(tiny[20:] + 0.1, tiny[20:])
+    assert abs(right.merge(left).compute() - expected) < 1e-6 * expected  # merged about other shifts
