@@ -8,6 +8,7 @@ parameters, so loading it onto a model of other widths is refused as well.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -26,6 +27,19 @@ def check_shape(layer: str, value: torch.Tensor, expected: Sequence[int]) -> Non
         )
 
 
+def check_fit_batch(activations: Mapping[str, torch.Tensor], first: Mapping[str, Sequence[int]], batch: int) -> None:
+    """Raise :class:`ShapeError` unless batch ``batch`` of a fit's data has the per-sample shapes of
+    its first batch (``first``) at every layer."""
+    for layer, expected in first.items():
+        received = tuple(activations[layer].shape[1:])
+        if received != tuple(expected):
+            raise ShapeError(
+                f"layer {layer!r} gave activations of shape {received} per sample in batch {batch} of the fitting "
+                f"data, but {tuple(expected)} in its first batch: a fit needs one shape throughout (pad every "
+                "batch of tokens to one length, e.g. padding='max_length'; give every image one size)"
+            )
+
+
 def check_shapes(activations: Mapping[str, torch.Tensor], shapes: Mapping[str, Sequence[int]]) -> None:
     """:func:`check_shape` for every layer of ``shapes`` found in ``activations``."""
     for name, expected in shapes.items():
@@ -37,6 +51,19 @@ def parameter_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
     """``{name: shape}`` of every parameter and buffer of ``module`` (its fingerprint of widths)."""
     tensors = [*module.named_parameters(), *module.named_buffers()]
     return {name: tuple(tensor.shape) for name, tensor in tensors if tensor is not None}
+
+
+def parameters_digest(module: nn.Module) -> str:
+    """A hash of the name, dtype, shape and bytes of every parameter and buffer of ``module``:
+    changes with any value, however it was written (an optimiser step, ``.data``, a swap)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in (*module.named_parameters(), *module.named_buffers()):
+        if tensor is None:
+            continue
+        value = tensor.detach()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)};".encode())
+        digest.update(value.reshape(-1).cpu().contiguous().view(torch.uint8).numpy().data)  # the bytes, not copied
+    return digest.hexdigest()
 
 
 def parameter_mismatch(layer: str, saved: Mapping[str, Sequence[int]], module: nn.Module) -> str | None:

@@ -102,6 +102,8 @@ class ProbeConfig:
             raise ConfigError(f"hidden widths must be positive, got {list(self.hidden)}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.seed < 2**63 - 2**16:  # torch's generators take 64 bits; every rank adds its index
+            raise ConfigError(f"seed must be in 0..2**63 - 2**16, got {self.seed}")
         for name in ("weight_decay", "ridge"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")

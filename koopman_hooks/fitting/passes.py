@@ -22,6 +22,7 @@ from koopman_hooks.core.batches import BatchSpec, Inputs, batch_size_of, call_mo
 from koopman_hooks.core.capture import Captured, capture_batch, iter_captures
 from koopman_hooks.core.patching import TailRunner
 from koopman_hooks.core.select import MODEL_OUTPUT, OutputSelector
+from koopman_hooks.core.shapes import check_fit_batch
 from koopman_hooks.core.skipping import Trace, skip_plan, trace
 from koopman_hooks.errors import EmptyLoaderError
 from koopman_hooks.fitting.cache import StateCache
@@ -154,12 +155,14 @@ def fit_adapters(
     them, every batch's reduced activations and what pass 2 keeps beside them (then each pass
     runs the whole model when pass 2 keeps its scores)."""
     fitter = AdapterFitter(layers, reduce, device=device)
-    seen = False
+    first: dict[str, tuple[int, ...]] = {}
     for i, batch in enumerate(loader):
-        seen = True
         whole = i == 0 or (replay is not None and replay.active and replay.keep_scores)
         with torch.no_grad():
             captured = capture_batch(model, selectors, batch, spec, stop_early=not whole)
+        if i == 0:
+            first = {name: tuple(captured.activations[name].shape[1:]) for name in layers}
+        check_fit_batch(captured.activations, first, i)
         if i == 0 and on_first is not None:
             chosen = on_first(captured) or {}
             fitter.reduce.update({name: r for name, r in chosen.items() if fitter.reduce.get(name) is None})
@@ -167,7 +170,7 @@ def fit_adapters(
         reduced = fitter.update_reduced(captured.activations, mask)
         if replay is not None and replay.active:
             replay.add([reduced[name] for name in layers], captured, mask)
-    if not seen:
+    if not first:
         raise EmptyLoaderError()
     return fitter
 

@@ -54,7 +54,7 @@ class LayerAdapter(nn.Module):
         super().__init__()
         self.shape = tuple(int(s) for s in shape)
         self.reduce = reduce
-        _check_parts(self.shape, reduce, mean, basis, template)
+        _check_parts(self.shape, reduce, mean, basis, template, torch.as_tensor(scale))
         self.register_buffer("mean", mean.float().clone())
         self.register_buffer("basis", basis.float().clone())
         self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32).clone())
@@ -114,7 +114,7 @@ class LayerAdapter(nn.Module):
 
 
 def _check_parts(shape: tuple[int, ...], reduce: str, mean: torch.Tensor, basis: torch.Tensor,
-                 template: torch.Tensor | None) -> None:
+                 template: torch.Tensor | None, scale: torch.Tensor) -> None:
     """Raise ``ValueError`` unless the parts of an adapter fit together (e.g. from a corrupt file)."""
     if any(s < 1 for s in shape):
         raise ValueError(f"an adapter's per-sample shape must have positive sizes, got {shape}")
@@ -123,6 +123,8 @@ def _check_parts(shape: tuple[int, ...], reduce: str, mean: torch.Tensor, basis:
     if tuple(mean.shape) != (features,) or basis.dim() != 2 or basis.shape[0] != features:
         raise ValueError(f"an adapter of shape {shape} with reduce {reduce!r} has {features} features, but its mean "
                          f"is {tuple(mean.shape)} and its basis {tuple(basis.shape)}")
+    if scale.numel() != 1 or not bool(scale > 0):  # the adapted vectors are divided by it
+        raise ValueError(f"an adapter's scale must be one positive number, got {scale.tolist()}")
     if template is not None and template.numel() != math.prod(shape):
         raise ValueError(f"an adapter's template has {template.numel()} values for per-sample shape {shape}")
 

@@ -14,12 +14,13 @@ import numpy as np
 @contextmanager
 def preserved_host_streams(seed: int | None = None) -> Iterator[None]:
     """Restore Python's and NumPy's global random states on exit (also after an exception);
-    with ``seed``, NumPy's global generator is seeded with it inside, so what draws from it
+    with ``seed``, both global generators are seeded with it inside, so what draws from them
     inside does not depend on the caller's seed either."""
     python_state, numpy_state = random.getstate(), np.random.get_state()
     try:
         if seed is not None:
-            np.random.seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)  # NumPy takes 32-bit seeds
         yield
     finally:
         random.setstate(python_state)
