@@ -396,7 +396,8 @@ def test_06_a_mismatch_load_cannot_see_is_named_at_the_first_forward(tmp_path):
     torch.manual_seed(0)
     probe = KoopmanProbe(Parameterless(6), ["act1", "act2"], **TINY).fit(vectors(), epochs=1)
     probe.save(tmp_path / "p.safetensors")
-    other = KoopmanProbe.load(tmp_path / "p.safetensors", Parameterless(8), verbose=False)
+    with pytest.warns(UserWarning, match="fitted on other weights"):  # Parameterless(8)'s embedding differs too
+        other = KoopmanProbe.load(tmp_path / "p.safetensors", Parameterless(8), verbose=False)
     with pytest.raises(ShapeError, match=r"'act1'.*\(8,\).*\(6,\)"):
         other.patch()(torch.randn(3, 4))
     with pytest.raises(ShapeError, match=r"'act1'.*\(8,\).*\(6,\)"):
@@ -544,6 +545,14 @@ RECIPE_MISTAKES = [  # (case, override, what the one line must say)
     ("12", "train.epochs='ten'", "train.epochs: expected int, got 'ten' (str)"),
     ("12", "topology.n_points=1.5", "topology.n_points: expected int, got 1.5 (float)"),
     ("12", "probe.reduce='squash'", "unknown reduce 'squash'"),
+    ("12", "threads=-1", "threads must be >= 1"),
+    ("12", "model.in_features=7", "model.in_features (7) must be 4"),
+    ("12", "train.batch_size=0", "train.batch_size must be >= 1"),
+    ("12", "train.lr=-1.0", "train.lr must be a positive number"),
+    ("12", "topology.quantile=5.0", "topology.quantile must be in (0, 1]"),
+    ("12", "data.train_size=-5", "data.train_size must be >= 1"),
+    ("12", "targets.surrogate.agreemnt=>= 0.5", "names no figure of this recipe's report; did you mean "
+                                                 "'surrogate.agreement'"),
 ]
 
 
@@ -684,3 +693,178 @@ def test_07_a_file_with_non_finite_values_is_refused(fitted, tmp_path, kind):
             KoopmanProbe.load(path, fitted.model, verbose=False)
         else:
             KoopmanSurrogate.load(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# labels of any integer type, every call inside torch.no_grad() / torch.inference_mode(), edit
+# options that cannot give a finite edit, and the surrogate's cached E K^k
+
+def test_uint8_labels_are_classes_not_a_mask(fitted):
+    x, y = vectors(n=96).tensors
+    as_uint8 = TensorLoader(x, y.to(torch.uint8), batch_size=32)
+    as_int64 = TensorLoader(x, y, batch_size=32)
+    for method in ("endpoint", "per_step"):
+        torch.testing.assert_close(fitted.unlearn(1, as_uint8, method=method, refine=0).readout,
+                                   fitted.unlearn(1, as_int64, method=method, refine=0).readout, rtol=0, atol=0)
+    assert fitted.unlearning_statistics(as_uint8).counts() == fitted.unlearning_statistics(as_int64).counts()
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_every_call_works_inside_no_grad_and_inference_mode(mode):
+    context = torch.no_grad if mode == "no_grad" else torch.inference_mode
+    plain = KoopmanProbe(resmlp(), ["blocks.0", "blocks.2"], **TINY).fit(vectors(), epochs=2)
+    probe = KoopmanProbe(resmlp(), ["blocks.0", "blocks.2"], **TINY)
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(3))
+    activation = torch.randn(8, 6, generator=torch.Generator().manual_seed(4))  # of blocks.0
+    with context():
+        probe.fit(vectors(), epochs=2)
+        patched = probe.patch()
+        inside = patched(x)
+        edited = probe.unlearn(1, vectors(), refine=2)
+        stats = probe.unlearning_statistics(vectors())
+        figures = probe.evaluate(vectors())
+    # the same fit as outside the context, and artifacts that work with autograd afterwards
+    torch.testing.assert_close(probe.surrogate()(activation), plain.surrogate()(activation), rtol=0, atol=0)
+    assert figures["agreement"] == plain.evaluate(vectors())["agreement"]
+    torch.testing.assert_close(inside, plain.patch()(x), rtol=0, atol=0)
+    torch.testing.assert_close(edited.readout, plain.unlearn(1, vectors(), refine=2).readout)
+    assert stats.counts() == plain.unlearning_statistics(vectors()).counts()
+    for module, given in ((patched, x), (probe.patch(edited), x), (edited, activation)):
+        source = given.clone().requires_grad_(True)
+        module(source).sum().backward()
+        assert source.grad is not None and torch.isfinite(source.grad).all()
+
+
+@pytest.mark.parametrize("option, value", [("strength", float("nan")), ("ridge", float("inf")),
+                                           ("metric_eps", float("nan")), ("proximal", float("inf")),
+                                           ("contract", -0.5), ("metric_rows", 0)])
+def test_edit_options_that_cannot_give_a_finite_edit_are_refused(fitted, option, value):
+    with pytest.raises(ConfigError, match=option):
+        fitted.unlearn(1, vectors(), **{option: value})
+
+
+def test_forget_classes_are_checked_by_unlearning_statistics_too(fitted):
+    with pytest.raises(ValueError, match="forget class 7 is out of range"):
+        fitted.unlearning_statistics(vectors(), forget_class=[1, 7])
+
+
+def test_the_cached_endpoint_follows_replaced_and_modified_buffers(fitted):
+    surrogate = fitted.surrogate()
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(2))  # blocks.0's activations
+    d = surrogate.latent_dim
+
+    def scaled(factor: float) -> torch.Tensor:
+        m = torch.eye(d + 1)
+        m[:d, :d] *= factor
+        return m
+
+    def uncached() -> torch.Tensor:
+        fresh = surrogate.edited()
+        fresh.__dict__.pop("_endpoint", None)
+        return fresh(x)
+
+    for _ in range(20):  # a replaced buffer's id is reused by its successor, at the same version (0)
+        surrogate.readout = scaled(0.5)
+        surrogate(x)
+        surrogate.readout = scaled(1.0)
+        surrogate.readout = scaled(2.0)
+        torch.testing.assert_close(surrogate(x), uncached(), rtol=0, atol=0)
+    surrogate.operator.mul_(0.9)  # modified in place
+    torch.testing.assert_close(surrogate(x), uncached(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("override, message", [("probe.label_key=label", "label_key 'label' is not a key of the batch"),
+                                               ("probe.input_key=input_ids", "besides input_key='input_ids'")])
+def test_batch_keys_of_a_recipe_are_checked_before_any_training(override, message, tmp_path, capsys, no_training):
+    assert_cli_refuses(["run", "tokens_gpt2", "--set", override, "--out", str(tmp_path / "out"), "--quiet"], message,
+                       capsys)
+
+
+def test_set_reaches_targets_whose_names_hold_dots():
+    recipe = load_recipe("yinyang", ["targets.surrogate.agreement=>= 0.5",
+                                     "targets.surrogate.state_fvu_per_layer.blocks.4=<= 0.2"])
+    assert recipe.targets["surrogate.agreement"] == ">= 0.5"
+    assert recipe.targets["surrogate.state_fvu_per_layer.blocks.4"] == "<= 0.2"
+
+
+def test_a_fit_on_batches_of_other_shapes_names_the_layer_and_the_batch():
+    y = vectors(n=64).tensors[1]
+    batches = [(torch.randn(16, 1, 8, 8), y[:16]), (torch.randn(16, 1, 10, 10), y[16:32])]
+    for replay_mb in (2048.0, 0.0):
+        probe = KoopmanProbe(ConvNet("pool"), ["stem", "stage2"], latent_dim=8, steps=1, hidden=(8,), width=4,
+                             reduce=["flatten", "pool:2x2"], replay_mb=replay_mb, verbose=False)
+        with pytest.raises(ShapeError, match=r"'stem'.*\(4, 10, 10\).*batch 1.*\(4, 8, 8\) in its first batch"):
+            probe.fit(batches, epochs=1)
+        assert not probe.is_fitted
+
+
+def test_kept_rows_are_stale_after_any_change_of_a_value():
+    probe = KoopmanProbe(resmlp(), ["blocks.0", "blocks.2"], **TINY).fit(vectors(), epochs=1, keep_cache=True)
+    probe.unlearning_statistics()  # the kept rows, while the model is as fitted
+    flat = probe.model.blocks[0].linear.weight.data.view(-1)
+    swapped = [0, 7]  # two values seven places apart: no sum weighted by position % 7 sees the swap
+    assert flat[0] != flat[7]
+    flat[swapped] = flat[swapped[::-1]]
+    with pytest.raises(ValueError, match="stale"):
+        probe.unlearning_statistics()
+    flat[swapped] = flat[swapped[::-1]]  # swapped back: the rows describe the model again
+    probe.unlearning_statistics()
+
+
+def test_load_warns_when_the_model_has_other_weights(fitted, tmp_path):
+    path = tmp_path / "p.safetensors"
+    fitted.save(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        KoopmanProbe.load(path, fitted.model, verbose=False)  # the same weights: no warning
+    other = resmlp()
+    with torch.no_grad():
+        other.blocks[1].linear.bias.add_(1e-3)
+    with pytest.warns(UserWarning, match="fitted on other weights than this model's"):
+        KoopmanProbe.load(path, other, verbose=False)
+
+
+def test_the_fit_does_not_depend_on_the_callers_numpy_or_python_seed():
+    x, y = vectors(n=96).tensors
+
+    class Noisy(torch.utils.data.Dataset):  # augments with NumPy's and Python's global streams
+        def __len__(self) -> int:
+            return len(x)
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            noise = torch.from_numpy(np.random.normal(0, 0.05, 4).astype("float32")) + random.gauss(0, 0.05)
+            return x[i] + noise, y[i]
+
+    outputs = []
+    for seed in (1, 2):
+        np.random.seed(seed)
+        random.seed(seed)
+        probe = KoopmanProbe(resmlp(), ["blocks.0", "blocks.2"], **TINY)
+        probe.fit(torch.utils.data.DataLoader(Noisy(), batch_size=32), epochs=1)
+        outputs.append(probe.patch()(x))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+
+
+def test_tampered_tensors_are_an_incompatible_file(fitted, tmp_path):
+    def rewritten(kind: str, change: Callable[[dict[str, torch.Tensor], dict[str, Any]], None]) -> Path:
+        path = tmp_path / f"{kind}.safetensors"
+        (fitted if kind == "probe" else fitted.surrogate()).save(path)
+        with safe_open(str(path), framework="pt") as f:
+            header = json.loads(dict(f.metadata())["koopman_hooks"])
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        change(tensors, header)
+        save_file(tensors, str(path), metadata={"koopman_hooks": json.dumps(header)})
+        return path
+
+    def steps(value: int) -> Callable[[dict[str, torch.Tensor], dict[str, Any]], None]:
+        return lambda tensors, header: header["config"].update(steps=value)
+
+    for change, message in [(steps(0), "steps must be in 1"), (steps(-3), "steps must be in 1"),
+                            (lambda t, h: t.update(operator=torch.eye(5)), "operator must be"),
+                            (lambda t, h: t.update(readout=torch.eye(3)), "readout must be")]:
+        with pytest.raises(IncompatibleFileError, match=message):
+            KoopmanSurrogate.load(rewritten("surrogate", change))
+    for change, message in [(lambda t, h: t.update({"adapter.0.scale": torch.tensor(0.0)}), "scale must be one positive"),
+                            (lambda t, h: t.update({"baseline.1.weight": torch.zeros(3, 5)}), "linear baseline")]:
+        with pytest.raises(IncompatibleFileError, match=message):
+            KoopmanProbe.load(rewritten("probe", change), fitted.model, verbose=False)

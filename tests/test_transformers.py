@@ -162,3 +162,24 @@ def test_naming_one_input_key_cannot_drop_the_mask(fitted, data):
     probe = KoopmanProbe(fitted["model"], LAYERS[fitted["kind"]], input_key="input_ids", verbose=False)
     with pytest.raises(ValueError, match="attention_mask"):
         probe.fit(loader(data["test"]), epochs=1)
+
+
+def test_inputs_without_the_mask_the_fit_had_are_warned_about(fitted, data):
+    probe = fitted["probe"]
+    batch = next(iter(loader(data["test"], 64)))
+    unmasked = {"input_ids": batch["input_ids"], "labels": batch["labels"]}
+    reads_mask = fitted["kind"] == "gpt2"  # its "last" reduction reads the mask; BERT's "cls" does not
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            probe.patch()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            probe.evaluate([batch])
+        assert not [w for w in caught if "attention mask" in str(w.message)]  # with the mask: silent
+        with torch.no_grad():
+            probe.patch()(input_ids=batch["input_ids"])
+        probe.evaluate([unmasked])
+    messages = [str(w.message) for w in caught if "attention mask" in str(w.message)]
+    assert bool(messages) == reads_mask, messages
+    if reads_mask:
+        assert {m.split(" was fitted")[0] for m in messages} == {"the surrogate", "the probe"}
+        assert all("'last' reduction reads every position as a real token" in m for m in messages)

@@ -83,7 +83,7 @@ def class_labels(labels: Any, n_classes: int | None) -> torch.Tensor:
     if len(bad):
         classes = f"the model scores {n_classes} classes (0..{n_classes - 1})" if n_classes else "classes are >= 0"
         raise ValueError(f"label {int(bad[0])} is out of range: {classes}")
-    return y
+    return y.long()  # int64 whatever the loader's integer type: a uint8 index would select as a mask
 
 
 def split_batch(batch: Any, input_key: str | None = None, label_key: str | None = None) -> tuple[Inputs, torch.Tensor | None]:

@@ -207,6 +207,7 @@ def cycle_factor(epoch: int, step: int, steps: int, epochs: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * ((epoch - first) * steps + step) / max(length * steps, 1)))
 
 
+@torch.enable_grad()
 def train(
     ae: KoopmanAutoencoder,
     cache: StateCache,

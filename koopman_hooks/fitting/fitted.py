@@ -26,7 +26,7 @@ from koopman_hooks.core.patching import PatchedModel, TailRunner
 from koopman_hooks.core.schema import check, from_mapping, to_mapping
 from koopman_hooks.core.select import OutputSelector, Select, make_selectors
 from koopman_hooks.core.serialization import load_tensors, prefixed, save_tensors, unprefixed
-from koopman_hooks.core.shapes import parameter_mismatch, parameter_shapes
+from koopman_hooks.core.shapes import parameter_mismatch, parameter_shapes, parameters_digest
 from koopman_hooks.errors import ConfigError, IncompatibleFileError, LayerError
 from koopman_hooks.fitting.cache import StateCache
 from koopman_hooks.fitting.config import ProbeConfig
@@ -34,7 +34,8 @@ from koopman_hooks.fitting.passes import CALIBRATION_ROWS, find_tail
 from koopman_hooks.fitting.sizing import Sizes
 from koopman_hooks.koopman.adapters import LayerAdapter
 from koopman_hooks.koopman.autoencoder import AutoencoderConfig, KoopmanAutoencoder
-from koopman_hooks.koopman.surrogate import KoopmanSurrogate
+from koopman_hooks.koopman.reduce import warn_without_mask
+from koopman_hooks.koopman.surrogate import KoopmanSurrogate, artifact_tensors
 from koopman_hooks.maths.linalg import homogeneous
 
 
@@ -77,6 +78,7 @@ class FittedProbe:
         info: Mapping[str, Any] | None = None,
         tail: TailRunner | None = None,
         tail_example: Inputs | None = None,
+        model_digest: str | None = None,
     ) -> None:
         self.model = model
         self.config = config
@@ -95,7 +97,9 @@ class FittedProbe:
         self._patched: tuple[nn.Module, PatchedModel] | None = None  # the last patch() of patched_outputs
         self.fit_cache: StateCache | None = None
         self._cache_rows = 0
-        self._cache_version: tuple[Any, ...] = ()
+        # what the model's weights were when it was fitted (core.shapes.parameters_digest; None in older files)
+        self.model_digest = model_digest
+        self._cache_digest: str | None = None
         self._release: weakref.finalize | None = None
 
     # ------------------------------------------------------------------ the fit's cache
@@ -108,7 +112,7 @@ class FittedProbe:
         self.release_cache()
         self.fit_cache = cache
         self._cache_rows = cache.n if loader_rows is None else int(loader_rows)
-        self._cache_version = _parameters_version(self.model)
+        self._cache_digest = self.model_digest or parameters_digest(unwrap_model(self.model))
         self._release = weakref.finalize(self, cache.close)
 
     def kept_rows(self) -> tuple[StateCache, int]:
@@ -118,7 +122,7 @@ class FittedProbe:
         if self.fit_cache is None:
             raise ValueError("no loader given and the fit kept no cache: pass a loader, or fit with "
                              "probe.fit(loader, keep_cache=True)")
-        if _parameters_version(self.model) != self._cache_version:
+        if parameters_digest(unwrap_model(self.model)) != self._cache_digest:
             raise ValueError("the model's parameters or buffers changed since the fit, so the rows it cached are "
                              "stale; pass a loader (and refit the probe if the model changed for good)")
         return self.fit_cache, self._cache_rows
@@ -169,6 +173,8 @@ class FittedProbe:
     def mask_of(self, inputs: Inputs) -> torch.Tensor | None:
         """The attention mask of a batch's inputs (``config.mask_key``), on the probe's device."""
         mask = mask_of(inputs, self.config.mask_key)
+        if mask is None and self.info.get("attention_mask"):
+            warn_without_mask([adapter.reduce for adapter in self.adapters.values()], "the probe")
         return None if mask is None else mask.to(self.device)
 
     def adapted(self, activations: Mapping[str, torch.Tensor], mask: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -185,19 +191,19 @@ class FittedProbe:
         if j <= i:
             raise LayerError(f"dst must come after src in forward order, got {self.layers[i]!r} -> {self.layers[j]!r}")
         ae = self.autoencoder
-        with torch.no_grad():
-            k = ae.operator.matrix().detach().cpu()
-        return KoopmanSurrogate(
-            copy.deepcopy(self.adapters[self.layers[i]]).cpu(),
-            copy.deepcopy(self.adapters[self.layers[j]]).cpu(),
-            copy.deepcopy(ae.encoder).cpu(),
-            copy.deepcopy(ae.decoder).cpu(),
-            homogeneous(k),
-            ae.offsets[j] - ae.offsets[i],
-            self.layers[i],
-            self.layers[j],
-            info={"kind": "koopman", "operator": self.config.operator},
-        ).to(self.device)
+        with artifact_tensors():  # ordinary tensors, also inside torch.inference_mode()
+            return KoopmanSurrogate(
+                copy.deepcopy(self.adapters[self.layers[i]]).cpu(),
+                copy.deepcopy(self.adapters[self.layers[j]]).cpu(),
+                copy.deepcopy(ae.encoder).cpu(),
+                copy.deepcopy(ae.decoder).cpu(),
+                homogeneous(ae.operator.matrix().detach().cpu()),
+                ae.offsets[j] - ae.offsets[i],
+                self.layers[i],
+                self.layers[j],
+                info={"kind": "koopman", "operator": self.config.operator,
+                      "attention_mask": bool(self.info.get("attention_mask"))},
+            ).to(self.device)
 
     def linear_baseline(self, dst: str | None = None) -> KoopmanSurrogate:
         """The "linear surrogate without lifting": ridge DMD from layers[0]'s adapted state to ``dst``'s."""
@@ -205,17 +211,18 @@ class FittedProbe:
         if j == 0:
             raise LayerError("the linear baseline maps layers[0] to a later layer")
         weight, bias = self.baselines[self.layers[j]]
-        return KoopmanSurrogate(
-            copy.deepcopy(self.adapters[self.layers[0]]).cpu(),
-            copy.deepcopy(self.adapters[self.layers[j]]).cpu(),
-            nn.Identity(),
-            nn.Identity(),
-            homogeneous(weight.T.cpu(), bias.cpu()),
-            1,
-            self.layers[0],
-            self.layers[j],
-            info={"kind": "linear_baseline"},
-        ).to(self.device)
+        with artifact_tensors():
+            return KoopmanSurrogate(
+                copy.deepcopy(self.adapters[self.layers[0]]).cpu(),
+                copy.deepcopy(self.adapters[self.layers[j]]).cpu(),
+                nn.Identity(),
+                nn.Identity(),
+                homogeneous(weight.T.cpu(), bias.cpu()),
+                1,
+                self.layers[0],
+                self.layers[j],
+                info={"kind": "linear_baseline", "attention_mask": bool(self.info.get("attention_mask"))},
+            ).to(self.device)
 
     def patch(self, surrogate: nn.Module | None = None, src: str | None = None, dst: str | None = None,
               strict: bool = True, fast: bool = True) -> PatchedModel:
@@ -302,6 +309,7 @@ class FittedProbe:
             "info": self.info,
             "history": self.history,
             "fit_seconds": self.fit_seconds,
+            "model_digest": self.model_digest,
         }
         save_tensors(path, tensors, "probe", header)
 
@@ -340,6 +348,7 @@ class FittedProbe:
             info = check(header.get("info", {}), dict[str, Any], "info")
             history = check(header.get("history", []), tuple[dict[str, Any], ...], "history")
             fit_seconds = check(header.get("fit_seconds"), float | None, "fit_seconds")
+            digest = check(header.get("model_digest"), str | None, "model_digest")
         except (ConfigError, KeyError, TypeError) as err:
             raise IncompatibleFileError(f"{path} is not a valid probe file: {err}") from None
         inner = unwrap_model(model)
@@ -348,6 +357,10 @@ class FittedProbe:
             mismatch = None if fingerprint is None else parameter_mismatch(name, fingerprint, module)
             if mismatch:
                 raise IncompatibleFileError(f"{path} was saved for another model: {mismatch}")
+        if digest is not None and digest != parameters_digest(inner):
+            warnings.warn(f"{path} was fitted on other weights than this model's (its parameters or buffers "
+                          "differ): the probe describes the model it was fitted on; refit it on this one",
+                          stacklevel=2)
         if config.callable_select and select is None:
             raise ConfigError(f"layers {list(config.callable_select)} were probed with a callable select; pass select=")
         selectors = make_selectors(config.layers, select if select is not None else list(config.select))
@@ -367,21 +380,16 @@ class FittedProbe:
             name: (tensors[f"baseline.{i}.weight"].to(device), tensors[f"baseline.{i}.bias"].to(device))
             for i, name in enumerate(config.layers) if f"baseline.{i}.weight" in tensors
         }
+        width = ae_config.width
+        for name, (weight, bias) in baselines.items():
+            if tuple(weight.shape) != (width, width) or tuple(bias.shape) != (width,):
+                raise IncompatibleFileError(f"{path} is not a valid probe file: the linear baseline of {name!r} must be "
+                                            f"{width} x {width} with {width} biases, got {tuple(weight.shape)} and "
+                                            f"{tuple(bias.shape)}")
         return cls(model, config, selectors, adapters, autoencoder.to(device), baselines, history, fit_seconds, device,
-                   sizes, info)
+                   sizes, info, model_digest=digest)
 
     def __repr__(self) -> str:
         c, ae = self.config, self.autoencoder.config
         return (f"FittedProbe(layers={list(c.layers)}, width={ae.width}, latent_dim={ae.latent_dim}, "
                 f"hidden={list(ae.hidden)}, steps={list(ae.segment_steps)}, operator={c.operator!r})")
-
-
-def _parameters_version(model: nn.Module) -> tuple[Any, ...]:
-    """What changes when ``model``'s parameters or buffers do: their in-place version counters
-    (an optimiser step, ``load_state_dict``, a batch-norm update in train mode), their storage
-    (``.data = ...``) and a position-weighted sum of their values (writes through ``.data``,
-    which no version counter sees)."""
-    tensors = [t.detach() for t in (*model.parameters(), *model.buffers())]
-    sums = [float((t.double().flatten() * (1 + torch.arange(t.numel(), device=t.device) % 7)).sum())
-            for t in tensors if t.is_floating_point()]
-    return tuple(t._version for t in tensors), tuple(t.data_ptr() for t in tensors), tuple(sums)

@@ -26,9 +26,10 @@ from koopman_hooks.core import distributed
 from koopman_hooks.core.batches import BatchSpec, mask_of, move_inputs, repeated_rows
 from koopman_hooks.core.capture import Captured
 from koopman_hooks.core.hooks import frozen_parameters, preserved_state
-from koopman_hooks.core.layers import module_device
+from koopman_hooks.core.layers import module_device, unwrap_model
 from koopman_hooks.core.precision import bf16_pays
 from koopman_hooks.core.select import OutputSelector
+from koopman_hooks.core.shapes import parameters_digest
 from koopman_hooks.errors import ConfigError, EmptyLoaderError
 from koopman_hooks.fitting import sizing
 from koopman_hooks.fitting.cache import StateCache
@@ -51,6 +52,7 @@ from koopman_hooks.koopman.adapters import LayerAdapter
 from koopman_hooks.koopman.autoencoder import AutoencoderConfig, KoopmanAutoencoder
 from koopman_hooks.koopman.losses import LossWeights
 from koopman_hooks.koopman.start import linear_start
+from koopman_hooks.koopman.surrogate import artifact_tensors
 from koopman_hooks.maths.rng import preserved_host_streams
 
 DEFAULT_EPOCHS = 60
@@ -90,8 +92,10 @@ def fit_probe(
     start_time = time.perf_counter()
     device = torch.device(device) if device is not None else module_device(model)
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), preserved_host_streams(), preserved_state(model), \
-            frozen_parameters(model):
+    # artifact_tensors: ordinary tensors and no gradients, also inside torch.no_grad() or
+    # torch.inference_mode(); the training steps turn gradients on for themselves
+    with torch.random.fork_rng(devices=devices), preserved_host_streams(config.seed), preserved_state(model), \
+            frozen_parameters(model), artifact_tensors():
         # the autoencoder's initial weights come from the CPU generator, seeded inside the fork; not
         # torch.manual_seed, which would also (lazily) reseed every GPU's generator, outside the fork
         torch.random.default_generator.manual_seed(config.seed)
@@ -105,6 +109,7 @@ def fit_probe(
             fitted = run.train(cache, adapters, calib, train_rows, val_rows, epochs)
             fitted.info.update(model_passes=passes, cache_on_disk=cache.on_disk, cache_mb=cache.nbytes / 2**20,
                                cache_kept=keep_cache)
+            fitted.model_digest = parameters_digest(unwrap_model(model))
             if keep_cache:
                 fitted.keep_cache(cache, run.loader_rows)
                 kept = True
@@ -256,9 +261,12 @@ class _Run:
             "start_score": None if outcome.start_score is None else outcome.start_score.describe(),
             "kept_score": None if outcome.kept_score is None else outcome.kept_score.describe(),
             "train_amp": f"{'bf16' if amp else 'float32'} ({amp_reason})",
+            "attention_mask": mask_of(calib.example, config.mask_key) is not None,  # the fit's batches had one
         }
         if not held_out:
-            info["kept_because"] = "no held-out rows (val_fraction=0): the last epoch"
+            info["kept_because"] = (f"no held-out rows (val_fraction={config.val_fraction:g}, {total_rows} rows: fewer than "
+                                    "20 hold none out): the last epoch" if config.val_fraction else
+                                    "no held-out rows (val_fraction=0): the last epoch")
         elif outcome.kept_epoch < 0:
             info["kept_because"] = "the closed-form start scored best on held-out data"
         else:

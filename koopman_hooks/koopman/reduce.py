@@ -17,6 +17,7 @@ token, or a shift of the real tokens.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -27,6 +28,17 @@ from koopman_hooks.errors import ConfigError
 
 REDUCE_MODES = ("flatten", "pool", "cls", "last", "mean")
 TOKEN_MODES = ("cls", "last", "mean")
+MASK_MODES = ("last", "mean")  # the token reductions that read the attention mask
+
+
+def warn_without_mask(reductions: Sequence[str], where: str) -> None:
+    """Warn that inputs without an attention mask reach reductions fitted with one: each row's
+    last position is then read as its last real token, and padding as tokens."""
+    modes = sorted({parse_reduce(r)[0] for r in reductions} & set(MASK_MODES))
+    if modes:
+        warnings.warn(f"{where} was fitted on batches with an attention mask, but these inputs have none: its "
+                      f"{' and '.join(repr(m) for m in modes)} reduction reads every position as a real token (each "
+                      "row's last position as its last one); pass the mask as in the fit", stacklevel=3)
 
 
 def parse_reduce(spec: str) -> tuple[str, tuple[int, int] | None]:

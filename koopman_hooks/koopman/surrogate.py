@@ -6,8 +6,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +21,8 @@ from koopman_hooks.core.serialization import load_tensors, prefixed, save_tensor
 from koopman_hooks.core.shapes import check_shape
 from koopman_hooks.errors import IncompatibleFileError
 from koopman_hooks.koopman.adapters import LayerAdapter
-from koopman_hooks.koopman.autoencoder import SkipMLP
+from koopman_hooks.koopman.autoencoder import MAX_STEPS, SkipMLP
+from koopman_hooks.koopman.reduce import warn_without_mask
 from koopman_hooks.maths.linalg import apply_homogeneous
 
 
@@ -56,6 +59,15 @@ def _module(dims: list[int]) -> nn.Module:
     return SkipMLP(dims) if len(dims) > 1 else nn.Identity()
 
 
+@contextlib.contextmanager
+def artifact_tensors() -> Iterator[None]:
+    """Ordinary tensors, without gradients, even inside ``torch.inference_mode()``: a surrogate
+    built or cached there would otherwise hold inference tensors, which have no version counter
+    and cannot be saved for a later backward pass."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
 class KoopmanSurrogate(nn.Module):
     """A standalone, frozen ``nn.Module`` from ``src_layer``'s activation to ``dst_layer``'s.
 
@@ -89,8 +101,9 @@ class KoopmanSurrogate(nn.Module):
         self.dst_layer = dst_layer
         self.info = dict(info or {})
         d = operator.shape[0] - 1
-        self.register_buffer("operator", operator.float().clone())
-        self.register_buffer("readout", (readout if readout is not None else torch.eye(d + 1)).float().clone())
+        with artifact_tensors():
+            self.register_buffer("operator", operator.float().clone())
+            self.register_buffer("readout", (readout if readout is not None else torch.eye(d + 1)).float().clone())
         self.requires_grad_(False)
         self.eval()
 
@@ -127,13 +140,19 @@ class KoopmanSurrogate(nn.Module):
 
     def endpoint(self) -> torch.Tensor:
         """``E K^k`` (homogeneous, in the buffers' dtype), computed once and reused until the
-        operator or the readout changes."""
-        key = (id(self.operator), self.operator._version, id(self.readout), self.readout._version, self.steps)
+        operator or the readout changes (is replaced, or modified in place)."""
+        operator, readout = self.operator, self.readout
+        if operator.requires_grad or readout.requires_grad or operator.is_inference() or readout.is_inference():
+            return readout @ torch.linalg.matrix_power(operator, self.steps)  # no version counter to key a cache on
+        versions = (operator._version, readout._version, self.steps)
         cached = self.__dict__.get("_endpoint")
-        if cached is None or cached[0] != key or self.operator.requires_grad or self.readout.requires_grad:
-            value = self.readout @ torch.linalg.matrix_power(self.operator, self.steps)
-            self.__dict__["_endpoint"] = cached = (key, value)
-        return cached[1]
+        # the cache holds the buffers themselves: a replaced buffer is never mistaken for its
+        # successor (a new tensor may get a freed one's id, and starts at version 0 too)
+        if cached is None or cached[0] is not operator or cached[1] is not readout or cached[2] != versions:
+            with artifact_tensors():
+                value = readout @ torch.linalg.matrix_power(operator, self.steps)
+            self.__dict__["_endpoint"] = cached = (operator, readout, versions, value)
+        return cached[3]
 
     def final_latent(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The latent state fed to the decoder: ``E K^k φ(adapter(x))``."""
@@ -148,6 +167,8 @@ class KoopmanSurrogate(nn.Module):
         if like is not None:
             check_shape(self.dst_layer, like, self.out_adapter.shape)
         device = self.operator.device
+        if mask is None and self.info.get("attention_mask"):
+            warn_without_mask([self.in_adapter.reduce, self.out_adapter.reduce], "the surrogate")
         mask = None if mask is None else mask.to(device)
         return self.from_adapted(self.in_adapter(x.to(device), mask), like, mask)
 
@@ -158,11 +179,12 @@ class KoopmanSurrogate(nn.Module):
 
     def edited(self, operator: torch.Tensor | None = None, readout: torch.Tensor | None = None, **info: Any) -> KoopmanSurrogate:
         """A new surrogate with the operator and/or endpoint map replaced."""
-        new = copy.deepcopy(self)
-        if operator is not None:
-            new.operator = operator.to(self.operator).clone()
-        if readout is not None:
-            new.readout = readout.to(self.readout).clone()
+        with artifact_tensors():
+            new = copy.deepcopy(self)
+            if operator is not None:
+                new.operator = operator.to(self.operator).clone()
+            if readout is not None:
+                new.readout = readout.to(self.readout).clone()
         new.info.update(info)
         return new
 
@@ -194,7 +216,21 @@ class KoopmanSurrogate(nn.Module):
     def from_state(cls, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> KoopmanSurrogate:
         """The surrogate of :meth:`state_tensors`' output (``ConfigError``/``ValueError``/``KeyError``/
         ``RuntimeError`` when they do not fit together)."""
+        with artifact_tensors():
+            return cls._from_state(tensors, config)
+
+    @classmethod
+    def _from_state(cls, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> KoopmanSurrogate:
         header = from_mapping(SurrogateHeader, config, "surrogate")
+        if not 1 <= header.steps <= MAX_STEPS:
+            raise ValueError(f"steps must be in 1..{MAX_STEPS}, got {header.steps}")
+        latent = header.encoder_dims[-1]
+        if header.decoder_dims[0] != latent:
+            raise ValueError(f"the encoder gives {latent} latent coordinates, the decoder reads {header.decoder_dims[0]}")
+        for name in ("operator", "readout"):
+            if tuple(tensors[name].shape) != (latent + 1, latent + 1):
+                raise ValueError(f"{name} must be {latent + 1} x {latent + 1} (latent {latent}, homogeneous), "
+                                 f"got {tuple(tensors[name].shape)}")
         adapters = {}
         for name, part in (("in_adapter", header.in_adapter), ("out_adapter", header.out_adapter)):
             t = unprefixed(name, tensors)

@@ -23,7 +23,7 @@ import torch
 
 from koopman_hooks.core.schema import check
 from koopman_hooks.fitting.fitted import FittedProbe
-from koopman_hooks.koopman.surrogate import KoopmanSurrogate
+from koopman_hooks.koopman.surrogate import KoopmanSurrogate, artifact_tensors
 from koopman_hooks.unlearning.options import EditOptions, LabelSource, Method
 from koopman_hooks.unlearning.per_step import per_step_operator
 from koopman_hooks.unlearning.redirect import prepare_solver, redirect_map, redirect_targets
@@ -94,6 +94,7 @@ def check_classes(forget: list[int], stats: LatentGroupStatistics, labels: str =
     return retained
 
 
+@artifact_tensors()  # inside torch.inference_mode() too: the refinement needs autograd, the edit ordinary tensors
 def unlearning_statistics(
     probe: FittedProbe,
     loader: Iterable[Any] | None = None,
@@ -115,10 +116,14 @@ def unlearning_statistics(
     forget = [] if empty else forget_list(forget_class)
     surrogate = probe.surrogate(src, dst)
     prepare_solver(surrogate.latent_dim, opts)
-    return collect_statistics(probe, loader, forget, labels, surrogate, opts.redirect, opts.metric, opts.metric_rows,
-                              refine_rows=opts.sample_rows)
+    stats = collect_statistics(probe, loader, forget, labels, surrogate, opts.redirect, opts.metric, opts.metric_rows,
+                               refine_rows=opts.sample_rows)
+    if forget:
+        check_classes(forget, stats, labels)  # as unlearn would: in the model's range, seen, not every class
+    return stats
 
 
+@artifact_tensors()
 def unlearn(
     probe: FittedProbe,
     forget_class: int | Sequence[int],
