@@ -545,7 +545,7 @@ RECIPE_MISTAKES = [  # (case, override, what the one line must say)
     ("12", "train.epochs='ten'", "train.epochs: expected int, got 'ten' (str)"),
     ("12", "topology.n_points=1.5", "topology.n_points: expected int, got 1.5 (float)"),
     ("12", "probe.reduce='squash'", "unknown reduce 'squash'"),
-    ("12", "threads=-1", "threads must be >= 1"),
+    ("12", "threads=-1", "threads must be >= 1 (or 0: no limit)"),
     ("12", "model.in_features=7", "model.in_features (7) must be 4"),
     ("12", "train.batch_size=0", "train.batch_size must be >= 1"),
     ("12", "train.lr=-1.0", "train.lr must be a positive number"),
@@ -737,7 +737,7 @@ def test_every_call_works_inside_no_grad_and_inference_mode(mode):
 
 @pytest.mark.parametrize("option, value", [("strength", float("nan")), ("ridge", float("inf")),
                                            ("metric_eps", float("nan")), ("proximal", float("inf")),
-                                           ("contract", -0.5), ("metric_rows", 0)])
+                                           ("contract", float("nan")), ("metric_rows", 0)])
 def test_edit_options_that_cannot_give_a_finite_edit_are_refused(fitted, option, value):
     with pytest.raises(ConfigError, match=option):
         fitted.unlearn(1, vectors(), **{option: value})
@@ -868,3 +868,44 @@ def test_tampered_tensors_are_an_incompatible_file(fitted, tmp_path):
                             (lambda t, h: t.update({"baseline.1.weight": torch.zeros(3, 5)}), "linear baseline")]:
         with pytest.raises(IncompatibleFileError, match=message):
             KoopmanProbe.load(rewritten("probe", change), fitted.model, verbose=False)
+
+
+def test_a_one_row_validation_set_still_ranks_the_states():
+    x, y = vectors(n=256, seed=5).tensors
+    probe = KoopmanProbe(resmlp(), ["blocks.0", "blocks.2"], **TINY)
+    probe.fit(vectors(n=256, seed=5), epochs=6, val_loader=[(x[:1], y[:1])])
+    info = probe.fetch_model().info
+    assert "state FVU nan" in info["kept_score"]  # one row: no variance, no FVU
+    assert info["kept_because"].startswith("best held-out score at epoch")  # but its error still ranks the states
+
+
+@pytest.mark.parametrize("kind", ["sparse", "meta"])
+def test_weights_the_hash_cannot_read_byte_by_byte_fit_save_and_load(kind, tmp_path):
+    model = resmlp()
+    extra = torch.eye(4).to_sparse() if kind == "sparse" else torch.empty(4, device="meta")
+    model.register_buffer("extra", extra)
+    probe = KoopmanProbe(model, ["blocks.0", "blocks.2"], **TINY).fit(vectors(), epochs=1, keep_cache=True)
+    probe.unlearning_statistics()
+    probe.save(tmp_path / "p.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        KoopmanProbe.load(tmp_path / "p.safetensors", model, verbose=False)
+
+
+def test_targets_beyond_the_listed_figures_are_kept_for_the_run():
+    recipe = load_recipe("yinyang", ["targets.surrogate.fit.model_passes=<= 3", "targets.spread.surrogate.agreement.min=>= 0.9",
+                                     "targets.topology.n_points=>= 100"])
+    check_recipe(recipe)  # numbers of the results the sections do not list: not typos, looked up after the run
+
+
+def test_metric_rows_is_read_by_the_decoder_metric_only(fitted):
+    fitted.unlearn(1, vectors(), metric="euclidean", metric_rows=0, refine=0)
+    with pytest.raises(ConfigError, match="metric_rows"):
+        fitted.unlearn(1, vectors(), metric="decoder", metric_rows=0, refine=0)
+
+
+def test_a_compiled_model_is_refused_naming_the_module_to_probe():
+    compiled = torch.compile(resmlp(), backend="eager")
+    with pytest.raises(LayerError, match=r"torch.compile'd.*model._orig_mod"):
+        KoopmanProbe(compiled, ["blocks.0", "blocks.2"], **TINY)
+    KoopmanProbe(compiled._orig_mod, ["blocks.0", "blocks.2"], **TINY).fit(vectors(), epochs=1)  # what it says works

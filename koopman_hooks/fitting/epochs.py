@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -180,7 +181,7 @@ def score(ae: KoopmanAutoencoder, cache: StateCache, rows: torch.Tensor, rotatio
     figures = {f"val_state_fvu_{j + 1}": f.compute() for j, f in enumerate(state_fvu)}
     figures["val_latent_fvu"] = latent_fvu.compute()
     fvu = state_fvu[-1].compute()
-    trajectory = sum(f.compute() for f in state_fvu) / len(state_fvu)
+    trajectory = sum(_ranking_fvu(f) for f in state_fvu) / len(state_fvu)
     # each row's share of the loss: its squared errors over the layers' (merged) variances, and its KL / n
     nothing = torch.zeros(0, dtype=torch.float64, device=device)  # a process whose shard holds no held-out rows
     shares = sum((torch.cat(errors) if errors else nothing) / (len(state_fvu) * max(f.total_variance(), 1e-30))
@@ -190,6 +191,29 @@ def score(ae: KoopmanAutoencoder, cache: StateCache, rows: torch.Tensor, rotatio
         return Score(None, trajectory, fvu, n, shares.cpu()), figures
     figures["val_agreement"], figures["val_kl"] = float(hits_kl_n[0]) / n, float(hits_kl_n[1]) / n
     return Score(figures["val_agreement"], trajectory + figures["val_kl"], fvu, n, (shares + kl_rows / n).cpu()), figures
+
+
+def _steps_per_epoch(own: int, batch_size: int) -> int:
+    """The steps every rank takes per epoch: the smallest shard's (one batch at least on every
+    rank when any rank has one); a shard without a batch is an error on every rank."""
+    per_rank = distributed.gathered(own)
+    steps = min(per_rank)
+    if steps == 0 and max(per_rank) > 0:
+        empty = [r for r, n in enumerate(per_rank) if n == 0]
+        raise ValueError(f"rank(s) {empty} hold fewer than two training rows, and the ranks take their steps together: "
+                         f"give every rank a shard of its own (torch's DistributedSampler balances them)")
+    if 2 * steps <= max(per_rank):
+        warnings.warn(f"the ranks' shards hold {min(per_rank)} to {max(per_rank)} batches of {batch_size}: every rank "
+                      f"takes the smallest shard's {steps} steps per epoch; balance the shards (DistributedSampler) "
+                      "for the fit to use the others' rows as often", stacklevel=3)
+    return steps
+
+
+def _ranking_fvu(f: StreamingFVU) -> float:
+    """The FVU, or where the held-out targets have no variance (e.g. a one-row ``val_loader``),
+    where it is NaN, their squared error over the floored variance: it still ranks the states."""
+    value = f.compute()
+    return value if value == value else float(f.sq_error) / max(f.total_variance(), 1e-30)
 
 
 def cycle_of(epoch: int, epochs: int) -> tuple[int, int]:
@@ -227,7 +251,7 @@ def train(
     params = [p for _, p in named]
     # every rank takes the same number of full batches per epoch (their parameters are averaged in step)
     rows = min(len(train_rows), EPOCH_ROWS // distributed.world_size())
-    n_steps = distributed.minimum(max(rows // schedule.batch_size, 1 if rows > 1 else 0))
+    n_steps = _steps_per_epoch(max(rows // schedule.batch_size, 1 if rows > 1 else 0), schedule.batch_size)
     # each average is one all-reduce that waits for the slowest rank: as few as the fit allows, but
     # at least two per epoch, so that short epochs (small data) do not let the ranks drift apart
     optimiser = distributed.local_sgd(adamw(parameter_groups(named, schedule.lr), schedule.lr, schedule.weight_decay),

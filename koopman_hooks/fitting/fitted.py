@@ -97,7 +97,8 @@ class FittedProbe:
         self._patched: tuple[nn.Module, PatchedModel] | None = None  # the last patch() of patched_outputs
         self.fit_cache: StateCache | None = None
         self._cache_rows = 0
-        # what the model's weights were when it was fitted (core.shapes.parameters_digest; None in older files)
+        # a hash of the model's weights as fitted (core.shapes.parameters_digest), taken when the fit
+        # keeps its rows or read from a file; None otherwise (and in older files)
         self.model_digest = model_digest
         self._cache_digest: str | None = None
         self._release: weakref.finalize | None = None
@@ -309,7 +310,8 @@ class FittedProbe:
             "info": self.info,
             "history": self.history,
             "fit_seconds": self.fit_seconds,
-            "model_digest": self.model_digest,
+            # the weights it describes: hashed when kept rows needed it, else now (the model as fitted)
+            "model_digest": self.model_digest or parameters_digest(inner),
         }
         save_tensors(path, tensors, "probe", header)
 

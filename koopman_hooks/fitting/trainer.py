@@ -109,8 +109,8 @@ def fit_probe(
             fitted = run.train(cache, adapters, calib, train_rows, val_rows, epochs)
             fitted.info.update(model_passes=passes, cache_on_disk=cache.on_disk, cache_mb=cache.nbytes / 2**20,
                                cache_kept=keep_cache)
-            fitted.model_digest = parameters_digest(unwrap_model(model))
-            if keep_cache:
+            if keep_cache:  # the kept rows hold while the weights have this hash (~1 s per GB of weights)
+                fitted.model_digest = parameters_digest(unwrap_model(model))
                 fitted.keep_cache(cache, run.loader_rows)
                 kept = True
         finally:
@@ -150,8 +150,17 @@ class _Run:
             replay.keep_scores, replay.keep_inputs = calib.keeps_scores, calib.keeps_inputs
             return {} if calib.reduce is None else {self.layers[-1]: calib.reduce}
 
-        fitter = fit_adapters(self.model, self.layers, self.selectors, loader, self.spec, config.per_layer("reduce"),
-                              self.device, on_first, config.mask_key, replay)
+        try:
+            fitter = fit_adapters(self.model, self.layers, self.selectors, loader, self.spec, config.per_layer("reduce"),
+                                  self.device, on_first, config.mask_key, replay)
+        except EmptyLoaderError:
+            if not distributed.active():
+                raise
+            fitter = None
+        empty = [r for r, none in enumerate(distributed.gathered(fitter is None)) if none]
+        if empty:  # on every rank: one rank raising alone would leave the others waiting for it
+            raise EmptyLoaderError(f"the loader of rank(s) {empty}", "every rank needs batches of its own")
+        assert fitter is not None
         parts = distributed.gathered(fitter.n)
         fitter = distributed.merged(fitter)
         calib = agreed(found["calibration"])

@@ -199,8 +199,8 @@ def parse_recipe(raw: Mapping[str, Any], default_name: str = "recipe") -> Recipe
     values: dict[str, Any] = {"name": check(raw.get("name", default_name), str, "name")}
     if "threads" in raw:
         values["threads"] = check(raw["threads"], int | None, "threads")
-        if values["threads"] is not None and values["threads"] < 1:
-            raise ConfigError(f"threads must be >= 1, got {values['threads']}")
+        if values["threads"] is not None and values["threads"] < 0:
+            raise ConfigError(f"threads must be >= 1 (or 0: no limit), got {values['threads']}")
     for key, cls in SECTIONS.items():
         if key in raw:
             values[key] = from_mapping(cls, raw[key], key)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -16,7 +17,7 @@ from torch import nn
 from koopman_hooks.core import distributed
 from koopman_hooks.core.batches import BatchSpec
 from koopman_hooks.core.layers import resolve_layers
-from koopman_hooks.core.schema import closest, to_mapping
+from koopman_hooks.core.schema import to_mapping
 from koopman_hooks.core.serialization import load_tensors, save_tensors
 from koopman_hooks.data import TensorLoader
 from koopman_hooks.errors import ConfigError, LayerError
@@ -51,6 +52,9 @@ def make_probe(recipe: Recipe, model: nn.Module, seed: int, verbose: bool) -> Ko
         raise ConfigError(f"[probe]: {err}") from None
 
 
+TYPO_CUTOFF = 0.85  # difflib's similarity above which a target unlike every figure is one's misspelling
+
+
 def check_recipe(recipe: Recipe) -> None:
     """Everything that can be checked before training: the probe's options and layers, and the
     layers of ``[topology]`` and ``[report]``, on an untrained model of the recipe's kind; the
@@ -62,11 +66,14 @@ def check_recipe(recipe: Recipe) -> None:
         BatchSpec(config.input_key, config.label_key, config.ignore_keys).split(example_batch(recipe.data))
     except ConfigError as err:
         raise ConfigError(f"[probe] on {recipe.data.dataset!r} batches: {err}") from None
+    # a target one letter off a documented figure is a typo (other numbers of the results, e.g.
+    # surrogate.fit.model_passes or spread.*, may be targets too: they are looked up after the run)
     figures = ["seconds", *(name for section in SECTIONS if section.enabled(recipe)
                             for name in section.target_names(recipe, config.layers))]
     for path in recipe.targets:
-        if path not in figures and not path.startswith(("wall_time.", "cpu_time.")):
-            raise ConfigError(f"target {path!r} names no figure of this recipe's report{closest(path, figures)}")
+        near = difflib.get_close_matches(path, figures, n=1, cutoff=TYPO_CUTOFF)
+        if path not in figures and near:
+            raise ConfigError(f"target {path!r} names no figure of this recipe's report; did you mean {near[0]!r}?")
     for key, layers in (("topology.layers", recipe.topology and recipe.topology.layers),
                         ("report.pca_layers", recipe.report.pca_layers)):
         if layers:

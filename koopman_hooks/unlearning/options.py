@@ -65,14 +65,16 @@ class EditOptions:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        for name in ("strength", "contract", "spread", "match", "metric_eps", "proximal", "ridge"):
+        for name in ("strength", "spread", "match", "metric_eps", "proximal", "ridge"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:  # NaN passes `< 0` and an infinite weight makes every entry NaN
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
+        if not math.isfinite(self.contract):
+            raise ConfigError(f"contract must be a finite number, got {self.contract}")
         for name in ("refine", "refine_rows", "iterations"):  # refine_rows=0: statistics without refinement rows
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.metric_rows < 1:
+        if self.metric == "decoder" and self.metric_rows < 1:
             raise ConfigError(f"metric_rows must be >= 1 (rows per batch whose decoder Jacobian is taken), got {self.metric_rows}")
         if self.refine_pool < 1:
             raise ConfigError(f"refine_pool must be >= 1, got {self.refine_pool}")
