@@ -59,8 +59,13 @@ def resolve_layers(model: nn.Module, layers: Sequence[LayerSpec] | LayerSpec, mi
     """Turn names, glob patterns and module objects into module names, in the given order.
 
     Raises :class:`LayerError` naming close matches when a name is not found, and when a
-    layer is named twice (directly, or by a pattern and a name).
+    layer is named twice (directly, or by a pattern and a name); and for a ``torch.compile``d
+    model, whose compiled graph runs without the hooks that read its layers.
     """
+    if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        raise LayerError("the model is torch.compile'd: its compiled graph runs its layers without calling the hooks "
+                         "that read them; probe the module it compiled (model._orig_mod), and compile the patched "
+                         "model afterwards if you like")
     model = unwrap_model(model)
     if isinstance(layers, (str, nn.Module)):
         layers = [layers]

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch.utils.data import Subset
+
+
+def _count(value: Any) -> int:
+    """``value`` as an int (also NumPy's), or -1 for a bool or anything that is not a whole number."""
+    if isinstance(value, bool):
+        return -1
+    try:
+        return operator.index(value)
+    except TypeError:
+        return -1
 
 
 class TensorLoader:
@@ -24,9 +35,11 @@ class TensorLoader:
         if keys is not None and (len(keys) != len(tensors) or len(set(keys)) != len(keys)):
             raise ValueError(f"TensorLoader needs one distinct key per tensor, got keys {list(keys)} for "
                              f"{len(tensors)} tensors")
+        if _count(batch_size) < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.tensors = tensors
         self.keys = None if keys is None else tuple(keys)
-        self.batch_size = int(batch_size)
+        self.batch_size = _count(batch_size)
         self.shuffle = shuffle
         self._generator = torch.Generator().manual_seed(seed)
 
@@ -37,6 +50,8 @@ class TensorLoader:
         """From a dataset exposing ``tensors`` (TensorDataset) or ``inputs``/``targets``, or a
         ``Subset`` of one; ``limit`` keeps the first ``limit`` samples. A dataset with ``keys``
         (one name per tensor, e.g. the token task's) gives dict batches."""
+        if limit is not None and _count(limit) < 0:
+            raise ValueError(f"limit must be an int >= 0 (the first rows kept), got {limit!r}")
         tensors = _tensors_of(dataset)
         if limit is not None:
             tensors = tuple(t[:limit] for t in tensors)

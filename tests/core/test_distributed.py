@@ -88,6 +88,15 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
             "info": {k: probe.fetch_model().info[k] for k in ("epochs_run", "kept_epoch", "stopped_because")},
         }
         result["averaged"] = _averaged_parameters(rank)
+        result["refusals"] = {}
+        for case, rows in (("empty", 0), ("one row", 1)):  # rank 1's shard: every rank must refuse alike
+            shard = _shard(train, rank, world, 100) if rank == 0 else TensorLoader(
+                train.inputs[:rows], train.targets[:rows], batch_size=100)
+            try:
+                KoopmanProbe(model, LAYERS, **OPTIONS).fit(shard, epochs=1)
+                result["refusals"][case] = None
+            except ValueError as err:  # EmptyLoaderError is one
+                result["refusals"][case] = f"{type(err).__name__}: {err}"
         torch.save(result, out / f"result_{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -164,3 +173,10 @@ def test_parameters_are_averaged_over_ranks(runs):
         for i, ((shape, dtype), value) in enumerate(zip(shapes, result["averaged"])):
             expected = (_rank_value(0, shape, dtype, i) + _rank_value(1, shape, dtype, i)) / 2
             assert value.dtype == dtype and torch.allclose(value, expected, rtol=0, atol=1e-6)
+
+
+def test_a_shard_without_batches_or_rows_is_refused_on_every_rank(runs):
+    refusals = [r["refusals"] for r in runs["ranks"]]
+    assert refusals[0] == refusals[1]  # the same error on both ranks: none waits for the other
+    assert refusals[0]["empty"].startswith("EmptyLoaderError: the loader of rank(s) [1] yielded no batches")
+    assert refusals[0]["one row"].startswith("ValueError: rank(s) [1] hold fewer than two training rows")

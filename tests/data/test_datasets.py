@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from koopman_hooks.data import MissingDataError, YinYangDataset, load_mnist, yinyang_class
+from koopman_hooks.data import MissingDataError, TensorLoader, YinYangDataset, load_mnist, yinyang_class
 
 
 def test_yinyang_dataset_is_balanced_seeded_and_correct():
@@ -94,3 +95,16 @@ def test_random_shift_refuses_what_it_cannot_translate():
         RandomShift(-1)
     with pytest.raises(ValueError, match=r"\(batch, channels, height, width\)"):
         RandomShift(1)(torch.randn(4, 784))
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.7, True])
+def test_tensor_loader_refuses_a_batch_size_that_is_not_a_positive_int(batch_size):
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        TensorLoader(torch.zeros(10, 2), batch_size=batch_size)
+
+
+def test_tensor_loader_limit_keeps_the_first_rows_and_refuses_a_negative_one():
+    data = YinYangDataset(30, seed=0)
+    assert len(TensorLoader.from_dataset(data, np.int64(8), limit=np.int64(20)).tensors[0]) == 20
+    with pytest.raises(ValueError, match="limit must be an int >= 0"):
+        TensorLoader.from_dataset(data, 8, limit=-5)
