@@ -202,7 +202,7 @@ def _steps_per_epoch(own: int, batch_size: int) -> int:
         empty = [r for r, n in enumerate(per_rank) if n == 0]
         raise ValueError(f"rank(s) {empty} hold fewer than two training rows, and the ranks take their steps together: "
                          f"give every rank a shard of its own (torch's DistributedSampler balances them)")
-    if 2 * steps <= max(per_rank):
+    if len(per_rank) > 1 and 2 * steps <= max(per_rank):
         warnings.warn(f"the ranks' shards hold {min(per_rank)} to {max(per_rank)} batches of {batch_size}: every rank "
                       f"takes the smallest shard's {steps} steps per epoch; balance the shards (DistributedSampler) "
                       "for the fit to use the others' rows as often", stacklevel=3)
