@@ -114,6 +114,9 @@ def head_reduce(model: nn.Module, layer: str, selector: OutputSelector, inputs: 
     reads_pad = moved((pad, 1.0)) & has_pad
     if bool(reads_pad.any()):
         return HeadReading(None, f"padding tokens of {layer!r} reach the output")
+    if not bool(distinct.any()):  # e.g. one-token rows: token 0 is every row's last real token too
+        return HeadReading(None, f"every row's first token of {layer!r} is its last real one: these rows cannot tell "
+                                 "which position the head reads")
     if bool(reads_first.all()) and not bool((reads_last & distinct).any()) and not bool(any_other.any()):
         return HeadReading("cls", f"only token 0 of {layer!r} reaches the output")
     if aligned and bool(reads_last.all()) and not bool((reads_first & distinct).any()) and not bool(any_other.any()):

@@ -76,6 +76,18 @@ def test_the_reduction_follows_what_the_head_reads(pool, expected):
     assert not model.block._forward_hooks  # noqa: SLF001 - no hook is left behind
 
 
+@pytest.mark.parametrize("pool", ["cls", "last"])
+def test_rows_whose_first_token_is_their_last_cannot_tell_cls_from_last(pool):
+    model = TokenNet(pool).eval()
+    inputs = batch()
+    inputs["attention_mask"] = torch.zeros_like(inputs["attention_mask"])
+    inputs["attention_mask"][:, 0] = 1  # one-token rows
+    inputs["input_ids"] = inputs["input_ids"] * inputs["attention_mask"]
+    reading = head_reduce(model, "block", OutputSelector(None, "block"), inputs, block_output(model, inputs),
+                          inputs["attention_mask"])
+    assert reading.reduce is None and "cannot tell" in reading.reason  # the default (lossless) instead of a guess
+
+
 def test_without_a_mask_last_means_the_last_position_and_misaligned_masks_allow_only_cls():
     model = TokenNet("last").eval()
     inputs = batch()
