@@ -19,7 +19,7 @@ from torch import nn
 from koopman_hooks.analysis.fidelity import evaluate
 from koopman_hooks.analysis.topology import compare_topology
 from koopman_hooks.core.layers import LayerSpec, resolve_layers
-from koopman_hooks.core.patching import PatchedModel
+from koopman_hooks.core.patching import PatchedModel, check_patch_layers
 from koopman_hooks.core.select import OutputSelector, Select, make_selectors, per_layer
 from koopman_hooks.errors import NotFittedError
 from koopman_hooks.fitting.config import OperatorFit, ProbeConfig
@@ -69,7 +69,8 @@ class KoopmanProbe:
             each of W processes then takes 1/W of the steps, as with DDP).
         patience: epochs without a better held-out score before the fit stops.
         val_fraction: share of the fit data held out to score and choose the kept state
-            (unless ``fit(val_loader=...)``).
+            (unless ``fit(val_loader=...)``): at least 250 rows (at most a fifth of the data), at
+            most 5,000; none below 20 rows or at 0.
         cache_mb: RAM for the cached states; beyond it they go to a temporary file (in ``TMPDIR``,
             Python's ``tempfile`` folder), read through the page cache, so that the fit's resident
             memory does not grow with the data. Where that folder is a RAM disk (tmpfs), point
@@ -284,6 +285,7 @@ class KoopmanProbe:
         ``strict``/``fast`` as in :class:`~koopman_hooks.core.patching.PatchedModel`)."""
         if surrogate is None or self.is_fitted:
             return self.fetch_model().patch(surrogate, src, dst, strict, fast)
+        check_patch_layers(surrogate, src, dst)
         src_layer = src or getattr(surrogate, "src_layer", None) or self.layers[0]
         dst_layer = dst or getattr(surrogate, "dst_layer", None) or self.layers[-1]
         return PatchedModel(self.model, surrogate, src_layer, dst_layer, self.selectors.get(src_layer),

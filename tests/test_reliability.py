@@ -909,3 +909,66 @@ def test_a_compiled_model_is_refused_naming_the_module_to_probe():
     with pytest.raises(LayerError, match=r"torch.compile'd.*model._orig_mod"):
         KoopmanProbe(compiled, ["blocks.0", "blocks.2"], **TINY)
     KoopmanProbe(compiled._orig_mod, ["blocks.0", "blocks.2"], **TINY).fit(vectors(), epochs=1)  # what it says works
+
+
+class Blocks(nn.Module):
+    """Residual tanh blocks (the API review's model)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(8, 16)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(4)])
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.tanh(self.inp(x))
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x)
+
+
+def test_ridge_fits_return_the_state_they_kept():
+    model = Blocks().eval()
+    x = torch.randn(800, 8, generator=torch.Generator().manual_seed(0))
+    y = model(x).argmax(1).detach()
+    probe = KoopmanProbe(model, ["blocks.0", "blocks.1", "blocks.3"], operator_fit="ridge", steps=1, latent_dim=40,
+                         verbose=False)
+    probe.fit(TensorLoader(x[:100], y[:100], batch_size=64), epochs=2, val_loader=TensorLoader(x[600:], y[600:], batch_size=64))
+    fitted = probe.fetch_model()
+    kept = next(h for h in fitted.history if h["epoch"] == fitted.info["kept_epoch"])
+    with torch.no_grad():
+        states = fitted.adapted(fitted.capture((x[600:], y[600:])).activations)
+        predicted = fitted.autoencoder.decoder(fitted.autoencoder.trajectory(fitted.autoencoder.encoder(states[0]))[-1])
+    fvu = float(((predicted - states[-1]) ** 2).sum() / ((states[-1] - states[-1].mean(0)) ** 2).sum())
+    assert abs(fvu - kept["val_state_fvu_2"]) < 1e-4 * kept["val_state_fvu_2"]  # the K it was scored with
+
+
+def test_layers_given_as_modules_and_patch_layers_that_contradict_the_surrogate():
+    model = Blocks().eval()
+    x = torch.randn(128, 8, generator=torch.Generator().manual_seed(1))
+    probe = KoopmanProbe(model, [model.blocks[0], "blocks.1", "blocks.3"], verbose=False)
+    probe.fit(TensorLoader(x, model(x).argmax(1).detach(), batch_size=64), epochs=1)
+    assert probe.surrogate(model.blocks[0], model.blocks[1]).dst_layer == "blocks.1"
+    with pytest.raises(LayerError, match="'a Linear module of another model' is not a probed layer"):
+        probe.surrogate(nn.Linear(2, 2))
+    first = probe.surrogate("blocks.0", "blocks.1")
+    with pytest.raises(LayerError, match="surrogate's dst_layer is 'blocks.1'"):
+        probe.patch(first, dst="blocks.3")
+    probe.patch(first, src=model.blocks[0], dst="blocks.1")  # the surrogate's own layers: accepted
+
+
+def test_rank_is_refused_for_operators_that_do_not_read_it():
+    with pytest.raises(ConfigError, match="rank=3 is read by operator='lowrank' only"):
+        KoopmanProbe(resmlp(), ["blocks.0", "blocks.2"], rank=3, verbose=False)
+
+
+def test_an_exp_operator_that_misses_the_closed_form_start_is_warned_about():
+    from koopman_hooks.koopman.autoencoder import AutoencoderConfig, KoopmanAutoencoder
+
+    reflection = torch.diag(torch.tensor([-1.0, 1.0, 0.5]))  # a negative eigenvalue: no real logarithm
+    with pytest.warns(UserWarning, match="operator='exp' cannot start at the closed-form K"):
+        KoopmanAutoencoder.from_linear(AutoencoderConfig(3, 4, operator="exp"), reflection)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        KoopmanAutoencoder.from_linear(AutoencoderConfig(3, 4, operator="exp"), torch.diag(torch.tensor([0.9, 1.0, 0.5])))

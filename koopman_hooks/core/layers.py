@@ -22,6 +22,14 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def module_name(model: nn.Module, module: nn.Module) -> str:
+    """``module``'s name in ``model`` (a description when it is not one of ``model``'s modules)."""
+    for name, candidate in unwrap_model(model).named_modules():
+        if candidate is module:
+            return name
+    return f"a {type(module).__name__} module of another model"
+
+
 def glob_to_regex(pattern: str) -> re.Pattern[str]:
     """``*`` matches within one dotted name part, ``**`` across parts, ``?`` one character."""
     out = []

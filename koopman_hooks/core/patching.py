@@ -104,6 +104,16 @@ def outputs_agree(a: Any, b: Any, rtol: float = 1e-4, atol: float = 1e-5, every_
     return _tensors_agree(MODEL_OUTPUT.get(a), MODEL_OUTPUT.get(b), rtol, atol)
 
 
+def check_patch_layers(surrogate: nn.Module, src: str | None, dst: str | None) -> None:
+    """Raise :class:`LayerError` where ``src``/``dst`` given to ``patch`` are not the layers the
+    surrogate was made for (its ``src_layer``/``dst_layer``)."""
+    for given, own in ((src, "src_layer"), (dst, "dst_layer")):
+        have = getattr(surrogate, own, None)
+        if given is not None and have is not None and given != have:
+            raise LayerError(f"patch({own[:3]}={given!r}) but the surrogate's {own} is {have!r}: leave {own[:3]} out, "
+                             "or pass a surrogate of those layers")
+
+
 class PatchedModel(nn.Module):
     """Same inputs and outputs as ``model``; ``dst_layer``'s output is replaced by
     ``surrogate(src_layer's output, like=...)``.

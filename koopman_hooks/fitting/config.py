@@ -96,6 +96,8 @@ class ProbeConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 < self.variance <= 1.0:
             raise ConfigError(f"variance must be in (0, 1], got {self.variance}")
+        if self.rank is not None and self.operator != "lowrank":
+            raise ConfigError(f"rank={self.rank} is read by operator='lowrank' only, not {self.operator!r}")
         if self.rank is not None and (self.rank < 1 or (self.latent_dim is not None and self.rank > self.latent_dim)):
             raise ConfigError(f"rank must be in 1..latent_dim ({self.latent_dim}), got {self.rank}")
         if self.hidden is not None and any(h < 1 for h in self.hidden):

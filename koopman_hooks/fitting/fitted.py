@@ -21,8 +21,8 @@ from torch import nn
 from koopman_hooks.core import distributed
 from koopman_hooks.core.batches import BatchSpec, Inputs, batch_size_of, call_model, mask_of, repeated_rows, select_rows
 from koopman_hooks.core.capture import Captured, capture_batch, iter_captures
-from koopman_hooks.core.layers import get_module, module_device, unwrap_model
-from koopman_hooks.core.patching import PatchedModel, TailRunner
+from koopman_hooks.core.layers import get_module, module_device, module_name, unwrap_model
+from koopman_hooks.core.patching import PatchedModel, TailRunner, check_patch_layers
 from koopman_hooks.core.schema import check, from_mapping, to_mapping
 from koopman_hooks.core.select import OutputSelector, Select, make_selectors
 from koopman_hooks.core.serialization import load_tensors, prefixed, save_tensors, unprefixed
@@ -97,8 +97,7 @@ class FittedProbe:
         self._patched: tuple[nn.Module, PatchedModel] | None = None  # the last patch() of patched_outputs
         self.fit_cache: StateCache | None = None
         self._cache_rows = 0
-        # a hash of the model's weights as fitted (core.shapes.parameters_digest), taken when the fit
-        # keeps its rows or read from a file; None otherwise (and in older files)
+        # parameters_digest of the model as fitted: when the fit keeps its rows, or from a file; else None
         self.model_digest = model_digest
         self._cache_digest: str | None = None
         self._release: weakref.finalize | None = None
@@ -149,10 +148,12 @@ class FittedProbe:
     def batch_spec(self) -> BatchSpec:
         return BatchSpec(self.config.input_key, self.config.label_key, self.config.ignore_keys, self.config.amp)
 
-    def layer_index(self, layer: str | None, default: int) -> int:
-        """Position of ``layer`` among the probed layers (``default`` when ``None``)."""
+    def layer_index(self, layer: str | nn.Module | None, default: int) -> int:
+        """Position of ``layer`` (a name or the module) among the probed layers (``default``: None)."""
         if layer is None:
             return default % len(self.layers)
+        if isinstance(layer, nn.Module):
+            layer = module_name(self.model, layer)
         if layer not in self.layers:
             raise LayerError(f"{layer!r} is not a probed layer; probed: {self.layers}")
         return self.layers.index(layer)
@@ -238,6 +239,8 @@ class FittedProbe:
         """
         if surrogate is None:
             surrogate = self.surrogate(src, dst)
+        check_patch_layers(surrogate, None if src is None else self.layers[self.layer_index(src, 0)],
+                           None if dst is None else self.layers[self.layer_index(dst, -1)])
         src_layer = getattr(surrogate, "src_layer", None) or self.layers[self.layer_index(src, 0)]
         dst_layer = getattr(surrogate, "dst_layer", None) or self.layers[self.layer_index(dst, -1)]
         if not strict and dst_layer == self.layers[-1] and self.info.get("lossy_reduction_reaches_output"):

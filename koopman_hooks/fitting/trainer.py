@@ -34,7 +34,7 @@ from koopman_hooks.errors import ConfigError, EmptyLoaderError
 from koopman_hooks.fitting import sizing
 from koopman_hooks.fitting.cache import StateCache
 from koopman_hooks.fitting.config import ProbeConfig
-from koopman_hooks.fitting.epochs import Schedule, Tail, refit_operator, train
+from koopman_hooks.fitting.epochs import Schedule, Tail, train
 from koopman_hooks.fitting.fitted import FittedProbe
 from koopman_hooks.fitting.head import ignored_part_reaches_output
 from koopman_hooks.fitting.passes import (
@@ -253,10 +253,10 @@ class _Run:
         schedule = Schedule(epochs or DEFAULT_EPOCHS, batch_size, config.lr, config.weight_decay, config.patience,
                             config.ridge if config.operator_fit == "ridge" else None, self.verbose and distributed.is_main(),
                             amp)
+        # with operator_fit="ridge" every epoch refits K before it is scored, so the kept state
+        # (an epoch's, or the closed-form start) holds the K it was scored with: no refit after it
         outcome = train(ae, cache, train_rows, val_rows, rotations, weights, schedule, device, start.adapters[layers[-1]],
                         tail, self.generator)
-        if config.operator_fit == "ridge":
-            refit_operator(ae, cache, train_rows, rotations, device, config.ridge)
         held_out = int(distributed.summed([len(val_rows)])[0])
         last = layers[-1]
         reaches = ignored_part_reaches_output(self.model, last, self.selectors[last], adapters[last], calib.example,

@@ -11,6 +11,7 @@ nothing reads yet.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from torch import nn
 from koopman_hooks.errors import ConfigError
 from koopman_hooks.koopman.operator import KoopmanOperator, Parametrization
 
+START_TOLERANCE = 1e-3  # K's relative error at the start above which a parametrisation is said to miss it
 MAX_STEPS = 10_000  # K's applications in all: far more than a network has modules (a bound for files read back)
 
 
@@ -121,7 +123,11 @@ class KoopmanAutoencoder(nn.Module):
         ae.decoder.start_as(embed.T)
         full = torch.eye(d, dtype=torch.float64)
         full[:w, :w] = operator.double()
-        ae.operator.initialize(full)
+        error = ae.operator.initialize(full)
+        if config.operator == "exp" and error > START_TOLERANCE:  # lowrank misses it by design
+            warnings.warn(f"operator={config.operator!r} cannot start at the closed-form K (relative error {error:.2g}; "
+                          "e.g. a negative real eigenvalue has no real logarithm for 'exp'): the fit starts away from "
+                          "the linear model; operator='dense' (the default) starts at it exactly", stacklevel=3)
         return ae
 
     @property

@@ -65,7 +65,7 @@ def test_every_setting_round_trips_through_save_and_load(tmp_path):
         ({"steps": 0}, "steps needs 1 positive"),
         ({"variance": 1.5}, r"variance must be in \(0, 1\]"),
         ({"operator": "sparse"}, "operator: expected 'dense' | 'exp' | 'lowrank'"),
-        ({"rank": 40, "latent_dim": 8}, "rank must be in 1..latent_dim"),
+        ({"rank": 40, "latent_dim": 8, "operator": "lowrank"}, "rank must be in 1..latent_dim"),
         ({"hidden": (0,)}, "hidden widths must be positive"),
         ({"lr": 0.0}, "lr must be positive"),
         ({"reduce": "pool:axb"}, "pool size must be HxW"),
