@@ -44,7 +44,7 @@ def collect_trajectories(
     steps: list[list[torch.Tensor]] = [[] for _ in range(ae.offsets[-1] + 1)]
     labels: list[torch.Tensor] = []
     seen = 0
-    with preserved_state(probe.model):
+    with preserved_state(probe.model), distributed.shard_may_be_empty():
         captures = iter_captures(probe.model, selectors, loader, probe.batch_spec, ordered=False,
                                  shapes={n: shape for n, shape in probe.shapes.items() if n in wanted})
         for captured in captures:
@@ -62,19 +62,21 @@ def collect_trajectories(
             seen += take
             if seen >= n_samples:
                 break
-    local = Trajectories(
+    local = None if not seen else Trajectories(  # a rank whose shard was empty has none
         {name: torch.cat(chunks) for name, chunks in network.items()},
         [torch.cat(chunks) for chunks in steps],
         torch.cat(labels) if labels else None,
     )
     if not distributed.active():
+        assert local is not None
         return local
     # every rank sampled its shard: the first n_samples of the ranks' samples, in rank order
-    parts = distributed.gathered(local)
+    parts = [p for p in distributed.gathered(local) if p is not None]
     counts = [min(len(p.surrogate[0]), max(n_samples - sum(len(q.surrogate[0]) for q in parts[:i]), 0))
               for i, p in enumerate(parts)]
     return Trajectories(
         {name: torch.cat([p.network[name][:t] for p, t in zip(parts, counts)]) for name in names},
         [torch.cat([p.surrogate[s][:t] for p, t in zip(parts, counts)]) for s in range(len(steps))],
-        torch.cat([p.labels[:t] for p, t in zip(parts, counts) if p.labels is not None]) if local.labels is not None else None,
+        torch.cat([p.labels[:t] for p, t in zip(parts, counts) if p.labels is not None])
+        if parts[0].labels is not None else None,
     )

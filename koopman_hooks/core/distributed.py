@@ -9,12 +9,15 @@ figures, so all ranks take them together. Without a process group every function
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from koopman_hooks.errors import EmptyLoaderError
 
 
 class Mergeable(Protocol):
@@ -49,6 +52,22 @@ def gathered(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+@contextlib.contextmanager
+def shard_may_be_empty() -> Iterator[None]:
+    """Around a pass whose statistics are merged over ranks: a rank whose loader yields nothing
+    (:class:`EmptyLoaderError`) goes on with empty statistics, while some rank has data; when
+    every rank's loader is empty, every rank raises. Without a process group: nothing changes."""
+    empty = False
+    try:
+        yield
+    except EmptyLoaderError:
+        if not active():
+            raise
+        empty = True
+    if active() and all(gathered(empty)):
+        raise EmptyLoaderError("every rank's loader")
 
 
 def merged(fitter: M) -> M:

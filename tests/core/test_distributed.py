@@ -88,6 +88,10 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
             "info": {k: probe.fetch_model().info[k] for k in ("epochs_run", "kept_epoch", "stopped_because")},
         }
         result["averaged"] = _averaged_parameters(rank)
+        # rank 1's evaluation shard empty: the figures are rank 0's rows', on both ranks
+        shard = _shard(test, rank, world, 100) if rank == 0 else TensorLoader(test.inputs[:0], test.targets[:0])
+        result["one_shard"] = {"evaluate": _figures(single.evaluate(shard)),
+                               "topology_points": single.topology(shard, n_points=200, dims=(0,))["n_points"]}
         result["refusals"] = {}
         for case, rows in (("empty", 0), ("one row", 1)):  # rank 1's shard: every rank must refuse alike
             shard = _shard(train, rank, world, 100) if rank == 0 else TensorLoader(
@@ -180,3 +184,9 @@ def test_a_shard_without_batches_or_rows_is_refused_on_every_rank(runs):
     assert refusals[0] == refusals[1]  # the same error on both ranks: none waits for the other
     assert refusals[0]["empty"].startswith("EmptyLoaderError: the loader of rank(s) [1] yielded no batches")
     assert refusals[0]["one row"].startswith("ValueError: rank(s) [1] hold fewer than two training rows")
+
+
+def test_an_empty_evaluation_shard_leaves_the_other_ranks_figures(runs):
+    one = [r["one_shard"] for r in runs["ranks"]]
+    assert one[0] == one[1]  # every rank holds the same result, from rank 0's 400 rows
+    assert one[0]["evaluate"]["n"] == 400 and one[0]["topology_points"] == 200
