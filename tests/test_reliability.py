@@ -972,3 +972,39 @@ def test_an_exp_operator_that_misses_the_closed_form_start_is_warned_about():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         KoopmanAutoencoder.from_linear(AutoencoderConfig(3, 4, operator="exp"), torch.diag(torch.tensor([0.9, 1.0, 0.5])))
+
+
+def test_dict_batches_for_a_model_of_one_tensor_name_input_key_and_label_key():
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+    x, y = vectors().tensors
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'x'.*pass input_key=<its key>"):
+        KoopmanProbe(model, ["1", "3"], **TINY).fit([{"x": x, "y": y}], epochs=1)
+    with pytest.raises(ConfigError, match=r"keys \['cls'\] besides input_key='image', and no label key.*label_key='cls'"):
+        KoopmanProbe(model, ["1", "3"], input_key="image", **TINY).fit([{"image": x, "cls": y}], epochs=1)
+    KoopmanProbe(model, ["1", "3"], input_key="image", label_key="cls", **TINY).fit([{"image": x, "cls": y}], epochs=1)
+
+
+class WideTokens(nn.Module):
+    """65 tokens of 64 features (4,160 > 4,096) through two per-token blocks, then their mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(3, 64)
+        self.block0 = nn.Sequential(nn.Linear(64, 64), nn.Tanh())
+        self.block1 = nn.Sequential(nn.Linear(64, 64), nn.Tanh())
+        self.head = nn.Linear(64, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block1(self.block0(self.embed(x))).mean(1))
+
+
+def test_a_first_layer_the_default_reads_only_in_part_is_warned_about():
+    x = torch.randn(64, 65, 3, generator=torch.Generator().manual_seed(0))
+    loader = TensorLoader(x, torch.randint(0, 3, (64,), generator=torch.Generator().manual_seed(1)), batch_size=32)
+    with pytest.warns(UserWarning, match=r"first probed layer 'block0' \(65 x 64 = 4,160 features\) read through 'mean'"):
+        probe = KoopmanProbe(WideTokens(), ["block0", "block1"], **TINY).fit(loader, epochs=1)
+    assert "reduce_source" in probe.fetch_model().sizes.notes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # chosen by the user: no warning
+        KoopmanProbe(WideTokens(), ["block0", "block1"], reduce={"block0": "mean"}, **TINY).fit(loader, epochs=1)

@@ -183,3 +183,12 @@ def test_inputs_without_the_mask_the_fit_had_are_warned_about(fitted, data):
     if reads_mask:
         assert {m.split(" was fitted")[0] for m in messages} == {"the surrogate", "the probe"}
         assert all("'last' reduction reads every position as a real token" in m for m in messages)
+
+
+def test_the_kept_rows_serve_the_edits_of_a_token_model(fitted, data):
+    probe = KoopmanProbe(fitted["model"], LAYERS[fitted["kind"]], label_key="labels", verbose=False)
+    probe.fit(loader(data["train"]), epochs=1, keep_cache=True)  # the README's no-second-pass workflow
+    stats = probe.unlearning_statistics()  # with the refinement's rows: the cache holds ids and masks
+    assert stats.reservoir is not None and len(stats.reservoir)
+    edited = probe.unlearn(1, stats)
+    assert edited.info["forget_classes"] == [1]

@@ -60,6 +60,12 @@ class BatchSpec:
         if self.input_key not in batch:
             raise ConfigError(f"input_key {self.input_key!r} is not a key of the batch; keys: {sorted(batch)}")
         dropped = sorted(k for k in rest if k != self.input_key)
+        if dropped and key is None:
+            raise ConfigError(
+                f"the batch has keys {dropped} besides input_key={self.input_key!r}, and no label key (none of "
+                f"{list(LABEL_KEYS)}): pass label_key={dropped[0]!r} if those are the labels, or list the keys the "
+                "model must not see in ignore_keys"
+            )
         if dropped:
             raise ConfigError(
                 f"the batch has keys {dropped} besides input_key={self.input_key!r} and the label; they would not "
@@ -118,10 +124,18 @@ def move_inputs(inputs: Inputs, device: torch.device | str | None) -> Inputs:
 
 
 def call_model(model: nn.Module, inputs: Inputs) -> Any:
-    """``model(x)`` for a tensor, ``model(**inputs)`` for a dict."""
-    if isinstance(inputs, dict):
+    """``model(x)`` for a tensor, ``model(**inputs)`` for a dict (a model whose forward takes
+    none of the dict's keys is told how to name its input: ``input_key``)."""
+    if not isinstance(inputs, dict):
+        return model(inputs)
+    try:
         return model(**inputs)
-    return model(inputs)
+    except TypeError as err:
+        if "unexpected keyword argument" not in str(err):
+            raise
+        raise TypeError(f"{err}: the batch is a dict, so the model was called as model(**batch) with its keys "
+                        f"{sorted(inputs)}; for a model that takes one tensor, pass input_key=<its key> (and "
+                        f"label_key=... when the labels are not under one of {list(LABEL_KEYS)})") from err
 
 
 def batch_size_of(inputs: Inputs) -> int:

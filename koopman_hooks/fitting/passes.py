@@ -47,6 +47,7 @@ class Calibration:
     tail: TailRunner | None = None
     tail_inputs: TailInputs | None = None
     reduce: str | None = None  # the token reduction that follows the head at the last layer, if found
+    masked: bool = False  # the inputs carry an attention mask
     notes: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -56,8 +57,10 @@ class Calibration:
 
     @property
     def keeps_inputs(self) -> bool:
-        """Whether pass 2 keeps the model's inputs (its tail reads the real ones)."""
-        return self.tail_inputs == "real"
+        """Whether pass 2 keeps the model's inputs: its tail reads the real ones, or they carry an
+        attention mask, which an edit's refinement from the kept rows reads (token ids and masks:
+        a few integers per token)."""
+        return self.tail_inputs == "real" or self.masked
 
 
 def _per_sample_macs(model: nn.Module, example: Inputs, calib_trace: Trace, layers: Sequence[str]) -> int | None:
@@ -94,7 +97,7 @@ def calibrate(model: nn.Module, captured: Captured, layers: Sequence[str], selec
     calib_trace = trace(model, lambda: call_model(model, example))
     scores = None if captured.output is None else MODEL_OUTPUT.get(captured.output)
     n_outputs = int(scores.shape[-1]) if scores is not None and scores.dim() == 2 else None
-    calibration = Calibration(example, calib_trace, n_outputs)
+    calibration = Calibration(example, calib_trace, n_outputs, masked=mask_of(example, mask_key) is not None)
     last = layers[-1]
     calibration.replaced_macs = _per_sample_macs(model, example, calib_trace, layers)
     if detect_head and captured.activations[last].ndim == 3:

@@ -15,7 +15,9 @@ global RNG), even when the fit raises.
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -51,6 +53,7 @@ from koopman_hooks.fitting.passes import (
 from koopman_hooks.koopman.adapters import LayerAdapter
 from koopman_hooks.koopman.autoencoder import AutoencoderConfig, KoopmanAutoencoder
 from koopman_hooks.koopman.losses import LossWeights
+from koopman_hooks.koopman.reduce import default_reduce, is_lossy
 from koopman_hooks.koopman.start import linear_start
 from koopman_hooks.koopman.surrogate import artifact_tensors
 from koopman_hooks.maths.rng import preserved_host_streams
@@ -166,6 +169,8 @@ class _Run:
         calib = agreed(found["calibration"])
         self.notes.update(calib.notes)
         self.shapes = dict(fitter.shapes)
+        _warn_lossy_source(self.layers[0], self.shapes[self.layers[0]], config.per_layer("reduce")[self.layers[0]],
+                           self.notes)
         self.rows = parts[distributed.rank()]
         width = config.width or fitter.width_for(config.variance, config.max_width)
         if config.latent_dim is not None and config.width is None and width > config.latent_dim:
@@ -286,6 +291,19 @@ class _Run:
         return FittedProbe(self.model, config, self.selectors, start.adapters, ae, start.baselines, outcome.history,
                            None, device, sizes, info, calib.tail,
                            calib.example if calib.tail_inputs == "repeated" else None)
+
+
+def _warn_lossy_source(layer: str, shape: tuple[int, ...], given: str | None, notes: dict[str, str]) -> None:
+    """Say so (a warning, and a note in ``repr``) when the default reduction of the first probed
+    layer, the surrogate's whole input, drops part of it (a layer over 4,096 features)."""
+    spec = default_reduce(shape)
+    if given is not None or not is_lossy(spec, shape):
+        return
+    notes["reduce_source"] = (f"{layer!r} ({' x '.join(map(str, shape))} = {math.prod(shape):,} features) read through "
+                              f"{spec!r} by default: the surrogate sees only that")
+    warnings.warn(f"the first probed layer {notes['reduce_source']}; pass reduce={{{layer!r}: 'flatten'}} to read all of "
+                  "it (its principal components then hold up to max_width of it), or probe a smaller layer",
+                  stacklevel=4)
 
 
 def _train_amp(option: str | None, device: torch.device, step_macs: int) -> tuple[bool, str]:
