@@ -62,7 +62,7 @@ def evaluate(probe: FittedProbe, loader: Iterable[Any], baseline: bool = True) -
     latent_fvu = {name: StreamingFVU() for name in layers[1:]}
     baseline_fvu = StreamingFVU()
     template_moves = 0
-    with preserved_state(probe.model), distributed.shard_may_be_empty():
+    with preserved_state(probe.model), distributed.empty_shards(allowed=True):
         for captured in probe.captures(loader):
             acts = captured.activations
             mask = probe.mask_of(captured.inputs)

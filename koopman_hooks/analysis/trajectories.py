@@ -44,7 +44,7 @@ def collect_trajectories(
     steps: list[list[torch.Tensor]] = [[] for _ in range(ae.offsets[-1] + 1)]
     labels: list[torch.Tensor] = []
     seen = 0
-    with preserved_state(probe.model), distributed.shard_may_be_empty():
+    with preserved_state(probe.model), distributed.empty_shards(allowed=True):
         captures = iter_captures(probe.model, selectors, loader, probe.batch_spec, ordered=False,
                                  shapes={n: shape for n, shape in probe.shapes.items() if n in wanted})
         for captured in captures:

@@ -55,10 +55,12 @@ def gathered(obj: Any) -> list[Any]:
 
 
 @contextlib.contextmanager
-def shard_may_be_empty() -> Iterator[None]:
-    """Around a pass whose statistics are merged over ranks: a rank whose loader yields nothing
-    (:class:`EmptyLoaderError`) goes on with empty statistics, while some rank has data; when
-    every rank's loader is empty, every rank raises. Without a process group: nothing changes."""
+def empty_shards(allowed: bool) -> Iterator[None]:
+    """Around a pass over each rank's loader, merged over ranks afterwards: a rank whose loader
+    yields nothing (:class:`EmptyLoaderError`) goes on, and every rank then raises alike -- with
+    ``allowed``, only when every shard was empty (the others' statistics stand); without, when
+    any was (naming the ranks), so that no rank raises alone and leaves the others waiting.
+    Without a process group: the error as it was."""
     empty = False
     try:
         yield
@@ -66,8 +68,14 @@ def shard_may_be_empty() -> Iterator[None]:
         if not active():
             raise
         empty = True
-    if active() and all(gathered(empty)):
+    if not active():
+        return
+    flags = gathered(empty)
+    if allowed and all(flags):
         raise EmptyLoaderError("every rank's loader")
+    if not allowed and any(flags):
+        raise EmptyLoaderError(f"the loader of rank(s) {[r for r, e in enumerate(flags) if e]}",
+                               "every rank needs batches of its own")
 
 
 def merged(fitter: M) -> M:

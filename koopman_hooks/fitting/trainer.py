@@ -53,7 +53,7 @@ from koopman_hooks.fitting.passes import (
 from koopman_hooks.koopman.adapters import LayerAdapter
 from koopman_hooks.koopman.autoencoder import AutoencoderConfig, KoopmanAutoencoder
 from koopman_hooks.koopman.losses import LossWeights
-from koopman_hooks.koopman.reduce import default_reduce, is_lossy
+from koopman_hooks.koopman.reduce import is_lossy
 from koopman_hooks.koopman.start import linear_start
 from koopman_hooks.koopman.surrogate import artifact_tensors
 from koopman_hooks.maths.rng import preserved_host_streams
@@ -153,24 +153,17 @@ class _Run:
             replay.keep_scores, replay.keep_inputs = calib.keeps_scores, calib.keeps_inputs
             return {} if calib.reduce is None else {self.layers[-1]: calib.reduce}
 
-        try:
+        with distributed.empty_shards(allowed=False):  # an empty shard: every rank raises, naming it
             fitter = fit_adapters(self.model, self.layers, self.selectors, loader, self.spec, config.per_layer("reduce"),
                                   self.device, on_first, config.mask_key, replay)
-        except EmptyLoaderError:
-            if not distributed.active():
-                raise
-            fitter = None
-        empty = [r for r, none in enumerate(distributed.gathered(fitter is None)) if none]
-        if empty:  # on every rank: one rank raising alone would leave the others waiting for it
-            raise EmptyLoaderError(f"the loader of rank(s) {empty}", "every rank needs batches of its own")
-        assert fitter is not None
         parts = distributed.gathered(fitter.n)
         fitter = distributed.merged(fitter)
         calib = agreed(found["calibration"])
         self.notes.update(calib.notes)
         self.shapes = dict(fitter.shapes)
-        _warn_lossy_source(self.layers[0], self.shapes[self.layers[0]], config.per_layer("reduce")[self.layers[0]],
-                           self.notes)
+        first = self.layers[0]
+        if config.per_layer("reduce")[first] is None:  # the default reduction, as the fitter resolved it
+            _warn_lossy_source(first, self.shapes[first], fitter.reduce[first] or "flatten", self.notes)
         self.rows = parts[distributed.rank()]
         width = config.width or fitter.width_for(config.variance, config.max_width)
         if config.latent_dim is not None and config.width is None and width > config.latent_dim:
@@ -293,11 +286,10 @@ class _Run:
                            calib.example if calib.tail_inputs == "repeated" else None)
 
 
-def _warn_lossy_source(layer: str, shape: tuple[int, ...], given: str | None, notes: dict[str, str]) -> None:
-    """Say so (a warning, and a note in ``repr``) when the default reduction of the first probed
-    layer, the surrogate's whole input, drops part of it (a layer over 4,096 features)."""
-    spec = default_reduce(shape)
-    if given is not None or not is_lossy(spec, shape):
+def _warn_lossy_source(layer: str, shape: tuple[int, ...], spec: str, notes: dict[str, str]) -> None:
+    """Say so (a warning, and a note in ``repr``) when the default reduction ``spec`` of the first
+    probed layer, the surrogate's whole input, drops part of it (a layer over 4,096 features)."""
+    if not is_lossy(spec, shape):
         return
     notes["reduce_source"] = (f"{layer!r} ({' x '.join(map(str, shape))} = {math.prod(shape):,} features) read through "
                               f"{spec!r} by default: the surrogate sees only that")
