@@ -29,7 +29,9 @@ class EditOptions:
         match: and this fraction of the target class's spread (Gaussian optimal transport).
         metric: ``"decoder"`` pull-back metric or ``"euclidean"``.
         metric_eps: ε added to the normalised pull-back metric.
-        metric_rows: rows per batch whose decoder Jacobian estimates the pull-back metric.
+        metric_rows: rows per batch whose decoder Jacobian estimates the pull-back metric when
+            the decoder has more than one hidden layer (the default decoder's metric is exact,
+            over every row, in closed form).
         refine: L-BFGS iterations refining the redirect on the patched model's outputs (0: off).
         refine_rows: rows the refinement fits on. It fits a ``d × (d+1)`` map, and more rows
             fit it better at a proportional cost.

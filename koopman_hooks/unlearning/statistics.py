@@ -3,7 +3,8 @@
 Samples are grouped by ``(class, runner-up)``: the class (the loader's label, or the model's
 argmax) and the class the model ranks next. Per group the float64 moments of the latent start
 ``z_0`` and of the endpoint ``z_k = E K^k z_0`` are kept, plus (for the decoder metric) the sum
-of the decoder's ``Jᵀ J`` over a seeded subsample of rows: memory ``O(groups · d²)`` whatever
+of the decoder's ``Jᵀ J`` (over every row for the autoencoder's decoder, see
+:mod:`~koopman_hooks.unlearning.metric`): memory ``O(groups · d²)`` whatever
 the number of samples.
 """
 
@@ -27,6 +28,7 @@ from koopman_hooks.fitting.passes import inputs_of, is_input_field
 from koopman_hooks.koopman.surrogate import KoopmanSurrogate
 from koopman_hooks.maths.linalg import apply_homogeneous
 from koopman_hooks.maths.stats import StreamingMoments
+from koopman_hooks.unlearning.metric import PullbackMetric
 from koopman_hooks.unlearning.options import LabelSource, Metric, Redirect
 from koopman_hooks.unlearning.refine import SampleReservoir
 
@@ -39,10 +41,11 @@ RANKED_CLASSES = 8  # the refinement sample keeps each row's best classes, this 
 class LatentGroupStatistics:
     """Streamed moments of ``z_k`` (``groups``) and ``z_0`` (``start``) per ``(class, runner-up)``.
 
-    ``metric[g]`` sums the decoder's ``Jᵀ J`` over the rows of group ``g`` where it was sampled
-    (``metric_n[g]`` of them; ``None`` when not collected). ``n_outputs`` is the width of the
-    model's ``(batch, classes)`` output, else ``None``. ``power`` is ``E K^k`` of the surrogate
-    the latents came from; ``reservoir`` a bounded sample of rows for the refinement.
+    ``metric[g]`` sums the decoder's ``Jᵀ J`` over the rows of group ``g`` where it was taken
+    (``metric_n[g]`` of them: all of the group's for the autoencoder's decoder; ``None`` when not
+    collected). ``n_outputs`` is the width of the model's ``(batch, classes)`` output, else
+    ``None``. ``power`` is ``E K^k`` of the surrogate the latents came from; ``reservoir`` a
+    bounded sample of rows for the refinement.
     """
 
     latent_dim: int
@@ -87,7 +90,7 @@ class LatentGroupStatistics:
         return dataclasses.replace(self, forget=tuple(sorted(forget)))
 
     def metric_total(self, key: Group) -> torch.Tensor:
-        """Estimated sum of ``Jᵀ J`` over the whole group, from the rows where it was sampled."""
+        """Sum of ``Jᵀ J`` over the whole group (estimated from the rows where it was taken)."""
         assert self.metric is not None
         if self.metric_n.get(key):
             return self.metric[key] * (self.groups[key].n / self.metric_n[key])
@@ -189,18 +192,6 @@ def runner_up(scores: torch.Tensor, labels: torch.Tensor, forget: torch.Tensor) 
     return keys
 
 
-def decoder_jacobian(decoder: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """Per-sample Jacobians of the decoder at rows ``z``: ``(b, out, d)`` float64."""
-    z = z.detach().float()
-
-    def one(v: torch.Tensor) -> torch.Tensor:
-        return decoder(v.unsqueeze(0)).squeeze(0)
-
-    with torch.enable_grad():
-        jac = torch.func.vmap(torch.func.jacrev(one))(z)
-    return jac.reshape(len(z), -1, z.shape[1]).double()
-
-
 def _class_labels(given: Any, scores: torch.Tensor | None, labels: LabelSource, n_outputs: int | None) -> torch.Tensor:
     if labels == "model":
         if scores is None:
@@ -218,8 +209,7 @@ class _Folder:
     stats: LatentGroupStatistics
     surrogate: KoopmanSurrogate
     forget: torch.Tensor
-    metric_rows: int
-    generator: torch.Generator
+    metric: PullbackMetric | None  # the decoder's pull-back metric (metric="decoder")
 
     def fold(self, given_labels: Any, scores: torch.Tensor | None, states: torch.Tensor, inputs: Inputs | None) -> None:
         """One batch: its loader labels, the model's ``(batch, classes)`` scores (or ``None``) and
@@ -239,11 +229,9 @@ class _Folder:
         with torch.no_grad():
             z0 = surrogate.encoder(states).double()
             z = apply_homogeneous(stats.power.to(z0.device), z0)
-        jac = rows = None
-        if stats.metric_kind == "decoder":  # the pull-back metric is averaged over a seeded subsample of rows
-            rows = torch.randperm(len(z), generator=self.generator)[: self.metric_rows].sort().values
-            jac = decoder_jacobian(surrogate.decoder, z[rows.to(z.device)])
-        stats.update(y, keys, z0, z, jac, rows)
+        stats.update(y, keys, z0, z, None)
+        if self.metric is not None:
+            self.metric.update(y, keys, z)
         if stats.reservoir is not None:
             predictions = None  # the model's classes best first: a retained row's target skips forgotten ones
             if scores is not None:
@@ -291,11 +279,16 @@ def collect_statistics(
         stats.reservoir = SampleReservoir(int(refine_rows), seed)
     stats.power = surrogate.endpoint_map().detach().cpu()  # E K^k, the latent the decoder reads (E = I unless edited)
     forget = torch.tensor(sorted(set(forget_classes)), dtype=torch.long)
-    folder = _Folder(stats, surrogate, forget, metric_rows, torch.Generator().manual_seed(seed))
+    pullback = None
+    if metric == "decoder":
+        pullback = PullbackMetric(surrogate.decoder, metric_rows, torch.Generator().manual_seed(seed))
+    folder = _Folder(stats, surrogate, forget, pullback)
     if loader is None:
         seen = _from_fit_cache(probe, folder)
     else:
         seen = _from_loader(probe, loader, folder)
+    if pullback is not None:
+        stats.metric, stats.metric_n = pullback.totals()
     if not distributed.summed([float(seen)])[0]:
         raise EmptyLoaderError()
     stats.seconds = time.perf_counter() - start
