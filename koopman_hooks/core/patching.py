@@ -4,8 +4,8 @@
 path also skips the modules that run only between ``src`` and ``dst`` (their output is
 replaced anyway), so the patched model costs less than the original; it is checked on the
 first call in eval mode against the full path on the same batch and used only if every tensor
-of both outputs agrees (a call of another kind is checked again; dropout or batch norm in
-training mode and hooks on skipped modules take the full path).
+of both outputs agrees (a call of another kind, or after a weight update, is checked again; a
+module in training mode and hooks on skipped modules or on ``dst`` take the full path).
 :class:`TailRunner` gives the model's output for a supplied ``dst`` activation, skipping
 everything before ``dst``.
 """
@@ -20,11 +20,21 @@ import torch
 from torch import nn
 
 from koopman_hooks.core.batches import MASK_KEY, Inputs, batch_size_of, call_model
+from koopman_hooks.core.compare import output_structure, outputs_agree
 from koopman_hooks.core.hooks import hooked
 from koopman_hooks.core.layers import get_module
-from koopman_hooks.core.select import MODEL_OUTPUT, OutputSelector, output_children
+from koopman_hooks.core.select import OutputSelector, output_children
 from koopman_hooks.core.shapes import check_shape
-from koopman_hooks.core.skipping import Trace, batch_of, call_with_zeros, skip_plan, skipped, trace, zeros_that_work
+from koopman_hooks.core.skipping import (
+    Trace,
+    batch_of,
+    call_with_zeros,
+    skip_plan,
+    skipped,
+    trace,
+    traced,
+    zeros_that_work,
+)
 from koopman_hooks.errors import LayerError
 
 Path = Literal["pending", "fast", "full"]
@@ -62,46 +72,6 @@ def forward_signature(model: nn.Module) -> inspect.Signature | None:
         return inspect.signature(model.forward)
     except (TypeError, ValueError):
         return None
-
-
-def _tensors_agree(x: torch.Tensor, y: torch.Tensor, rtol: float, atol: float) -> bool:
-    if x.shape != y.shape:
-        return False
-    x, y = x.detach().float(), y.detach().float()
-    scale = float(x.abs().max()) if x.numel() else 1.0
-    return bool(torch.allclose(x, y, rtol=rtol, atol=atol * max(scale, 1.0)))
-
-
-def output_structure(output: Any) -> Any:
-    """The shape of an output's nesting (container types, keys, lengths; tensors as ``"T"``):
-    two calls whose outputs differ here returned different things (e.g. ``hidden_states``)."""
-    if isinstance(output, torch.Tensor):
-        return "T"
-    children = output_children(output)
-    if not children:
-        return type(output).__name__
-    return (type(output).__name__, tuple((key, output_structure(child)) for key, child in children))
-
-
-def _every_part_agrees(a: Any, b: Any, rtol: float, atol: float) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and _tensors_agree(a, b, rtol, atol)
-    left, right = output_children(a), output_children(b)
-    if not left and not right:
-        try:
-            return type(a) is type(b) and bool(a == b)
-        except Exception:  # noqa: BLE001 - a leaf without a plain truth value (an array) compares by identity
-            return a is b
-    return (len(left) == len(right) and all(ka == kb for (ka, _), (kb, _) in zip(left, right))
-            and all(_every_part_agrees(x, y, rtol, atol) for (_, x), (_, y) in zip(left, right)))
-
-
-def outputs_agree(a: Any, b: Any, rtol: float = 1e-4, atol: float = 1e-5, every_part: bool = False) -> bool:
-    """Whether two model outputs have equal scores (the first tensor of each), up to float noise;
-    with ``every_part``, every tensor of the outputs and the same structure around them."""
-    if every_part:
-        return _every_part_agrees(a, b, rtol, atol)
-    return _tensors_agree(MODEL_OUTPUT.get(a), MODEL_OUTPUT.get(b), rtol, atol)
 
 
 def check_patch_layers(surrogate: nn.Module, src: str | None, dst: str | None) -> None:
@@ -159,9 +129,10 @@ class PatchedModel(nn.Module):
         self.path: Path = "pending" if (fast and strict) else "full"
         self._trace: Trace | None = None
         self._skip: list[str] = []
-        self._skipped_tree: list[nn.Module] = []
-        self._mode_sensitive: list[nn.Module] | None = None  # see _training
-        self._checked_calls: dict[Any, bool] = {}  # call and output structure -> whether the fast path agreed
+        self._skipped_tree: list[nn.Module] = []  # skipped modules, dst and dst's submodules: see _hooks_on_skipped
+        self._modules_seen: list[nn.Module] | None = None  # see _training
+        self._checked_calls: dict[Any, tuple[bool, Any]] = {}  # kind of call -> (fast path agreed, output structure)
+        self._weights: tuple[Any, ...] | None = None  # see _weights_changed
         self._shared_zeros = True
 
     def _predict(self, source: torch.Tensor, real: torch.Tensor | None, mask: Any = None) -> torch.Tensor:
@@ -185,9 +156,14 @@ class PatchedModel(nn.Module):
         def capture(module: nn.Module, inputs: Any, output: Any) -> None:
             captured["src"] = self.src_selector.get(output).clone()  # safe from in-place ops after src
 
+        replaced: list[bool] = []
+
         def replace(module: nn.Module, inputs: Any, output: Any) -> Any:
             if "src" not in captured:
+                if replaced:
+                    raise LayerError(f"{self.dst_layer!r} ran more than once in one forward pass; cannot patch it")
                 raise LayerError(f"{self.dst_layer!r} ran before {self.src_layer!r}; cannot patch")
+            replaced.append(True)
             return self.dst_selector.replace(output, self._predict(captured.pop("src"), self.dst_selector.get(output), mask))
 
         with hooked(self.model, {self.src_layer: capture}):
@@ -213,34 +189,31 @@ class PatchedModel(nn.Module):
             captured["src"] = self.src_selector.get(output).clone()  # safe from in-place ops after src
 
         def supply(zeros: Any) -> Any:
-            template = self.dst_selector.get(zeros)
-            value = self._predict(captured.pop("src"), None, mask)
-            return self.dst_selector.replace(zeros, value.to(dtype=template.dtype, device=template.device))
+            source = captured.pop("src")
+            value = self._predict(source, None, mask)  # in the source's dtype: the traced one may be out of date
+            return self.dst_selector.replace(zeros, value.to(dtype=source.dtype, device=source.device))
 
         with hooked(self.model, {self.src_layer: capture}):
             with skipped(self.model, self._trace, self._skip, batch, device, {self.dst_layer: supply}, shared=shared):
                 return self.model(*args, **kwargs)
 
     def calibrate(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the full path on this batch (in the caller's grad mode) and, where allowed, try the
-        fast one (without grad): it is used from now on if both give the same output, every
-        tensor of it. Returns the full path's output. A model whose dropout or batch-norm layers
-        are in training mode is not calibrated (random layers make the paths differ, and every
-        extra pass would update running statistics): the call runs the full path once and the
-        check waits for a call in eval mode; so it does while a forward hook sits on a module
-        the fast path would skip."""
-        out = self._full(*args, **kwargs)
+        """Run the full path on this batch (in the caller's grad mode, tracing which module runs
+        when) and, where allowed, try the fast one (without grad): it is used from now on if both
+        give the same output, every tensor of it. Returns the full path's output. A model with a
+        module in training mode is not calibrated (dropout makes the paths differ, and every
+        extra pass would update batch norm's running statistics): the call runs the full path
+        once and the check waits for a call in eval mode; so it does while a forward hook sits
+        on a module the fast path would skip, or on ``dst``."""
         if self.path != "pending" or self._training():
-            return out
+            return self._full(*args, **kwargs)
         if self._trace is None:
-            try:
-                with torch.no_grad():
-                    self._trace = trace(self.model, lambda: self._full(*args, **kwargs))
-                    self._skip = skip_plan(self._trace, self.dst_layer, after=self.src_layer)
-                    self._skipped_tree = [m for name in self._skip for m in get_module(self.model, name).modules()]
-            except Exception:  # noqa: BLE001 - any failure of the short path means: use the full one
-                self.path = "full"
-                return out
+            self._trace, out = traced(self.model, lambda: self._full(*args, **kwargs), grad=True)
+            self._skip = skip_plan(self._trace, self.dst_layer, after=self.src_layer)
+            self._skipped_tree = [m for name in (*self._skip, self.dst_layer) for m in get_module(self.model, name).modules()]
+            self._weights = self._weights_now()
+        else:
+            out = self._full(*args, **kwargs)
         if not self._skip:
             self.path = "full"
             return out
@@ -251,48 +224,85 @@ class PatchedModel(nn.Module):
             lambda shared: outputs_agree(self._skipping(shared, *args, **kwargs), out, every_part=True))
         if shared is not None:
             self.path, self._shared_zeros = "fast", shared
-            self._checked_calls[self._call_key(args, kwargs, out)] = True
+            self._checked_calls[self._call_key(args, kwargs)] = (True, output_structure(out))
         return out
 
     def _training(self) -> bool:
-        """Whether a module that acts differently in training now trains: dropout-like layers
-        (random) and layers with buffers (batch norm's running statistics, updated by every pass);
-        those modules are found once, their flags read on every call."""
-        if self._mode_sensitive is None:
-            self._mode_sensitive = [
-                module for module in self.model.modules()
-                if "Drop" in type(module).__name__ or any(True for _ in module.buffers(recurse=False))
-                or (isinstance(module, nn.MultiheadAttention) and module.dropout > 0)]
-        return any(module.training for module in self._mode_sensitive)
+        """Whether a module of the model is in training mode: dropout (also ``F.dropout`` in a
+        module's code) draws random numbers and batch norm updates its running statistics on
+        every pass, so such calls take the full path, once."""
+        if self._modules_seen is None:
+            self._modules_seen = list(self.model.modules())
+        return any(module.training for module in self._modules_seen)
 
     def _hooks_on_skipped(self) -> bool:
-        """Whether a forward hook now sits on a skipped module (or on every module): the fast
-        path would call it with zeros, so the call takes the full path."""
+        """Whether a forward hook now sits on a skipped module, on ``dst`` or inside it (or on
+        every module): the fast path would call it with zeros or not at all, so the call takes
+        the full path."""
         if getattr(nn.modules.module, "_global_forward_hooks", None) or getattr(
                 nn.modules.module, "_global_forward_pre_hooks", None):
             return True
         return any(m._forward_hooks or m._forward_pre_hooks for m in self._skipped_tree)
 
+    def _weights_now(self) -> tuple[Any, ...]:
+        """The model's tensors' dtypes and devices (first and last) and the sum of their
+        in-place version counters: a change means the fast path must be checked again."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        if not tensors:
+            return ()
+        ends = (tensors[0], tensors[-1])
+        return (*((t.dtype, t.device) for t in ends), sum(t._version for t in tensors))
+
+    def _recheck_if_changed(self) -> None:
+        """After ``model.double()`` / ``.to(device)`` the trace's shapes and dtypes are re-made
+        (the next call calibrates again); after an in-place weight update every kind of call is
+        checked again."""
+        now = self._weights_now()
+        if now == self._weights:
+            return
+        if self._weights is None or now[:2] != self._weights[:2]:
+            self.path, self._trace, self._skip, self._skipped_tree = "pending", None, [], []
+        self._checked_calls.clear()
+        self._weights = now
+
     @staticmethod
-    def _call_key(args: Sequence[Any], kwargs: Mapping[str, Any], out: Any) -> Any:
-        return len(args), tuple(sorted(kwargs)), output_structure(out)
+    def _call_key(args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+        """What makes two calls the same kind: argument names, plain values (flags such as
+        ``aux=True`` change what runs) and tensors' shapes after the batch, dtypes and devices."""
+        def part(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                return ("T", tuple(value.shape[1:]), value.dtype, value.device)
+            if value is None or isinstance(value, (bool, int, float, str)):
+                return value
+            children = output_children(value)
+            return (type(value).__name__, tuple((key, part(child)) for key, child in children)) if children else \
+                type(value).__name__
+        return tuple(part(a) for a in args), tuple((k, part(v)) for k, v in sorted(kwargs.items()))
 
     def _fast_or_full(self, *args: Any, **kwargs: Any) -> Any:
-        """The fast path's output where it agreed with the full one on a call of this kind (same
-        argument names, same output structure: a call asking for more, e.g. ``hidden_states``,
-        is checked again); else, and in training mode or with hooks on skipped modules, the
-        full path's."""
+        """The fast path's output where it agreed with the full one on a call of this kind (see
+        :meth:`_call_key`; a call whose output holds more, e.g. ``hidden_states``, is checked
+        again); else, and in training mode or with hooks on skipped modules, the full path's.
+        A kind of call seen first runs both paths: the full one's output is returned."""
         if self._training() or self._hooks_on_skipped():
             return self._full(*args, **kwargs)
-        fast = self._fast(*args, **kwargs)
-        key = self._call_key(args, kwargs, fast)
-        if key not in self._checked_calls:
-            full = self._full(*args, **kwargs)
-            self._checked_calls[key] = outputs_agree(fast, full, every_part=True)
-            return full
-        return fast if self._checked_calls[key] else self._full(*args, **kwargs)
+        key = self._call_key(args, kwargs)
+        verdict = self._checked_calls.get(key)
+        if verdict is not None and verdict[0]:
+            fast = self._fast(*args, **kwargs)
+            if output_structure(fast) == verdict[1]:
+                return fast
+        elif verdict is not None:
+            return self._full(*args, **kwargs)
+        full = self._full(*args, **kwargs)
+        agreed = zeros_that_work(lambda shared: outputs_agree(self._skipping(shared, *args, **kwargs), full,
+                                                              every_part=True)) is not None
+        self._checked_calls[key] = (agreed, output_structure(full))
+        return full
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.path != "full":
+            self._recheck_if_changed()
         if self.path == "fast":
             return self._fast_or_full(*args, **kwargs)
         if self.path == "pending":
@@ -306,7 +316,12 @@ class PatchedModel(nn.Module):
 
     def extra_repr(self) -> str:
         mode = "strict" if self.strict else "mixed (lossy layers keep the real forward's ignored part)"
-        return f"{self.src_layer!r} -> {self.dst_layer!r}, path={self.path}, {mode}"
+        path: str = self.path
+        if path == "fast" and self._training():
+            path = "fast (full while a module trains)"
+        elif path == "fast" and self._hooks_on_skipped():
+            path = "fast (full while hooks sit on skipped modules)"
+        return f"{self.src_layer!r} -> {self.dst_layer!r}, path={path}, {mode}"
 
 
 class TailRunner:

@@ -113,6 +113,12 @@ class Trace:
 def trace(model: nn.Module, run: Callable[[], Any]) -> Trace:
     """Call ``run`` (a forward pass of ``model``) once without grad and record when every named
     module of ``model`` ran."""
+    return traced(model, run)[0]
+
+
+def traced(model: nn.Module, run: Callable[[], T], grad: bool = False) -> tuple[Trace, T]:
+    """:func:`trace`, returning ``run``'s result too; with ``grad`` in the caller's grad mode
+    (the pass then serves as the caller's forward)."""
     inner = unwrap_model(model)
     events = 0
     calls: dict[str, list[tuple[int, int]]] = {}
@@ -142,12 +148,12 @@ def trace(model: nn.Module, run: Callable[[], Any]) -> Trace:
             if name:
                 handles.append(module.register_forward_pre_hook(pre(name)))
                 handles.append(module.register_forward_hook(post(name)))
-        with torch.no_grad():
-            run()
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            result = run()
     finally:
         for handle in handles:
             handle.remove()
-    return Trace(calls, templates)
+    return Trace(calls, templates), result
 
 
 def _is_within(name: str, other: str) -> bool:

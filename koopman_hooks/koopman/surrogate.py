@@ -139,19 +139,19 @@ class KoopmanSurrogate(nn.Module):
         return states
 
     def endpoint(self) -> torch.Tensor:
-        """``E K^k`` (homogeneous, in the buffers' dtype), computed once and reused until the
-        operator or the readout changes (is replaced, or modified in place)."""
+        """``E K^k`` (homogeneous, in the buffers' dtype), computed once and reused while the
+        operator and the readout hold the same values (compared on every call: an edit through
+        ``.data`` moves no version counter)."""
         operator, readout = self.operator, self.readout
         if operator.requires_grad or readout.requires_grad or operator.is_inference() or readout.is_inference():
-            return readout @ torch.linalg.matrix_power(operator, self.steps)  # no version counter to key a cache on
-        versions = (operator._version, readout._version, self.steps)
+            return readout @ torch.linalg.matrix_power(operator, self.steps)  # a graph or an inference tensor: no cache
+        key = (self.steps, operator.dtype, operator.device, readout.dtype, readout.device)
         cached = self.__dict__.get("_endpoint")
-        # the cache holds the buffers themselves: a replaced buffer is never mistaken for its
-        # successor (a new tensor may get a freed one's id, and starts at version 0 too)
-        if cached is None or cached[0] is not operator or cached[1] is not readout or cached[2] != versions:
+        if (cached is None or cached[0] != key or not torch.equal(cached[1], operator)
+                or not torch.equal(cached[2], readout)):
             with artifact_tensors():
                 value = readout @ torch.linalg.matrix_power(operator, self.steps)
-            self.__dict__["_endpoint"] = cached = (operator, readout, versions, value)
+                self.__dict__["_endpoint"] = cached = (key, operator.clone(), readout.clone(), value)
         return cached[3]
 
     def final_latent(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -189,3 +189,111 @@ def test_the_source_is_read_as_the_layer_returned_it():
         patched = PatchedModel(model, Shift(), "0", "2", fast=fast)
         patched(x)
         torch.testing.assert_close(patched(x), model[3](model[0](x) + 1.0))
+
+
+class Gated(nn.Module):
+    """``src -> mid -> dst -> head``, plus a side branch out of ``mid`` that a flag or a gate opens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.src, self.mid, self.dst, self.head = nn.Linear(4, 6), nn.Linear(6, 6), nn.Sequential(nn.Linear(6, 6)), \
+            nn.Linear(6, 3)
+        self.gate = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor, aux: bool = False, p: float = 0.0) -> torch.Tensor:
+        m = torch.relu(self.mid(self.src(x)))
+        m = nn.functional.dropout(m, p, self.training)  # functional: no Dropout module to find
+        out = self.head(self.dst(m)) + self.gate * m[:, :3]
+        return out + m[:, :3] if aux else out
+
+
+def paths(model: nn.Module) -> tuple[PatchedModel, PatchedModel]:
+    return PatchedModel(model, Shift(), "src", "dst"), PatchedModel(model, Shift(), "src", "dst", fast=False)
+
+
+def test_a_flags_value_or_a_weight_update_is_checked_again_before_the_fast_path_serves_it():
+    model, x = Gated().eval(), torch.randn(8, 4)
+    fast, full = paths(model)
+    fast(x)
+    assert fast.path == "fast" and fast.skipped_modules == ["mid"]
+    torch.testing.assert_close(fast(x, aux=True), full(x, aux=True))  # mid reaches the output: checked, full path
+    torch.testing.assert_close(fast(x, aux=True), full(x, aux=True))
+    torch.testing.assert_close(fast(x), full(x))  # the checked kind keeps the fast path
+    with torch.no_grad():
+        model.gate.fill_(1.0)  # now mid reaches the output through the gate
+    torch.testing.assert_close(fast(x), full(x))
+    torch.testing.assert_close(fast(x), full(x))
+
+
+def test_training_mode_takes_the_full_path_also_for_functional_dropout():
+    model, x = Gated().eval(), torch.randn(8, 4)
+    fast, full = paths(model)
+    fast(x)
+    assert fast.path == "fast"
+    model.train()
+    assert "full while a module trains" in repr(fast)
+    torch.manual_seed(3)
+    got, state = fast(x, p=0.5), torch.get_rng_state()
+    torch.manual_seed(3)
+    torch.testing.assert_close(got, full(x, p=0.5))
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_hooks_on_dst_or_inside_it_take_the_full_path():
+    model, x = Gated().eval(), torch.randn(8, 4)
+    fast, full = paths(model)
+    fast(x)
+    inputs: list[torch.Tensor] = []
+    inner_calls: list[int] = []
+    handles = [model.dst.register_forward_hook(lambda m, i, o: inputs.append(i[0])),
+               model.dst[0].register_forward_hook(lambda m, i, o: inner_calls.append(1))]
+    try:
+        torch.testing.assert_close(fast(x), full(x))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(inner_calls) == 2 and not any(bool((i == 0).all()) for i in inputs)
+
+
+def test_a_calibrated_fast_path_follows_the_models_dtype():
+    model, x = Gated().eval(), torch.randn(8, 4)
+    fast, full = paths(model)
+    fast(x)
+    assert fast.path == "fast"
+    model.double()
+    got = fast(x.double())
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, full(x.double()))
+    fast(x.double())
+    assert fast.path == "fast"
+
+
+def test_the_first_call_runs_the_model_twice_and_later_calls_once():
+    model, x = Gated().eval(), torch.randn(8, 4)
+    fast, _ = paths(model)
+    calls: list[int] = []
+    handle = model.head.register_forward_hook(lambda m, i, o: calls.append(1))
+    try:
+        counts = []
+        for _ in range(3):
+            calls.clear()
+            fast(x)
+            counts.append(len(calls))
+    finally:
+        handle.remove()
+    assert counts == [2, 1, 1]  # the full path (traced), then the fast one checked against it
+
+
+def test_a_destination_that_runs_twice_is_named():
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.src, self.act, self.head = nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.act(self.act(self.src(x))))
+
+    for fast in (True, False):
+        with pytest.raises(LayerError, match="'act' ran more than once"):
+            PatchedModel(Twice().eval(), Shift(), "src", "act", fast=fast)(torch.randn(3, 4))
