@@ -1015,3 +1015,77 @@ def test_a_first_layer_the_default_reads_only_in_part_is_warned_about():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # chosen by the user: no warning
         KoopmanProbe(WideTokens(), ["block0", "block1"], reduce={"block0": "mean"}, **TINY).fit(loader, epochs=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# review of precision, cache, files and analysis arguments
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_a_model_run_in_amp_keeps_the_output_loss(amp):
+    probe = KoopmanProbe(resmlp(), ["blocks.0", "blocks.2"], amp=amp, **TINY).fit(vectors(), epochs=1)
+    info = probe.fetch_model().info
+    assert info["output_loss"] is True and info["tail_inputs"] is not None, info
+
+
+def test_val_loader_labels_of_another_dtype_or_none_fit():
+    base = vectors(128)
+    x, y = base.tensors
+    ragged = [(x[:32], y[:32]), (x[32:64], y[32:64].to(torch.int32)), (x[64:], y[64:].to(torch.uint8))]
+    for loader, val in ((ragged, vectors(64, seed=1)), (base, TensorLoader(x[:40], y[:40].to(torch.uint8))),
+                        (base, vectors(64, labels=False, seed=2)), (vectors(64, labels=False), vectors(64, seed=3))):
+        probe = KoopmanProbe(resmlp(), ["blocks.0", "blocks.2"], **TINY).fit(loader, epochs=1, val_loader=val)
+        assert probe.fetch_model().info["held_out_samples"] == len(val.tensors[0])
+
+
+def test_a_cache_on_disk_fits_bit_identically_to_one_in_ram():
+    states = []
+    for cache_mb in (16.0, 0.001):
+        probe = KoopmanProbe(resmlp(), ["blocks.0", "blocks.2"], cache_mb=cache_mb, **TINY).fit(vectors(256), epochs=2)
+        assert probe.fetch_model().info["cache_on_disk"] is (cache_mb < 1)
+        states.append(probe.fetch_model().autoencoder.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_scipys_eigensolver_keeps_torchs_thread_count():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from koopman_hooks.maths.linalg import _blas_threads
+
+    with _blas_threads(1):
+        assert all(pool["num_threads"] == 1 for pool in threadpoolctl.threadpool_info() if pool["user_api"] == "blas")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_loading_onto_a_missing_device_names_the_device_not_the_file(fitted, tmp_path):
+    fitted.save(tmp_path / "p.safetensors")
+    with pytest.raises(RuntimeError) as caught:
+        KoopmanProbe.load(tmp_path / "p.safetensors", fitted.model, device="cuda")
+    assert not isinstance(caught.value, IncompatibleFileError) and "not a valid probe file" not in str(caught.value)
+
+
+@pytest.mark.parametrize("options, message", [({"n_points": 0}, "n_points must be a positive int"),
+                                              ({"n_points": "100"}, "n_points must be a positive int"),
+                                              ({"n_points": 10.5}, "n_points must be a positive int"),
+                                              ({"k": 0}, "k must be a positive int"),
+                                              ({"metric": "knn", "n_neighbors": 0}, "n_neighbors must be"),
+                                              ({"epsilon": -1.0}, "epsilon must be a positive finite number")])
+def test_topology_arguments_are_checked(fitted, options, message):
+    with pytest.raises(ConfigError, match=message):
+        fitted.topology(vectors(), **options)
+
+
+def test_patch_with_a_layer_name_for_the_surrogate_says_what_to_pass(fitted):
+    with pytest.raises(TypeError, match=r"surrogate must be an nn.Module.*patch\(dst='blocks.2'\)"):
+        fitted.patch("blocks.2")
+
+
+def test_a_rank_above_the_chosen_latent_dim_is_a_config_error():
+    probe = KoopmanProbe(resmlp(), ["blocks.0", "blocks.2"], operator="lowrank", rank=1000, verbose=False)
+    with pytest.raises(ConfigError, match=r"rank=1000 is above the latent_dim chosen from the data"):
+        probe.fit(vectors(), epochs=1)
+
+
+def test_exact_reductions_report_every_diagnostic_key(fitted):
+    metrics = fitted.evaluate(vectors())
+    assert metrics["mixed_agreement"] == metrics["template_agreement"] == metrics["agreement"]
+    assert metrics["lossy_reduction_reaches_output"] is None

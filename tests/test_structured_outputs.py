@@ -142,3 +142,20 @@ def test_probe_with_callable_select_cannot_patch():
         probe.patch()
 
 
+
+
+def test_load_keeps_the_saved_selects_of_the_layers_select_leaves_out(tmp_path):
+    from koopman_hooks import ConfigError
+
+    torch.manual_seed(0)
+    m = StructModel("dict")
+    path = tmp_path / "p.safetensors"
+    # blocks.0 read by a callable (not saved), blocks.1 by a key (saved)
+    KoopmanProbe(m, ["blocks.0", "blocks.1"], select={"blocks.0": lambda o: o["hidden"], "blocks.1": "hidden"},
+                 **TINY).fit(loader(), epochs=1).save(path)
+    loaded = KoopmanProbe.load(path, m, select={"blocks.0": lambda o: o["hidden"]})
+    assert loaded.selectors["blocks.1"].select == "hidden"  # not reset to the default (first tensor)
+    with pytest.raises(ConfigError, match=r"'blocks.0'.*callable.*select=\{'blocks.0': fn\}"):
+        KoopmanProbe.load(path, m)
+    with pytest.raises(ConfigError, match="contradicts the select it was probed with"):
+        KoopmanProbe.load(path, m, select={"blocks.0": lambda o: o["hidden"], "blocks.1": "aux"})

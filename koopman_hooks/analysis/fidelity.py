@@ -101,7 +101,8 @@ def evaluate(probe: FittedProbe, loader: Iterable[Any], baseline: bool = True) -
         result["template_agreement"], _ = counts.agreement("template")
         result["lossy_reduction_reaches_output"] = template_moves > 0 or result["mixed_agreement"] != result["agreement"]
     else:
-        result["mixed_agreement"], result["lossy_reduction_reaches_output"] = result["agreement"], None
+        result["mixed_agreement"] = result["template_agreement"] = result["agreement"]
+        result["lossy_reduction_reaches_output"] = None
     result["state_fvu"] = state_fvu[last].compute()
     result["state_fvu_per_layer"] = {name: fvu.compute() for name, fvu in state_fvu.items()}
     result["latent_fvu"] = latent_fvu[last].compute()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -10,7 +12,17 @@ import numpy as np
 
 from koopman_hooks.analysis import betti
 from koopman_hooks.analysis.trajectories import collect_trajectories
+from koopman_hooks.errors import ConfigError
 from koopman_hooks.fitting.fitted import FittedProbe
+
+
+def _check_options(n_points: Any, epsilon: Any, k: Any, n_neighbors: Any) -> None:
+    for name, value in (("n_points", n_points), ("k", k), ("n_neighbors", n_neighbors)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ConfigError(f"{name} must be a positive int, got {value!r}")
+    if epsilon is not None and (isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real)
+                                or not math.isfinite(epsilon) or epsilon <= 0):
+        raise ConfigError(f"epsilon must be a positive finite number or None (chosen from the data), got {epsilon!r}")
 
 
 def compare_topology(
@@ -46,6 +58,7 @@ def compare_topology(
     ``final_betti0_relative_error`` the last step with the last one; each is ``None`` when
     ``layers`` leaves that layer out.
     """
+    _check_options(n_points, epsilon, k, n_neighbors)
     start = time.perf_counter()
     traj = collect_trajectories(probe, loader, layers, n_points)
     names = list(traj.network)

@@ -75,9 +75,14 @@ class BatchSpec:
         return batch[self.input_key], labels
 
 
+def amp_dtype(amp: str | None) -> torch.dtype | None:
+    """The dtype of an ``amp`` setting (``"bf16"``, ``"fp16"`` or ``None``)."""
+    return None if amp is None else torch.bfloat16 if amp == "bf16" else torch.float16
+
+
 def autocast(spec: BatchSpec, device: torch.device) -> Any:
     """The autocast context of ``spec.amp`` on ``device`` (a no-op without ``amp``)."""
-    return autocast_to(device, None if spec.amp is None else torch.bfloat16 if spec.amp == "bf16" else torch.float16)
+    return autocast_to(device, amp_dtype(spec.amp))
 def class_labels(labels: Any, n_classes: int | None) -> torch.Tensor:
     """``labels`` as a ``(batch,)`` integer tensor of classes ``0..n_classes-1`` (``n_classes``: the
     width of the model's ``(batch, classes)`` scores; ``None``: only ``>= 0`` is checked), or a

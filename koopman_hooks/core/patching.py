@@ -23,6 +23,7 @@ from koopman_hooks.core.batches import MASK_KEY, Inputs, batch_size_of, call_mod
 from koopman_hooks.core.compare import output_structure, outputs_agree
 from koopman_hooks.core.hooks import hooked
 from koopman_hooks.core.layers import get_module
+from koopman_hooks.core.precision import autocast_to
 from koopman_hooks.core.select import OutputSelector, output_children
 from koopman_hooks.core.shapes import check_shape
 from koopman_hooks.core.skipping import (
@@ -111,6 +112,10 @@ class PatchedModel(nn.Module):
         mask_key: str | None = MASK_KEY,
     ) -> None:
         super().__init__()
+        if not isinstance(surrogate, nn.Module):
+            hint = f": to choose layers, pass src= / dst= (e.g. patch(dst={surrogate!r}))" if isinstance(surrogate, str) else ""
+            raise TypeError(f"surrogate must be an nn.Module (a KoopmanSurrogate, or any module called as "
+                            f"surrogate(x_src, like=...)), got {type(surrogate).__name__} {surrogate!r}{hint}")
         dst_selector = dst_selector or OutputSelector(None, dst_layer)
         if not dst_selector.writable:
             dst_selector.replace(None, torch.empty(0))  # raises the clear error
@@ -329,9 +334,13 @@ class TailRunner:
     before ``dst`` is skipped. ``inputs`` still go to the model (code outside modules, e.g. an
     attention mask's use, may read them); :meth:`check` says whether this is exact."""
 
-    def __init__(self, model: nn.Module, dst: str, dst_selector: OutputSelector, example: Inputs) -> None:
-        self.model, self.dst, self.selector = model, dst, dst_selector
-        self._trace = trace(model, lambda: call_model(model, example))
+    def __init__(self, model: nn.Module, dst: str, dst_selector: OutputSelector, example: Inputs,
+                 amp: torch.dtype | None = None) -> None:
+        self.model, self.dst, self.selector, self.amp = model, dst, dst_selector, amp
+        device = batch_of([example], {})
+        self._device = device[1] if device is not None else torch.device("cpu")
+        with autocast_to(self._device, amp):  # the model's forward as the probe runs it (amp=)
+            self._trace = trace(model, lambda: call_model(model, example))
         self._skip = skip_plan(self._trace, dst)
         self._shared_zeros = True
 
@@ -345,7 +354,7 @@ class TailRunner:
             return self.selector.replace(zeros, value.to(dtype=template.dtype, device=template.device))
 
         with skipped(self.model, self._trace, self._skip, batch_size_of(inputs), value.device, {self.dst: supply},
-                     shared=shared):
+                     shared=shared), autocast_to(value.device, self.amp):
             return call_model(self.model, inputs)
 
     def check(self, inputs: Inputs, value: torch.Tensor, expected: Any) -> bool:

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from koopman_hooks.errors import LayerError
+from koopman_hooks.errors import ConfigError, LayerError
 
 Select = int | str | Callable[[Any], torch.Tensor] | None
 Path = tuple[int | str, ...]
@@ -178,3 +178,30 @@ def make_selectors(layers: Sequence[str], select: Select | Sequence[Select] | Ma
     """One :class:`OutputSelector` per layer from a single ``select`` or one per layer."""
     spread: Mapping[str, Select] = per_layer(layers, select, "select")
     return {name: OutputSelector(s, name) for name, s in spread.items()}
+
+
+def loaded_selectors(layers: Sequence[str], saved: Sequence[Select], callables: Sequence[str],
+                     given: Select | Sequence[Select] | Mapping[str, Select] | None) -> dict[str, OutputSelector]:
+    """The selectors of a probe read back from a file: the ``saved`` select of every layer, where
+    ``given`` (``load(..., select=)``) leaves it out, and ``given``'s callables for the layers
+    probed with one (``callables``; not saved). A given select that contradicts a saved one
+    raises :class:`~koopman_hooks.errors.ConfigError`."""
+    kept: dict[str, Select] = {name: (saved[i] if saved else None) for i, name in enumerate(layers)}
+    asked: dict[str, Select] = dict.fromkeys(layers)
+    if given is not None:
+        asked.update(per_layer(layers, given, "select"))
+    missing = [name for name in callables if not callable(asked.get(name))]
+    if missing:
+        raise ConfigError(f"layers {missing} were probed with a callable select, which files do not hold: pass it "
+                          "again, e.g. select={" + ", ".join(f"{name!r}: fn" for name in missing) + "}")
+    for name, value in asked.items():
+        if value is None or name in callables:
+            continue
+        if kept.get(name) is not None and kept[name] != value:
+            raise ConfigError(f"select={value!r} for {name!r} contradicts the select it was probed with "
+                              f"({kept[name]!r}); leave it out to use the saved one")
+        kept[name] = value
+    for name in callables:
+        kept[name] = asked[name]
+    return {name: OutputSelector(kept.get(name), name) for name in layers}
+

@@ -19,12 +19,12 @@ import torch
 from torch import nn
 
 from koopman_hooks.core import distributed
-from koopman_hooks.core.batches import BatchSpec, Inputs, batch_size_of, call_model, mask_of, repeated_rows, select_rows
+from koopman_hooks.core.batches import BatchSpec, Inputs, amp_dtype, batch_size_of, call_model, mask_of, repeated_rows, select_rows
 from koopman_hooks.core.capture import Captured, capture_batch, iter_captures
 from koopman_hooks.core.layers import get_module, module_device, module_name, unwrap_model
 from koopman_hooks.core.patching import PatchedModel, TailRunner, check_patch_layers
 from koopman_hooks.core.schema import check, from_mapping, to_mapping
-from koopman_hooks.core.select import OutputSelector, Select, make_selectors
+from koopman_hooks.core.select import OutputSelector, Select, loaded_selectors
 from koopman_hooks.core.serialization import load_tensors, prefixed, save_tensors, unprefixed
 from koopman_hooks.core.shapes import parameter_mismatch, parameter_shapes, parameters_digest
 from koopman_hooks.errors import ConfigError, IncompatibleFileError, LayerError
@@ -260,7 +260,8 @@ class FittedProbe:
         last = self.layers[-1]
         rows = torch.arange(min(CALIBRATION_ROWS, batch_size_of(captured.inputs)))
         example = select_rows(captured.inputs, rows)
-        self.tail, kind = find_tail(self.model, example, captured.activations[last][rows], last, self.selector(last))
+        self.tail, kind = find_tail(self.model, example, captured.activations[last][rows], last, self.selector(last),
+                                    amp_dtype(self.config.amp))
         self.tail_example = example if kind == "repeated" else None
 
     def outputs_from_states(self, dst: str, inputs: Inputs) -> bool:
@@ -366,10 +367,9 @@ class FittedProbe:
             warnings.warn(f"{path} was fitted on other weights than this model's (its parameters or buffers "
                           "differ): the probe describes the model it was fitted on; refit it on this one",
                           stacklevel=2)
-        if config.callable_select and select is None:
-            raise ConfigError(f"layers {list(config.callable_select)} were probed with a callable select; pass select=")
-        selectors = make_selectors(config.layers, select if select is not None else list(config.select))
+        selectors = loaded_selectors(config.layers, config.select, config.callable_select, select)
         device = torch.device(device) if device is not None else module_device(inner)
+        torch.empty(0, device=device)  # torch's own error for a device this machine lacks, not "invalid file"
         try:
             adapters = {}
             for i, name in enumerate(config.layers):

@@ -21,6 +21,7 @@ from torch import nn
 from koopman_hooks.core.batches import BatchSpec, Inputs, batch_size_of, call_model, mask_of, repeated_rows, select_rows
 from koopman_hooks.core.capture import Captured, capture_batch, iter_captures
 from koopman_hooks.core.patching import TailRunner
+from koopman_hooks.core.precision import autocast_to
 from koopman_hooks.core.select import MODEL_OUTPUT, OutputSelector
 from koopman_hooks.core.shapes import check_fit_batch
 from koopman_hooks.core.skipping import Trace, skip_plan, trace
@@ -77,7 +78,7 @@ def _per_sample_macs(model: nn.Module, example: Inputs, calib_trace: Trace, laye
 
 def calibrate(model: nn.Module, captured: Captured, layers: Sequence[str], selectors: Mapping[str, OutputSelector],
               want_tail: bool, detect_head: bool = False, mask_key: str | None = None,
-              reduce: Mapping[str, str | None] | None = None) -> Calibration:
+              reduce: Mapping[str, str | None] | None = None, amp: torch.dtype | None = None) -> Calibration:
     """Trace the model on (up to 8 rows of) the first batch; find its tail after the last probed
     layer and whether stand-in inputs (the first row repeated) are enough to run it; with
     ``detect_head``, the token reduction that follows what the head reads of the last layer.
@@ -121,22 +122,23 @@ def calibrate(model: nn.Module, captured: Captured, layers: Sequence[str], selec
                                      else "not a classifier (no integer labels within the model's output width)")
         return calibration
     calibration.tail, calibration.tail_inputs = find_tail(model, example, captured.activations[last][rows], last,
-                                                          selectors[last])
+                                                          selectors[last], amp)
     if calibration.tail is None:
         calibration.notes["tail"] = f"the model's output after {last!r} could not be reproduced from it alone"
     return calibration
 
 
 def find_tail(model: nn.Module, example: Inputs, real: torch.Tensor, last: str,
-              selector: OutputSelector) -> tuple[TailRunner | None, TailInputs | None]:
+              selector: OutputSelector, amp: torch.dtype | None = None) -> tuple[TailRunner | None, TailInputs | None]:
     """A runner of the model's tail after ``last`` that reproduces the model's output on ``example``
     from ``last``'s ``real`` activation, and whether stand-in inputs (the first row repeated) are
     enough for it (``"repeated"``) or it needs the real inputs (``"real"``); ``(None, None)`` if
-    no tail reproduces the output."""
-    with torch.no_grad():
+    no tail reproduces the output. ``amp``: the autocast dtype the model runs in (the probe's
+    ``amp=``), for the reference output and the runner alike."""
+    with torch.no_grad(), autocast_to(real.device, amp):
         reference = call_model(model, example)
     try:
-        runner = TailRunner(model, last, selector, example)
+        runner = TailRunner(model, last, selector, example, amp)
     except Exception:  # noqa: BLE001 - a model the trace cannot follow has no tail runner
         return None, None
     if runner.check(repeated_rows(example, len(real)), real, reference):
@@ -234,14 +236,16 @@ class Replay:
 def _kept_fields(captured: Captured, mask: torch.Tensor | None, keep_scores: bool,
                  keep_inputs: bool) -> dict[str, torch.Tensor]:
     """What pass 2 keeps of a batch beside its states: attention ``mask``, ``scores``, ``labels``
-    (as given: one row each) and, with ``keep_inputs``, the tensor inputs (``in``/``in.<key>``)."""
+    (one row each; integer labels as int64) and, with ``keep_inputs``, the tensor inputs (``in``/``in.<key>``)."""
     fields: dict[str, torch.Tensor] = {}
     if mask is not None:
         fields["mask"] = mask
     if keep_scores:
         fields["scores"] = MODEL_OUTPUT.get(captured.output).detach().float()
     if captured.labels is not None:
-        fields["labels"] = torch.as_tensor(captured.labels)
+        labels = torch.as_tensor(captured.labels)
+        # integer labels of any dtype are classes: one dtype for every batch (and val_loader's)
+        fields["labels"] = labels.long() if not labels.is_floating_point() and not labels.is_complex() else labels
     if keep_inputs:
         fields.update(input_fields(captured.inputs))
     return fields

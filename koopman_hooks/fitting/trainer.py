@@ -15,17 +15,18 @@ global RNG), even when the fit raises.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from koopman_hooks.core import distributed
-from koopman_hooks.core.batches import BatchSpec, mask_of, move_inputs, repeated_rows
+from koopman_hooks.core.batches import BatchSpec, amp_dtype, mask_of, move_inputs, repeated_rows
 from koopman_hooks.core.capture import Captured
 from koopman_hooks.core.hooks import frozen_parameters, preserved_state
 from koopman_hooks.core.layers import module_device, unwrap_model
@@ -42,6 +43,7 @@ from koopman_hooks.fitting.head import ignored_part_reaches_output
 from koopman_hooks.fitting.passes import (
     Calibration,
     PairMoments,
+    PassRows,
     Replay,
     Sample,
     calibrate,
@@ -149,7 +151,8 @@ class _Run:
 
         def on_first(captured: Captured) -> dict[str, str]:
             found["calibration"] = calib = calibrate(self.model, captured, self.layers, self.selectors, want_tail,
-                                                     detect_head, config.mask_key, config.per_layer("reduce"))
+                                                     detect_head, config.mask_key, config.per_layer("reduce"),
+                                                     amp_dtype(config.amp))
             replay.keep_scores, replay.keep_inputs = calib.keeps_scores, calib.keeps_inputs
             return {} if calib.reduce is None else {self.layers[-1]: calib.reduce}
 
@@ -205,7 +208,7 @@ class _Run:
         if val_loader is not None:
             val = live_rows(*model_args, val_loader, self.spec, self.shapes, self.device, calib.keeps_scores,
                             self.config.mask_key)
-            flags.append(fill_cache(cache, val, calib.keeps_inputs, None, None))
+            flags.append(fill_cache(cache, _labelled_like(val, "labels" in cache.fields), calib.keeps_inputs, None, None))
             passes += 1
         cache.finalize()
         out = torch.cat(flags)
@@ -229,6 +232,9 @@ class _Run:
         latent_dim = config.latent_dim
         if latent_dim is None:
             latent_dim, notes["latent_dim"] = sizing.latent_dim_for(width)
+            if config.rank is not None and config.rank > latent_dim:
+                raise ConfigError(f"rank={config.rank} is above the latent_dim chosen from the data ({latent_dim}: "
+                                  f"{notes['latent_dim']}): pass latent_dim >= {config.rank} or a smaller rank")
         features_in, features_out = adapters[layers[0]].features, adapters[layers[-1]].features
         hidden = config.hidden
         if hidden is None:
@@ -333,4 +339,15 @@ def _tail(calib: Calibration, device: torch.device) -> Tail | None:
         def tail(rows: Mapping[str, torch.Tensor], value: torch.Tensor) -> Any:
             return runner(move_inputs(inputs_of(rows, calib.example), device), value)
     return tail
+
+
+def _labelled_like(rows: Iterable[PassRows], labelled: bool) -> Iterator[PassRows]:
+    """``val_loader``'s rows with labels where the fit loader's have them (-1 where it gives none:
+    held-out rows' labels are never read) and without where they have none: one cache layout."""
+    for batch in rows:
+        if labelled and batch.labels is None:
+            batch = dataclasses.replace(batch, labels=torch.full((len(batch.states[0]),), -1, dtype=torch.long))
+        elif not labelled and batch.labels is not None:
+            batch = dataclasses.replace(batch, labels=None)
+        yield batch
 

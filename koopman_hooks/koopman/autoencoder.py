@@ -124,7 +124,7 @@ class KoopmanAutoencoder(nn.Module):
         full = torch.eye(d, dtype=torch.float64)
         full[:w, :w] = operator.double()
         error = ae.operator.initialize(full)
-        if config.operator == "exp" and error > START_TOLERANCE:  # lowrank misses it by design
+        if config.operator == "exp" and not error <= START_TOLERANCE:  # lowrank misses it by design
             warnings.warn(f"operator={config.operator!r} cannot start at the closed-form K (relative error {error:.2g}; "
                           "e.g. a negative real eigenvalue has no real logarithm for 'exp'): the fit starts away from "
                           "the linear model; operator='dense' (the default) starts at it exactly", stacklevel=3)

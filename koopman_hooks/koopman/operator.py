@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Literal, get_args
 
 import torch
@@ -94,8 +96,10 @@ class KoopmanOperator(nn.Module):
         if self.parametrization == "dense":
             self.weight.copy_(k.to(self.weight))
         elif self.parametrization == "exp":
-            evals, evecs = torch.linalg.eig(k)
-            log = (evecs @ torch.diag(torch.log(evals)) @ torch.linalg.inv(evecs)).real
+            log = _real_log(k)
+            if not bool(torch.isfinite(log).all()):  # a singular k has no logarithm at all
+                self.generator.zero_()
+                return math.inf
             self.generator.copy_((log * self.total_steps).to(self.generator))
         else:
             u, s, vh = torch.linalg.svd(k)
@@ -109,3 +113,18 @@ class KoopmanOperator(nn.Module):
 
     def _dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
+
+
+def _real_log(k: torch.Tensor) -> torch.Tensor:
+    """The real part of the principal matrix logarithm of ``k`` (float64): scipy's Schur-based
+    ``logm`` (right for defective matrices too) where scipy is installed, else from an
+    eigendecomposition (right for diagonalisable ``k``)."""
+    try:
+        import scipy.linalg
+    except ImportError:  # pragma: no cover - scipy is an optional extra
+        evals, evecs = torch.linalg.eig(k)
+        return (evecs @ torch.diag(torch.log(evals)) @ torch.linalg.inv(evecs)).real
+    with warnings.catch_warnings():  # scipy warns where no accurate logarithm exists: the caller's error says it
+        warnings.simplefilter("ignore")
+        return torch.from_numpy(scipy.linalg.logm(k.detach().cpu().numpy()).real.copy()).to(k.device)
+

@@ -7,7 +7,9 @@ imported only by the functions that need it.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +41,17 @@ def psd_power(a: torch.Tensor, power: float) -> torch.Tensor:
     return (evecs * evals.pow(power)) @ evecs.mT
 
 
+def _blas_threads(limit: int) -> contextlib.AbstractContextManager[Any]:
+    """scipy's BLAS held to ``limit`` threads while open (threadpoolctl, where installed): it
+    otherwise takes every core whatever ``torch.set_num_threads`` says, which collapses when
+    other jobs share the machine."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn, an optional extra
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=limit, user_api="blas")
+
+
 def top_eigh(a: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` largest eigenvalues (decreasing) and their eigenvectors (columns) of a
     symmetric matrix; all of them when ``k`` is ``None``. On the CPU, with scipy installed and
@@ -54,7 +67,8 @@ def top_eigh(a: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch
         except ImportError:  # pragma: no cover - scipy is an optional extra
             pass
         else:
-            evals, evecs = eigh(a.detach().numpy(), subset_by_index=[n - k, n - 1], driver="evr")
+            with _blas_threads(torch.get_num_threads()):  # torch's thread count, not OpenBLAS's own
+                evals, evecs = eigh(a.detach().numpy(), subset_by_index=[n - k, n - 1], driver="evr")
             return (torch.from_numpy(evals[::-1].copy()).to(a.dtype),
                     torch.from_numpy(evecs[:, ::-1].copy()).to(a.dtype))
     evals, evecs = torch.linalg.eigh(a)

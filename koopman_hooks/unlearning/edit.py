@@ -182,6 +182,13 @@ def unlearn(
         if stats.reservoir is None or not len(stats.reservoir):
             raise ValueError("refine > 0 needs statistics with a sample of rows: collect them with "
                              "probe.unlearning_statistics(loader, refine_rows=...) or pass refine=0")
+        held = stats.reservoir.inputs  # (rows, 0) where the collecting probe ran the tail from states alone
+        if isinstance(held, torch.Tensor) and held.shape[1:] == (0,) and not probe.tail_reads_states(
+                surrogate.dst_layer, False):
+            raise ValueError("these statistics keep their refinement rows' source-layer states, not their model "
+                             "inputs: the probe that collected them runs the model's tail from states alone, this one "
+                             "cannot yet (a loaded probe finds its tail in a statistics pass of its own). Collect them with "
+                             "this probe's unlearning_statistics(loader), or pass refine=0")
         refined, extra = refine_readout(probe.patched_outputs, probe.model, surrogate, endpoint @ base, stats.reservoir, forget,
                                         retained, iterations=opts.refine, proximal=opts.proximal,
                                         retain_weight=opts.retain_weight, sample_rows=opts.refine_rows)

@@ -124,3 +124,13 @@ def test_autoencoder_trajectory_is_every_offsets_power_of_z0(parametrization, ro
     z0 = torch.randn(rows, 12, generator=g)
     for z, offset in zip(ae.trajectory(z0), ae.offsets[1:], strict=True):
         torch.testing.assert_close(z, z0 @ ae.operator.power(offset).T, rtol=1e-4, atol=1e-5)
+
+
+def test_exp_starts_exactly_at_a_defective_operator_and_says_when_it_cannot():
+    jordan = torch.tensor([[0.9, 1.0], [0.0, 0.9]], dtype=torch.float64)  # not diagonalisable; log is real
+    for steps in (1, 4):
+        op = KoopmanOperator(2, "exp", total_steps=steps)
+        assert op.initialize(jordan) < 1e-6
+        torch.testing.assert_close(op.matrix().double(), jordan, rtol=1e-6, atol=1e-6)
+    negative = torch.diag(torch.tensor([-0.5, 0.9], dtype=torch.float64))  # no real logarithm
+    assert KoopmanOperator(2, "exp").initialize(negative) > 0.5

@@ -295,3 +295,18 @@ def test_refinement_needs_sampled_rows(setup: dict) -> None:
     assert setup["probe"].unlearn(DOT, stats, refine=0).info["forget_classes"] == [DOT]
 
 
+
+
+def test_statistics_without_inputs_are_refused_by_a_loaded_probe_that_cannot_run_the_tail_yet(setup, tmp_path):
+    from koopman_hooks import KoopmanProbe
+
+    probe = setup["probe"]
+    stats = probe.unlearning_statistics(setup["loader"], refine_rows=64)  # this probe runs the tail from states
+    assert stats.reservoir is not None and stats.reservoir.inputs.shape[1:] == (0,)
+    probe.save(tmp_path / "p.safetensors")
+    loaded = KoopmanProbe.load(tmp_path / "p.safetensors", setup["model"], verbose=False)
+    with pytest.raises(ValueError, match="Collect them with this probe's unlearning_statistics"):
+        loaded.unlearn(2, stats, refine=3)
+    loaded.unlearn(2, stats, refine=0)  # the least-squares edit needs no rows
+    own = loaded.unlearning_statistics(setup["loader"], refine_rows=64)
+    loaded.unlearn(2, own, refine=3)
