@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from koopman_hooks.analysis.fidelity import evaluate
+from koopman_hooks.analysis.spectrum import KoopmanSpectrum, koopman_spectrum
 from koopman_hooks.analysis.topology import compare_topology
 from koopman_hooks.core.layers import LayerSpec, resolve_layers
 from koopman_hooks.core.patching import PatchedModel, check_patch_layers
@@ -312,6 +313,15 @@ class KoopmanProbe:
     def evaluate(self, loader: Iterable[Any], baseline: bool = True) -> dict[str, Any]:
         """Fidelity on held-out data (:func:`koopman_hooks.analysis.evaluate`)."""
         return evaluate(self.fetch_model(), loader, baseline)
+
+    def spectrum(self, surrogate: KoopmanSurrogate | None = None) -> KoopmanSpectrum:
+        """Eigenvalues, modes and eigenfunctions of the fitted K, or of an edited surrogate's
+        (``unlearn(..., method="per_step")`` edits K itself): see
+        :class:`~koopman_hooks.analysis.KoopmanSpectrum`."""
+        if surrogate is None:
+            ae = self.fetch_model().autoencoder
+            return koopman_spectrum(ae.operator.matrix(), ae.offsets)
+        return koopman_spectrum(surrogate.operator[:-1, :-1], (0, surrogate.steps))
 
     def topology(self, loader: Iterable[Any], n_points: int = 2000, layers: Sequence[str] | str | None = None,
                  **options: Any) -> dict[str, Any]:

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import matplotlib
 import numpy as np
-import torch
 
+from koopman_hooks.analysis.spectrum import koopman_spectrum
 from koopman_hooks.analysis.trajectories import Trajectories, collect_trajectories
 from koopman_hooks.core import distributed
 from koopman_hooks.fitting.fitted import FittedProbe
@@ -51,8 +51,8 @@ def training_curves(model_loss: Sequence[float], history: Sequence[dict[str, Any
 
 
 def eigenvalue_plot(probe: FittedProbe, path: Path) -> Path:
-    k = probe.autoencoder.operator.matrix().detach().double().cpu()
-    eig = torch.linalg.eigvals(k).numpy()
+    k = probe.autoencoder.operator.matrix()
+    eig = koopman_spectrum(k).eigenvalues.numpy()
     fig, ax = plt.subplots(figsize=(4.2, 4.2))
     theta = np.linspace(0, 2 * np.pi, 400)
     ax.plot(np.cos(theta), np.sin(theta), color="0.6", lw=1)
