@@ -193,10 +193,10 @@ class PatchedModel(nn.Module):
         def capture(module: nn.Module, inputs: Any, output: Any) -> None:
             captured["src"] = self.src_selector.get(output).clone()  # safe from in-place ops after src
 
-        def supply(zeros: Any) -> Any:
-            source = captured.pop("src")
-            value = self._predict(source, None, mask)  # in the source's dtype: the traced one may be out of date
-            return self.dst_selector.replace(zeros, value.to(dtype=source.dtype, device=source.device))
+        def supply(zeros: Any) -> Any:  # in dst's traced dtype: a change of the weights' dtype re-traces
+            template = self.dst_selector.get(zeros)
+            value = self._predict(captured.pop("src"), None, mask)
+            return self.dst_selector.replace(zeros, value.to(dtype=template.dtype, device=template.device))
 
         with hooked(self.model, {self.src_layer: capture}):
             with skipped(self.model, self._trace, self._skip, batch, device, {self.dst_layer: supply}, shared=shared):
@@ -213,7 +213,12 @@ class PatchedModel(nn.Module):
         if self.path != "pending" or self._training():
             return self._full(*args, **kwargs)
         if self._trace is None:
-            self._trace, out = traced(self.model, lambda: self._full(*args, **kwargs), grad=True)
+            try:
+                self._trace, out = traced(self.model, lambda: self._full(*args, **kwargs), grad=True)
+            except Exception:  # noqa: BLE001 - the model raised (bad inputs?), or cannot be traced
+                out = self._full(*args, **kwargs)  # the model's own error raises again here: still pending
+                self.path = "full"  # it runs, but cannot be traced: the full path from now on
+                return out
             self._skip = skip_plan(self._trace, self.dst_layer, after=self.src_layer)
             self._skipped_tree = [m for name in (*self._skip, self.dst_layer) for m in get_module(self.model, name).modules()]
             self._weights = self._weights_now()

@@ -297,3 +297,13 @@ def test_a_destination_that_runs_twice_is_named():
     for fast in (True, False):
         with pytest.raises(LayerError, match="'act' ran more than once"):
             PatchedModel(Twice().eval(), Shift(), "src", "act", fast=fast)(torch.randn(3, 4))
+
+
+def test_a_first_call_that_raises_leaves_the_fast_path_to_a_later_good_call():
+    model, x = Gated().eval(), torch.randn(8, 4)
+    fast, full = paths(model)
+    with pytest.raises(RuntimeError):
+        fast(torch.randn(8, 5))  # the model's own error
+    assert fast.path == "pending"
+    torch.testing.assert_close(fast(x), full(x))
+    assert fast.path == "fast"
