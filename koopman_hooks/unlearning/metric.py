@@ -79,7 +79,7 @@ class PullbackMetric:
             else:
                 u = z.double() @ first.weight.detach().double().T + first.bias.detach().double()
                 slopes = _gelu_slope(u).cpu()
-            for key, rows in _groups(labels, keys):
+            for key, rows in row_groups(labels, keys):
                 g = slopes[rows]
                 n, s1, s2 = self.sums.get(key, (0, torch.zeros(g.shape[1], dtype=torch.float64),
                                                 torch.zeros(g.shape[1], g.shape[1], dtype=torch.float64)))
@@ -87,7 +87,7 @@ class PullbackMetric:
             return self
         rows = torch.randperm(len(z), generator=self.generator)[: self.sample_rows].sort().values
         jac = decoder_jacobian(self.decoder, z[rows.to(z.device)]).cpu()
-        for key, sampled in _groups(labels[rows], keys[rows]):
+        for key, sampled in row_groups(labels[rows], keys[rows]):
             j = jac[sampled]
             n, total = self.sampled.get(key, (0, torch.zeros(jac.shape[2], jac.shape[2], dtype=torch.float64)))
             self.sampled[key] = (n + len(j), total + torch.einsum("boi,boj->ij", j, j))
@@ -110,7 +110,7 @@ class PullbackMetric:
         return metric, {k: n for k, (n, _, _) in self.sums.items()}
 
 
-def _groups(labels: torch.Tensor, keys: torch.Tensor) -> list[tuple[Group, torch.Tensor]]:
-    """Each ``(label, key)`` pair present and the boolean mask of its rows."""
+def row_groups(labels: torch.Tensor, keys: torch.Tensor) -> list[tuple[Group, torch.Tensor]]:
+    """Each ``(label, key)`` pair present (the statistics' groups) and the boolean mask of its rows."""
     pairs = torch.stack([labels, keys], 1).unique(dim=0).tolist()
     return [((int(c), int(s)), (labels == c) & (keys == s)) for c, s in pairs]

@@ -28,7 +28,7 @@ from koopman_hooks.fitting.passes import inputs_of, is_input_field
 from koopman_hooks.koopman.surrogate import KoopmanSurrogate
 from koopman_hooks.maths.linalg import apply_homogeneous
 from koopman_hooks.maths.stats import StreamingMoments
-from koopman_hooks.unlearning.metric import PullbackMetric
+from koopman_hooks.unlearning.metric import PullbackMetric, row_groups
 from koopman_hooks.unlearning.options import LabelSource, Metric, Redirect
 from koopman_hooks.unlearning.refine import SampleReservoir
 
@@ -133,9 +133,7 @@ class LatentGroupStatistics:
         labels, keys = labels.reshape(-1).long().cpu(), keys.reshape(-1).long().cpu()
         if len(labels) != len(z):
             raise ValueError(f"got {len(labels)} labels for a batch of {len(z)} samples")
-        for c, s in torch.stack([labels, keys], 1).unique(dim=0).tolist():
-            mask = (labels == c) & (keys == s)
-            key = (int(c), int(s))
+        for key, mask in row_groups(labels, keys):
             if key not in self.groups:
                 self.groups[key] = StreamingMoments(self.latent_dim)
                 self.start[key] = StreamingMoments(self.latent_dim)
