@@ -212,11 +212,17 @@ def paths(model: nn.Module) -> tuple[PatchedModel, PatchedModel]:
     return PatchedModel(model, Shift(), "src", "dst"), PatchedModel(model, Shift(), "src", "dst", fast=False)
 
 
-def test_a_flags_value_or_a_weight_update_is_checked_again_before_the_fast_path_serves_it():
+def calibrated() -> tuple[Gated, torch.Tensor, PatchedModel, PatchedModel]:
+    """A gated model in eval mode, a batch, its patch calibrated on it (fast path) and the full path."""
     model, x = Gated().eval(), torch.randn(8, 4)
     fast, full = paths(model)
     fast(x)
     assert fast.path == "fast" and fast.skipped_modules == ["mid"]
+    return model, x, fast, full
+
+
+def test_a_flags_value_or_a_weight_update_is_checked_again_before_the_fast_path_serves_it():
+    model, x, fast, full = calibrated()
     torch.testing.assert_close(fast(x, aux=True), full(x, aux=True))  # mid reaches the output: checked, full path
     torch.testing.assert_close(fast(x, aux=True), full(x, aux=True))
     torch.testing.assert_close(fast(x), full(x))  # the checked kind keeps the fast path
@@ -227,10 +233,7 @@ def test_a_flags_value_or_a_weight_update_is_checked_again_before_the_fast_path_
 
 
 def test_training_mode_takes_the_full_path_also_for_functional_dropout():
-    model, x = Gated().eval(), torch.randn(8, 4)
-    fast, full = paths(model)
-    fast(x)
-    assert fast.path == "fast"
+    model, x, fast, full = calibrated()
     model.train()
     assert "full while a module trains" in repr(fast)
     torch.manual_seed(3)
@@ -241,9 +244,7 @@ def test_training_mode_takes_the_full_path_also_for_functional_dropout():
 
 
 def test_hooks_on_dst_or_inside_it_take_the_full_path():
-    model, x = Gated().eval(), torch.randn(8, 4)
-    fast, full = paths(model)
-    fast(x)
+    model, x, fast, full = calibrated()
     inputs: list[torch.Tensor] = []
     inner_calls: list[int] = []
     handles = [model.dst.register_forward_hook(lambda m, i, o: inputs.append(i[0])),
@@ -257,10 +258,7 @@ def test_hooks_on_dst_or_inside_it_take_the_full_path():
 
 
 def test_a_calibrated_fast_path_follows_the_models_dtype():
-    model, x = Gated().eval(), torch.randn(8, 4)
-    fast, full = paths(model)
-    fast(x)
-    assert fast.path == "fast"
+    model, x, fast, full = calibrated()
     model.double()
     got = fast(x.double())
     assert got.dtype == torch.float64
