@@ -316,12 +316,15 @@ class KoopmanProbe:
 
     def spectrum(self, surrogate: KoopmanSurrogate | None = None) -> KoopmanSpectrum:
         """Eigenvalues, modes and eigenfunctions of the fitted K, or of an edited surrogate's
-        (``unlearn(..., method="per_step")`` edits K itself): see
-        :class:`~koopman_hooks.analysis.KoopmanSpectrum`."""
+        (``unlearn(..., method="per_step")`` edits K itself, and may add a translation: the
+        spectrum is then ``affine``): see :class:`~koopman_hooks.analysis.KoopmanSpectrum`."""
         if surrogate is None:
             ae = self.fetch_model().autoencoder
             return koopman_spectrum(ae.operator.matrix(), ae.offsets)
-        return koopman_spectrum(surrogate.operator[:-1, :-1], (0, surrogate.steps))
+        homogeneous = surrogate.operator  # [[K, b], [0, 1]]: affine where an edit added a translation b
+        if bool((homogeneous[:-1, -1] == 0).all()):
+            return koopman_spectrum(homogeneous[:-1, :-1], (0, surrogate.steps))
+        return koopman_spectrum(homogeneous, (0, surrogate.steps), affine=True)
 
     def topology(self, loader: Iterable[Any], n_points: int = 2000, layers: Sequence[str] | str | None = None,
                  **options: Any) -> dict[str, Any]:

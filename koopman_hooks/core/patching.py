@@ -1,4 +1,4 @@
-"""Route a model's forward pass through a surrogate between two layers, and run a model's tail.
+"""Route a model's forward pass through a surrogate between two layers.
 
 :class:`PatchedModel` replaces ``dst``'s output with ``surrogate(src's output)``. Its *fast*
 path also skips the modules that run only between ``src`` and ``dst`` (their output is
@@ -6,8 +6,8 @@ replaced anyway), so the patched model costs less than the original; it is check
 first call in eval mode against the full path on the same batch and used only if every tensor
 of both outputs agrees (a call of another kind, or after a weight update, is checked again; a
 module in training mode and hooks on skipped modules or on ``dst`` take the full path).
-:class:`TailRunner` gives the model's output for a supplied ``dst`` activation, skipping
-everything before ``dst``.
+:class:`~koopman_hooks.core.tail.TailRunner` gives the model's output for a supplied ``dst``
+activation, skipping everything before ``dst``.
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from koopman_hooks.core.batches import MASK_KEY, Inputs, batch_size_of, call_model
+from koopman_hooks.core.batches import MASK_KEY
 from koopman_hooks.core.compare import output_structure, outputs_agree
 from koopman_hooks.core.hooks import hooked
 from koopman_hooks.core.layers import get_module
-from koopman_hooks.core.precision import autocast_to
 from koopman_hooks.core.select import OutputSelector, output_children
 from koopman_hooks.core.shapes import check_shape
 from koopman_hooks.core.skipping import (
@@ -32,7 +31,6 @@ from koopman_hooks.core.skipping import (
     call_with_zeros,
     skip_plan,
     skipped,
-    trace,
     traced,
     zeros_that_work,
 )
@@ -131,11 +129,12 @@ class PatchedModel(nn.Module):
         self.mask_key = mask_key
         self._mask_aware = accepts_mask(surrogate)
         self._signature = forward_signature(model)  # read once: binding a call to it finds the mask
-        self.path: Path = "pending" if (fast and strict) else "full"
+        self._fast_allowed = fast and strict
+        self.path: Path = "pending" if self._fast_allowed else "full"
         self._trace: Trace | None = None
         self._skip: list[str] = []
         self._skipped_tree: list[nn.Module] = []  # skipped modules, dst and dst's submodules: see _hooks_on_skipped
-        self._modules_seen: list[nn.Module] | None = None  # see _training
+        self._modules_seen: list[nn.Module] | None = None  # see _training and _weights_now
         self._checked_calls: dict[Any, tuple[bool, Any]] = {}  # kind of call -> (fast path agreed, output structure)
         self._weights: tuple[Any, ...] | None = None  # see _weights_changed
         self._shared_zeros = True
@@ -255,34 +254,54 @@ class PatchedModel(nn.Module):
         return any(m._forward_hooks or m._forward_pre_hooks for m in self._skipped_tree)
 
     def _weights_now(self) -> tuple[Any, ...]:
-        """The model's tensors' dtypes and devices (first and last) and the sum of their
-        in-place version counters: a change means the fast path must be checked again."""
-        tensors = [*self.model.parameters(), *self.model.buffers()]
-        if not tensors:
-            return ()
-        ends = (tensors[0], tensors[-1])
-        return (*((t.dtype, t.device) for t in ends), sum(t._version for t in tensors))
+        """The first weight's dtype and device, and sums of every parameter's in-place version
+        counter and storage address (a replaced parameter, or ``p.data = t``, moves the latter):
+        a change means the fast path must be checked again. Buffers are left out (some models
+        rebuild one on every call, e.g. a rotary cache); inference tensors have no version."""
+        if self._modules_seen is None:
+            self._modules_seen = list(self.model.modules())
+        first: torch.Tensor | None = None
+        versions = addresses = 0
+        for module in self._modules_seen:
+            for p in module._parameters.values():
+                if p is None:
+                    continue
+                first = p if first is None else first
+                if not p.is_inference():
+                    versions += p._version
+                addresses += p.data_ptr()
+        if first is None:
+            first = next(self.model.buffers(), None)
+        return () if first is None else (first.dtype, first.device, versions, addresses)
 
     def _recheck_if_changed(self) -> None:
         """After ``model.double()`` / ``.to(device)`` the trace's shapes and dtypes are re-made
-        (the next call calibrates again); after an in-place weight update every kind of call is
-        checked again."""
+        (the next call calibrates again); after a weight update every kind of call is checked
+        again. (Writes through ``.data`` in place move nothing it sees: call :meth:`reset`.)"""
         now = self._weights_now()
         if now == self._weights:
             return
         if self._weights is None or now[:2] != self._weights[:2]:
-            self.path, self._trace, self._skip, self._skipped_tree = "pending", None, [], []
+            self.reset()
         self._checked_calls.clear()
         self._weights = now
 
+    def reset(self) -> None:
+        """Forget every check: the next call in eval mode calibrates the fast path again (after
+        changing the model in a way the wrapper cannot see, e.g. ``p.data.fill_(...)``)."""
+        self.path = "pending" if self._fast_allowed else "full"
+        self._trace, self._skip, self._skipped_tree = None, [], []
+        self._checked_calls.clear()
+
     @staticmethod
     def _call_key(args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
-        """What makes two calls the same kind: argument names, plain values (flags such as
-        ``aux=True`` change what runs) and tensors' shapes after the batch, dtypes and devices."""
+        """What makes two calls the same kind: argument names, flags' values (``aux=True``, a
+        string or ``None`` can change what runs; numbers count by their type) and tensors' shapes
+        after the batch, dtypes and devices."""
         def part(value: Any) -> Any:
             if isinstance(value, torch.Tensor):
                 return ("T", tuple(value.shape[1:]), value.dtype, value.device)
-            if value is None or isinstance(value, (bool, int, float, str)):
+            if value is None or isinstance(value, (bool, str)):  # flags; numbers (a time step) by their type
                 return value
             children = output_children(value)
             return (type(value).__name__, tuple((key, part(child)) for key, child in children)) if children else \
@@ -311,7 +330,7 @@ class PatchedModel(nn.Module):
         return full
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.path != "full":
+        if self._fast_allowed:
             self._recheck_if_changed()
         if self.path == "fast":
             return self._fast_or_full(*args, **kwargs)
@@ -332,55 +351,6 @@ class PatchedModel(nn.Module):
         elif path == "fast" and self._hooks_on_skipped():
             path = "fast (full while hooks sit on skipped modules)"
         return f"{self.src_layer!r} -> {self.dst_layer!r}, path={path}, {mode}"
-
-
-class TailRunner:
-    """The model's output for a supplied ``dst`` activation: every module that runs only
-    before ``dst`` is skipped. ``inputs`` still go to the model (code outside modules, e.g. an
-    attention mask's use, may read them); :meth:`check` says whether this is exact."""
-
-    def __init__(self, model: nn.Module, dst: str, dst_selector: OutputSelector, example: Inputs,
-                 amp: torch.dtype | None = None) -> None:
-        self.model, self.dst, self.selector, self.amp = model, dst, dst_selector, amp
-        device = batch_of([example], {})
-        self._device = device[1] if device is not None else torch.device("cpu")
-        with autocast_to(self._device, amp):  # the model's forward as the probe runs it (amp=)
-            self._trace = trace(model, lambda: call_model(model, example))
-        self._skip = skip_plan(self._trace, dst)
-        self._shared_zeros = True
-
-    def __call__(self, inputs: Inputs, value: torch.Tensor) -> Any:
-        out, self._shared_zeros = call_with_zeros(lambda shared: self._run(shared, inputs, value), self._shared_zeros)
-        return out
-
-    def _run(self, shared: bool, inputs: Inputs, value: torch.Tensor) -> Any:
-        def supply(zeros: Any) -> Any:
-            template = self.selector.get(zeros)
-            return self.selector.replace(zeros, value.to(dtype=template.dtype, device=template.device))
-
-        with skipped(self.model, self._trace, self._skip, batch_size_of(inputs), value.device, {self.dst: supply},
-                     shared=shared), autocast_to(value.device, self.amp):
-            return call_model(self.model, inputs)
-
-    def check(self, inputs: Inputs, value: torch.Tensor, expected: Any) -> bool:
-        """Whether the tail of ``value`` (``dst``'s real output on ``inputs``) reproduces
-        ``expected``: with the skipped modules' zeros broadcast from one where that works, else
-        with allocated zeros."""
-        shared = zeros_that_work(lambda shared: outputs_agree(self._run(shared, inputs, value), expected))
-        if shared is None:
-            return False
-        self._shared_zeros = shared
-        return True
-
-
-def tail_runner(model: nn.Module, dst: str, selector: OutputSelector, inputs: Inputs, value: torch.Tensor,
-                expected: Any) -> TailRunner | None:
-    """A :class:`TailRunner` for ``dst`` checked on one real batch, or ``None`` if it is not exact."""
-    try:
-        runner = TailRunner(model, dst, selector, inputs)
-    except Exception:  # noqa: BLE001 - a model the trace cannot follow has no tail runner
-        return None
-    return runner if runner.check(inputs, value, expected) else None
 
 
 Hook = Callable[[nn.Module, Any, Any], Any]

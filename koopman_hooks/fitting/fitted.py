@@ -22,11 +22,12 @@ from koopman_hooks.core import distributed
 from koopman_hooks.core.batches import BatchSpec, Inputs, amp_dtype, batch_size_of, call_model, mask_of, repeated_rows, select_rows
 from koopman_hooks.core.capture import Captured, capture_batch, iter_captures
 from koopman_hooks.core.layers import get_module, module_device, module_name, unwrap_model
-from koopman_hooks.core.patching import PatchedModel, TailRunner, check_patch_layers
+from koopman_hooks.core.patching import PatchedModel, check_patch_layers
 from koopman_hooks.core.schema import check, from_mapping, to_mapping
 from koopman_hooks.core.select import OutputSelector, Select, loaded_selectors
 from koopman_hooks.core.serialization import load_tensors, prefixed, save_tensors, unprefixed
 from koopman_hooks.core.shapes import parameter_mismatch, parameter_shapes, parameters_digest
+from koopman_hooks.core.tail import TailRunner
 from koopman_hooks.errors import ConfigError, IncompatibleFileError, LayerError
 from koopman_hooks.fitting.cache import StateCache
 from koopman_hooks.fitting.config import ProbeConfig
@@ -80,8 +81,7 @@ class FittedProbe:
         tail_example: Inputs | None = None,
         model_digest: str | None = None,
     ) -> None:
-        self.model = model
-        self.config = config
+        self.model, self.config = model, config
         self.selectors = dict(selectors)
         self.adapters = dict(adapters)
         self.autoencoder = autoencoder.eval()

@@ -20,11 +20,11 @@ from torch import nn
 
 from koopman_hooks.core.batches import BatchSpec, Inputs, batch_size_of, call_model, mask_of, repeated_rows, select_rows
 from koopman_hooks.core.capture import Captured, capture_batch, iter_captures
-from koopman_hooks.core.patching import TailRunner
 from koopman_hooks.core.precision import autocast_to
 from koopman_hooks.core.select import MODEL_OUTPUT, OutputSelector
 from koopman_hooks.core.shapes import check_fit_batch
 from koopman_hooks.core.skipping import Trace, skip_plan, trace
+from koopman_hooks.core.tail import TailRunner
 from koopman_hooks.errors import EmptyLoaderError
 from koopman_hooks.fitting.cache import StateCache
 from koopman_hooks.fitting.head import head_reduce

@@ -6,9 +6,10 @@ The autoencoder's decoder is a linear map ``L`` plus (by default) one hidden GEL
 
     Σ JᵀJ = n LᵀL + C + Cᵀ + W₁ᵀ ((W₂ᵀW₂) ∘ Σ g gᵀ) W₁,   C = Lᵀ W₂ diag(Σ g) W₁,
 
-so streaming ``Σ g`` and ``Σ g gᵀ`` (``h`` and ``h²`` numbers per row, ``h`` hidden units) gives
-the metric of *every* row; the ``d x d`` matrices are formed once per group at the end. Any other
-decoder falls back to the autograd Jacobians of a seeded sample of rows per batch.
+so streaming ``Σ g`` and ``Σ g gᵀ`` (``h²`` products per row, ``h`` hidden units) gives the
+metric of *every* row; the ``d x d`` matrices are formed once per group at the end (or, when
+``h > d``, per batch, so that a group holds ``d²`` numbers, never ``h²``). Any other decoder falls
+back to the autograd Jacobians of a seeded sample of rows per batch.
 """
 
 from __future__ import annotations
@@ -62,8 +63,11 @@ class PullbackMetric:
     def __init__(self, decoder: nn.Module, sample_rows: int, generator: torch.Generator) -> None:
         self.decoder, self.sample_rows, self.generator = decoder, int(sample_rows), generator
         self._parts = _closed_form_parts(decoder)
-        self.sums: dict[Group, tuple[int, torch.Tensor, torch.Tensor]] = {}  # exact: n, Σ g, Σ g gᵀ
-        self.sampled: dict[Group, tuple[int, torch.Tensor]] = {}  # otherwise: rows, Σ JᵀJ over them
+        first = None if self._parts is None else self._parts[1]
+        # exact: n, Σ g, Σ g gᵀ per group -- folded into Σ JᵀJ per batch where h² > d² numbers
+        self._fold = first is not None and first.out_features > first.in_features
+        self.sums: dict[Group, tuple[int, torch.Tensor, torch.Tensor]] = {}
+        self.sampled: dict[Group, tuple[int, torch.Tensor]] = {}  # folded or sampled: rows, Σ JᵀJ over them
 
     @property
     def exact(self) -> bool:
@@ -81,6 +85,10 @@ class PullbackMetric:
                 slopes = _gelu_slope(u).cpu()
             for key, rows in row_groups(labels, keys):
                 g = slopes[rows]
+                if self._fold:
+                    n, total = self.sampled.get(key, (0, 0.0))
+                    self.sampled[key] = (n + len(g), total + self._metric(len(g), g.sum(0), g.T @ g))
+                    continue
                 n, s1, s2 = self.sums.get(key, (0, torch.zeros(g.shape[1], dtype=torch.float64),
                                                 torch.zeros(g.shape[1], g.shape[1], dtype=torch.float64)))
                 self.sums[key] = (n + len(g), s1 + g.sum(0), s2 + g.T @ g)
@@ -93,21 +101,24 @@ class PullbackMetric:
             self.sampled[key] = (n + len(j), total + torch.einsum("boi,boj->ij", j, j))
         return self
 
+    def _metric(self, n: int, s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+        """``Σ JᵀJ`` over ``n`` rows whose GELU slopes sum to ``s1`` and ``s1``'s outer products to ``s2``."""
+        assert self._parts is not None
+        linear, first, second = self._parts
+        total = n * (linear.T @ linear)
+        if first is not None and second is not None:
+            w1, w2 = first.weight.detach().double().cpu(), second.weight.detach().double().cpu()
+            cross = (linear.T @ w2 * s1) @ w1
+            total = total + cross + cross.T + w1.T @ ((w2.T @ w2) * s2) @ w1
+        return total
+
     def totals(self) -> tuple[dict[Group, torch.Tensor], dict[Group, int]]:
         """``(Σ JᵀJ, rows it sums over)`` per group."""
-        if self._parts is None:
-            return {k: v for k, (_, v) in self.sampled.items()}, {k: n for k, (n, _) in self.sampled.items()}
-        linear, first, second = self._parts
-        gram = linear.T @ linear
-        metric: dict[Group, torch.Tensor] = {}
+        metric = {key: torch.as_tensor(total, dtype=torch.float64) for key, (_, total) in self.sampled.items()}
+        counts = {key: n for key, (n, _) in self.sampled.items()}
         for key, (n, s1, s2) in self.sums.items():
-            total = n * gram
-            if first is not None and second is not None:
-                w1, w2 = first.weight.detach().double(), second.weight.detach().double()
-                cross = (linear.T @ w2 * s1) @ w1
-                total = total + cross + cross.T + w1.T @ ((w2.T @ w2) * s2) @ w1
-            metric[key] = total
-        return metric, {k: n for k, (n, _, _) in self.sums.items()}
+            metric[key], counts[key] = self._metric(n, s1, s2), n
+        return metric, counts
 
 
 def row_groups(labels: torch.Tensor, keys: torch.Tensor) -> list[tuple[Group, torch.Tensor]]:

@@ -63,3 +63,16 @@ def test_a_probes_spectrum_is_its_fitted_k_and_an_edited_surrogates_its_edited_k
     z = surrogate.encode(torch.randn(5, 6))  # blocks.0's width
     step = surrogate.advance(z, 1)
     torch.testing.assert_close(spec.eigenfunctions(step), spec.eigenfunctions(z) * spec.eigenvalues, rtol=1e-4, atol=1e-5)
+
+
+def test_an_affine_maps_spectrum_reads_the_constant_coordinate_too():
+    k = 0.95 * rotation_and_decay()  # no eigenvalue 1: the map has a fixed point, the homogeneous form a basis
+    b = torch.tensor([0.5, -1.0, 2.0, 0.3], dtype=torch.float64)
+    homogeneous = torch.eye(5, dtype=torch.float64)
+    homogeneous[:4, :4], homogeneous[:4, 4] = k, b
+    spec = koopman_spectrum(homogeneous, affine=True)
+    assert spec.affine and len(spec.eigenvalues) == 5
+    z = torch.randn(6, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    torch.testing.assert_close(spec.eigenfunctions(z @ k.T + b), spec.eigenfunctions(z) * spec.eigenvalues)
+    with pytest.raises(ValueError, match=r"\(n, 4\)"):
+        spec.eigenfunctions(torch.zeros(2, 5))

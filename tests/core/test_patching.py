@@ -305,3 +305,43 @@ def test_a_first_call_that_raises_leaves_the_fast_path_to_a_later_good_call():
     assert fast.path == "pending"
     torch.testing.assert_close(fast(x), full(x))
     assert fast.path == "fast"
+
+
+class Churning(nn.Module):
+    """Rebuilds a buffer on every call (a rotary cache, a call counter) and takes a float."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.src, self.mid, self.dst, self.head = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.register_buffer("cache", torch.zeros(6))
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        self.calls += 1
+        self.cache = torch.full((6,), float(self.calls))  # a new buffer every call
+        return self.head(self.dst(torch.relu(self.mid(self.src(x))))) * scale
+
+
+def test_rebuilt_buffers_and_changing_numbers_keep_one_pass_per_call_also_in_inference_mode():
+    model, x = Churning().eval(), torch.randn(5, 4)
+    fast = PatchedModel(model, Shift(), "src", "dst")
+    fast(x, scale=0.5)
+    assert fast.path == "fast"
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            before = model.calls
+            for i in range(10):
+                fast(x, scale=1.0 + i / 10)
+            assert model.calls - before == 10  # after the one check of this kind of call: one pass each
+    assert len(fast._checked_calls) == 1
+
+
+def test_reset_rechecks_after_a_write_the_wrapper_cannot_see():
+    model, x, fast, full = calibrated()
+    model.gate.data.fill_(1.0)  # through .data: no version counter, same storage
+    fast.reset()
+    torch.testing.assert_close(fast(x), full(x))
+    torch.testing.assert_close(fast(x), full(x))
+    model.gate = nn.Parameter(torch.zeros(()))  # a replaced parameter is seen
+    torch.testing.assert_close(fast(x), full(x))

@@ -6,9 +6,10 @@ import torch
 from torch import nn
 
 from koopman_hooks.core.batches import call_model
-from koopman_hooks.core.patching import PatchedModel, TailRunner, tail_runner
+from koopman_hooks.core.patching import PatchedModel
 from koopman_hooks.core.select import OutputSelector
 from koopman_hooks.core.skipping import skip_plan, trace
+from koopman_hooks.core.tail import TailRunner, tail_runner
 from koopman_hooks.models import ResMLP
 
 

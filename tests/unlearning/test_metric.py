@@ -29,7 +29,7 @@ def autograd_sum(module: SkipMLP, z: torch.Tensor) -> torch.Tensor:
     return torch.einsum("boi,boj->ij", jac, jac)
 
 
-@pytest.mark.parametrize("dims", [[6, 5, 4], [6, 4]])
+@pytest.mark.parametrize("dims", [[6, 5, 4], [6, 9, 4], [6, 4]])  # hidden below, above (folded per batch), none
 def test_the_exact_metric_of_every_group_equals_the_sum_of_autograd_jacobians(dims):
     module = decoder(dims)
     labels, keys, z = rows(120, dims[0])
@@ -37,6 +37,7 @@ def test_the_exact_metric_of_every_group_equals_the_sum_of_autograd_jacobians(di
     assert metric.exact
     for chunk in (slice(0, 50), slice(50, 51), slice(51, 120)):  # streamed in uneven batches
         metric.update(labels[chunk], keys[chunk], z[chunk])
+    assert all(s2.shape[0] <= dims[0] for _, _, s2 in metric.sums.values())  # never more than d² per group
     totals, counts = metric.totals()
     assert len(totals) == len({(int(c), int(s)) for c, s in zip(labels, keys)})
     for (c, s), total in totals.items():
