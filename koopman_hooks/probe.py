@@ -22,7 +22,7 @@ from koopman_hooks.analysis.topology import compare_topology
 from koopman_hooks.core.layers import LayerSpec, resolve_layers
 from koopman_hooks.core.patching import PatchedModel, check_patch_layers
 from koopman_hooks.core.select import OutputSelector, Select, make_selectors, per_layer
-from koopman_hooks.errors import NotFittedError
+from koopman_hooks.errors import ConfigError, NotFittedError
 from koopman_hooks.fitting.config import OperatorFit, ProbeConfig
 from koopman_hooks.fitting.fitted import FittedProbe
 from koopman_hooks.fitting.trainer import fit_probe
@@ -68,7 +68,8 @@ class KoopmanProbe:
         batch_size: rows per gradient step and process, read from the fit's cache (``None``: about
             50 steps per epoch over all processes' rows, 64 to 512 rows; under ``torch.distributed``
             each of W processes then takes 1/W of the steps, as with DDP).
-        patience: epochs without a better held-out score before the fit stops.
+        patience: epochs without progress (a held-out loss 0.5% below the last progress) before
+            the fit stops.
         val_fraction: share of the fit data held out to score and choose the kept state
             (unless ``fit(val_loader=...)``): at least 250 rows (at most a fifth of the data), at
             most 5,000; none below 20 rows or at 0.
@@ -174,7 +175,13 @@ class KoopmanProbe:
         self.model = model
         self.config = config
         self.selectors = dict(selectors)
-        self.device = torch.device(device) if device is not None else None
+        if not isinstance(verbose, bool):
+            raise ConfigError(f"verbose must be a bool, got {verbose!r} ({type(verbose).__name__})")
+        try:
+            self.device = torch.device(device) if device is not None else None
+        except (RuntimeError, TypeError) as err:
+            raise ConfigError(f"device must be a torch.device or a name such as 'cpu' or 'cuda:0', got {device!r}: "
+                              f"{err}") from None
         self.verbose = verbose
         self._fitted: FittedProbe | None = None
 
@@ -197,7 +204,8 @@ class KoopmanProbe:
         fit starts from the closed-form linear model and trains from the cache in cosine cycles
         of 5 epochs for at most ``epochs`` (default 60), keeping the state that scores best on
         held-out data (``val_loader``, or ``val_fraction`` of ``loader``); it stops after a
-        cycle that lowers the held-out loss by less than 5%. The model's weights, modes, hooks
+        cycle that lowers the held-out loss by less than 5% or by less than two standard errors
+        of that gain, or after ``patience`` epochs without progress. The model's weights, modes, hooks
         and the global RNG are the same afterwards, even if fitting raises; a fit that raises
         leaves the probe as it was (unfitted, or with its previous fit).
 

@@ -1089,3 +1089,24 @@ def test_exact_reductions_report_every_diagnostic_key(fitted):
     metrics = fitted.evaluate(vectors())
     assert metrics["mixed_agreement"] == metrics["template_agreement"] == metrics["agreement"]
     assert metrics["lossy_reduction_reaches_output"] is None
+
+
+def test_verbose_and_device_are_checked_when_the_probe_is_built():
+    with pytest.raises(ConfigError, match="verbose must be a bool"):
+        KoopmanProbe(resmlp(), ["blocks.0", "blocks.2"], verbose="yes")
+    with pytest.raises(ConfigError, match="device must be"):
+        KoopmanProbe(resmlp(), ["blocks.0", "blocks.2"], device="nonsense", verbose=False)
+
+
+def test_unlearning_statistics_over_a_dataloader_leave_the_global_streams(fitted):
+    import random
+
+    import numpy as np
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = vectors(96).tensors
+    loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
+    states = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    fitted.unlearning_statistics(loader)
+    assert torch.equal(states[0], torch.get_rng_state())
+    assert np.array_equal(states[1], np.random.get_state()[1]) and states[2] == random.getstate()

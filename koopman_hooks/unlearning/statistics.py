@@ -27,6 +27,7 @@ from koopman_hooks.fitting.fitted import FittedProbe
 from koopman_hooks.fitting.passes import inputs_of, is_input_field
 from koopman_hooks.koopman.surrogate import KoopmanSurrogate
 from koopman_hooks.maths.linalg import apply_homogeneous
+from koopman_hooks.maths.rng import preserved_host_streams
 from koopman_hooks.maths.stats import StreamingMoments
 from koopman_hooks.unlearning.metric import PullbackMetric, row_groups
 from koopman_hooks.unlearning.options import LabelSource, Metric, Redirect
@@ -298,7 +299,9 @@ def _from_loader(probe: FittedProbe, loader: Iterable[Any], folder: _Folder) -> 
     device = surrogate.operator.device
     need_output = stats.labels == "model" or stats.redirect == "runner_up"
     seen = False
-    with preserved_state(probe.model):
+    # a DataLoader draws its workers' seeds from torch's stream, an augmenting one from NumPy's or
+    # Python's: all three continue afterwards as if the pass had not run
+    with preserved_state(probe.model), torch.random.fork_rng(devices=[]), preserved_host_streams():
         for i, batch in enumerate(loader):
             seen = True
             with torch.no_grad():
