@@ -136,7 +136,7 @@ class PatchedModel(nn.Module):
         self._skipped_tree: list[nn.Module] = []  # skipped modules, dst and dst's submodules: see _hooks_on_skipped
         self._modules_seen: list[nn.Module] | None = None  # see _training and _weights_now
         self._checked_calls: dict[Any, tuple[bool, Any]] = {}  # kind of call -> (fast path agreed, output structure)
-        self._weights: tuple[Any, ...] | None = None  # see _weights_changed
+        self._weights: tuple[Any, ...] | None = None  # see _recheck_if_changed
         self._shared_zeros = True
 
     def _predict(self, source: torch.Tensor, real: torch.Tensor | None, mask: Any = None) -> torch.Tensor:
@@ -288,9 +288,10 @@ class PatchedModel(nn.Module):
 
     def reset(self) -> None:
         """Forget every check: the next call in eval mode calibrates the fast path again (after
-        changing the model in a way the wrapper cannot see, e.g. ``p.data.fill_(...)``)."""
+        changing the model in a way the wrapper cannot see: ``p.data.fill_(...)``, or a
+        submodule replaced after the first call)."""
         self.path = "pending" if self._fast_allowed else "full"
-        self._trace, self._skip, self._skipped_tree = None, [], []
+        self._trace, self._skip, self._skipped_tree, self._modules_seen = None, [], [], None
         self._checked_calls.clear()
 
     @staticmethod
