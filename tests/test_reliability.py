@@ -1110,3 +1110,19 @@ def test_unlearning_statistics_over_a_dataloader_leave_the_global_streams(fitted
     fitted.unlearning_statistics(loader)
     assert torch.equal(states[0], torch.get_rng_state())
     assert np.array_equal(states[1], np.random.get_state()[1]) and states[2] == random.getstate()
+
+
+def test_evaluate_refuses_per_token_scores_by_name():
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.b(self.a(x)))  # (batch, tokens, classes)
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 5, 4)
+    probe = KoopmanProbe(Tokens(), ["a", "b"], **TINY).fit(TensorLoader(x, batch_size=32), epochs=1)
+    with pytest.raises(ValueError, match="one prediction per row"):
+        probe.evaluate(TensorLoader(x, batch_size=32))

@@ -192,3 +192,26 @@ def test_the_kept_rows_serve_the_edits_of_a_token_model(fitted, data):
     assert stats.reservoir is not None and len(stats.reservoir)
     edited = probe.unlearn(1, stats)
     assert edited.info["forget_classes"] == [1]
+
+
+def test_transformers_own_capture_hooks_leave_the_fast_path_on(data):
+    class Same(torch.nn.Module):  # a stand-in surrogate: layer.2 gets layer.0's states
+        def forward(self, x: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+            return x
+
+    torch.manual_seed(0)
+    model = bert_classifier(4, num_layers=3).eval()  # untrained: only the paths' agreement matters
+    first, last = "bert.encoder.layer.0", "bert.encoder.layer.2"  # layer.1 is skipped
+    patched = PatchedModel(model, Same(), first, last)
+    batch = next(iter(loader(data["test"], 32)))
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        patched(**inputs)
+        assert patched.path == "fast"
+        model(**inputs, output_hidden_states=True)  # installs an output-capturing hook on every layer
+        assert any(m._forward_hooks for m in model.modules())  # noqa: SLF001
+        assert "full while hooks" not in repr(patched)
+        full = PatchedModel(model, Same(), first, last, fast=False)
+        torch.testing.assert_close(patched(**inputs).logits, full(**inputs).logits)
+        asked = patched(**inputs, output_hidden_states=True)  # a kind of its own: checked, the full path's
+        torch.testing.assert_close(asked.hidden_states[2], full(**inputs, output_hidden_states=True).hidden_states[2])

@@ -75,6 +75,12 @@ def evaluate(probe: FittedProbe, loader: Iterable[Any], baseline: bool = True) -
                 pred = out_adapter.decode_features(linear.decoder(linear.final_latent(acts[layers[0]], mask)))
                 baseline_fvu.update(pred, out_adapter.reduced(acts[last], mask))
             scores = {"model": MODEL_OUTPUT.get(captured.output)}
+            if scores["model"].dim() > 2:
+                raise ValueError(
+                    f"evaluate() compares one prediction per row, and the model scores every token "
+                    f"{tuple(scores['model'].shape)} (a token-classification or language-model head): its "
+                    "agreement would count padding and unlabelled tokens. fit() and patch() work for such "
+                    "models; score the patched model's tokens yourself (probe.patch()), over the real ones")
             labels = captured.labels
             if labels is not None and scores["model"].dim() == 2:  # class indices of the model's scores
                 labels = class_labels(labels, scores["model"].shape[-1])

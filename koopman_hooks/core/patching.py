@@ -37,6 +37,14 @@ from koopman_hooks.core.skipping import (
 from koopman_hooks.errors import LayerError
 
 Path = Literal["pending", "fast", "full"]
+MAX_KINDS = 256  # kinds of call whose verdict is kept
+
+
+def _inert(hook: Callable[..., Any]) -> bool:
+    """transformers' output-capturing hooks, put on every layer once hidden states or attentions
+    were asked for, do nothing unless a call asks for them (and such a call is its own kind,
+    checked against the full path): they do not keep the fast path off."""
+    return getattr(hook, "__module__", None) == "transformers.utils.output_capturing"
 
 
 def accepts_mask(module: nn.Module) -> bool:
@@ -138,6 +146,7 @@ class PatchedModel(nn.Module):
         self._checked_calls: dict[Any, tuple[bool, Any]] = {}  # kind of call -> (fast path agreed, output structure)
         self._weights: tuple[Any, ...] | None = None  # see _recheck_if_changed
         self._shared_zeros = True
+        self._checking = False  # calibrated: every kind of call is checked (self.path: whether one agreed)
 
     def _predict(self, source: torch.Tensor, real: torch.Tensor | None, mask: Any = None) -> torch.Tensor:
         like = None if self.strict else real
@@ -228,13 +237,23 @@ class PatchedModel(nn.Module):
             return out
         if self._hooks_on_skipped():  # they would see zeros: checked again on a call without them
             return out
-        self.path = "full"
-        shared = zeros_that_work(
-            lambda shared: outputs_agree(self._skipping(shared, *args, **kwargs), out, every_part=True))
-        if shared is not None:
-            self.path, self._shared_zeros = "fast", shared
-            self._checked_calls[self._call_key(args, kwargs)] = (True, output_structure(out))
+        self._check(out, args, kwargs)
         return out
+
+    def _check(self, full: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+        """Compare the fast path with the full path's output ``full`` on this call and record the
+        verdict for its kind: one kind's disagreement (e.g. a returned KV cache, which lacks the
+        skipped layers) leaves the others to be checked on their own."""
+        shared = zeros_that_work(
+            lambda shared: outputs_agree(self._skipping(shared, *args, **kwargs), full, every_part=True))
+        if len(self._checked_calls) >= MAX_KINDS:  # bounded: a new shape or string per call would grow it
+            self._checked_calls.clear()
+        self._checked_calls[self._call_key(args, kwargs)] = (shared is not None, output_structure(full))
+        if shared is not None and self.path != "fast":
+            self.path, self._shared_zeros = "fast", shared
+        elif self.path == "pending":
+            self.path = "full"  # until a kind of call agrees
+        self._checking = True
 
     def _training(self) -> bool:
         """Whether a module of the model is in training mode: dropout (also ``F.dropout`` in a
@@ -251,7 +270,8 @@ class PatchedModel(nn.Module):
         if getattr(nn.modules.module, "_global_forward_hooks", None) or getattr(
                 nn.modules.module, "_global_forward_pre_hooks", None):
             return True
-        return any(m._forward_hooks or m._forward_pre_hooks for m in self._skipped_tree)
+        return any(not _inert(hook) for m in self._skipped_tree
+                   for hook in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))
 
     def _weights_now(self) -> tuple[Any, ...]:
         """The first weight's dtype and device, and sums of every parameter's in-place version
@@ -292,6 +312,7 @@ class PatchedModel(nn.Module):
         submodule replaced after the first call)."""
         self.path = "pending" if self._fast_allowed else "full"
         self._trace, self._skip, self._skipped_tree, self._modules_seen = None, [], [], None
+        self._checking = False
         self._checked_calls.clear()
 
     @staticmethod
@@ -325,15 +346,13 @@ class PatchedModel(nn.Module):
         elif verdict is not None:
             return self._full(*args, **kwargs)
         full = self._full(*args, **kwargs)
-        agreed = zeros_that_work(lambda shared: outputs_agree(self._skipping(shared, *args, **kwargs), full,
-                                                              every_part=True)) is not None
-        self._checked_calls[key] = (agreed, output_structure(full))
+        self._check(full, args, kwargs)
         return full
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._fast_allowed:
             self._recheck_if_changed()
-        if self.path == "fast":
+        if self.path == "fast" or self._checking:
             return self._fast_or_full(*args, **kwargs)
         if self.path == "pending":
             return self.calibrate(*args, **kwargs)
@@ -351,6 +370,8 @@ class PatchedModel(nn.Module):
             path = "fast (full while a module trains)"
         elif path == "fast" and self._hooks_on_skipped():
             path = "fast (full while hooks sit on skipped modules)"
+        elif path == "full" and self._checking:
+            path = "full (the fast path disagreed on every kind of call checked so far)"
         return f"{self.src_layer!r} -> {self.dst_layer!r}, path={path}, {mode}"
 
 

@@ -345,3 +345,33 @@ def test_reset_rechecks_after_a_write_the_wrapper_cannot_see():
     torch.testing.assert_close(fast(x), full(x))
     model.gate = nn.Parameter(torch.zeros(()))  # a replaced parameter is seen
     torch.testing.assert_close(fast(x), full(x))
+
+
+class Cached(nn.Module):
+    """Returns ``(scores, cache)`` with ``use_cache`` (a cache object compared by identity, holding
+    the skipped layer's output, as a decoder's KV cache does), else the scores alone."""
+
+    class Cache:
+        def __init__(self, held: torch.Tensor) -> None:
+            self.held = held
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.src, self.mid, self.dst, self.head = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor, use_cache: bool = True) -> object:
+        m = self.mid(self.src(x))
+        scores = self.head(self.dst(m))
+        return (scores, Cached.Cache(m)) if use_cache else scores
+
+
+def test_a_kind_of_call_that_disagrees_leaves_the_other_kinds_to_their_own_check():
+    model, x = Cached().eval(), torch.randn(5, 4)
+    fast, full = PatchedModel(model, Shift(), "src", "dst"), PatchedModel(model, Shift(), "src", "dst", fast=False)
+    fast(x)  # returns a cache: the fast path's would lack mid's output
+    assert fast.path == "full" and "disagreed" in repr(fast)
+    torch.testing.assert_close(fast(x, use_cache=False), full(x, use_cache=False))
+    assert fast.path == "fast" and fast.skipped_modules == ["mid"]
+    out = fast(x)
+    assert torch.equal(out[1].held, model.mid(model.src(x)))  # that kind still runs the full path
