@@ -215,3 +215,23 @@ def test_transformers_own_capture_hooks_leave_the_fast_path_on(data):
         torch.testing.assert_close(patched(**inputs).logits, full(**inputs).logits)
         asked = patched(**inputs, output_hidden_states=True)  # a kind of its own: checked, the full path's
         torch.testing.assert_close(asked.hidden_states[2], full(**inputs, output_hidden_states=True).hidden_states[2])
+
+
+def test_batches_padded_on_the_other_side_than_the_fits_are_warned_about(fits, data, tmp_path):
+    from koopman_hooks import KoopmanProbe
+
+    fit = fits["gpt2"]
+    probe = fit["probe"]
+    assert probe.fetch_model().info["padding"] == "right"
+    batch = next(iter(loader(data["test"], 64)))
+    shifts = (batch["attention_mask"] == 0).sum(1)  # move every row's padding to its left
+    left = {key: torch.stack([torch.roll(row, int(s)) for row, s in zip(value, shifts)]) if value.dim() == 2 else value
+            for key, value in batch.items()}
+    assert bool((left["attention_mask"][:, 0] == 0).any()) and bool((left["attention_mask"][:, -1] == 1).all())
+    with pytest.warns(UserWarning, match="padded on the left, the fit's were padded on the right"):
+        probe.evaluate([left])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        probe.evaluate([batch])  # the fit's side: no warning
+    probe.save(tmp_path / "p.safetensors")
+    assert KoopmanProbe.load(tmp_path / "p.safetensors", fit["model"]).fetch_model().info["padding"] == "right"

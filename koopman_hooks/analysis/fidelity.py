@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from koopman_hooks.core import distributed
-from koopman_hooks.core.batches import call_model, class_labels
+from koopman_hooks.core.batches import call_model, class_labels, padding_differs, padding_side
 from koopman_hooks.core.hooks import preserved_state
 from koopman_hooks.core.select import MODEL_OUTPUT
 from koopman_hooks.fitting.fitted import FittedProbe
@@ -61,11 +61,16 @@ def evaluate(probe: FittedProbe, loader: Iterable[Any], baseline: bool = True) -
     state_fvu = {name: StreamingFVU() for name in layers[1:]}
     latent_fvu = {name: StreamingFVU() for name in layers[1:]}
     baseline_fvu = StreamingFVU()
-    template_moves = 0
+    template_moves, warned = 0, False
     with preserved_state(probe.model), distributed.empty_shards(allowed=True):
         for captured in probe.captures(loader):
             acts = captured.activations
             mask = probe.mask_of(captured.inputs)
+            if padding_differs(probe.info.get("padding"), padding_side(mask)) and not warned:
+                warned = True
+                warnings.warn(f"these batches are padded on the {padding_side(mask)}, the fit's were padded on the "
+                              f"{probe.info['padding']}: a layer read by token position sees other tokens at each "
+                              "position (agreement falls); pad them as the fit's data was", stacklevel=2)
             states = probe.adapted(acts, mask)
             for name, z, state in zip(layers[1:], ae.trajectory(ae.encoder(states[0])), states[1:]):
                 adapter = probe.adapters[name]

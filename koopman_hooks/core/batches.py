@@ -102,6 +102,20 @@ def split_batch(batch: Any, input_key: str | None = None, label_key: str | None 
     return BatchSpec(input_key, label_key).split(batch)
 
 
+def padding_side(mask: torch.Tensor | None) -> str | None:
+    """Where an attention mask's padding sits: ``"left"``, ``"right"``, ``"both"`` (rows of
+    each), or ``None`` (no mask, or no padding)."""
+    if mask is None or mask.dim() != 2 or not mask.shape[1]:
+        return None
+    left, right = bool((mask[:, 0] == 0).any()), bool((mask[:, -1] == 0).any())
+    return "both" if left and right else "left" if left else "right" if right else None
+
+
+def padding_differs(fitted: str | None, now: str | None) -> bool:
+    """Whether batches padded on the ``now`` side misplace the tokens of a fit padded on ``fitted``."""
+    return fitted in ("left", "right") and now in ("left", "right") and fitted != now
+
+
 def mask_of(inputs: Inputs, key: str | None = MASK_KEY) -> torch.Tensor | None:
     """The ``(B, N)`` attention mask of dict inputs (``inputs[key]``), else ``None``.
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from koopman_hooks.core import distributed
-from koopman_hooks.core.batches import BatchSpec, amp_dtype, mask_of, move_inputs, repeated_rows
+from koopman_hooks.core.batches import BatchSpec, amp_dtype, mask_of, move_inputs, padding_side, repeated_rows
 from koopman_hooks.core.capture import Captured
 from koopman_hooks.core.hooks import frozen_parameters, preserved_state
 from koopman_hooks.core.layers import module_device, unwrap_model
@@ -140,6 +140,7 @@ class _Run:
         self.rows = 0  # rows this rank's loader yielded in pass 1
         self.moments: PairMoments | None = None
         self.loader_rows = 0  # rows of the cache that came from the fit's loader (val_loader's follow)
+        self.padding: str | None = None
 
     def adapters(self, loader: Iterable[Any], replay: Replay) -> tuple[dict[str, LayerAdapter], Calibration]:
         """Pass 1 (merged over ranks), and the calibration on the first batch; ``replay`` keeps
@@ -154,6 +155,7 @@ class _Run:
                                                      detect_head, config.mask_key, config.per_layer("reduce"),
                                                      amp_dtype(config.amp))
             replay.keep_scores, replay.keep_inputs = calib.keeps_scores, calib.keeps_inputs
+            self.padding = padding_side(mask_of(captured.inputs, config.mask_key))  # the first batch's
             return {} if calib.reduce is None else {self.layers[-1]: calib.reduce}
 
         with distributed.empty_shards(allowed=False):  # an empty shard: every rank raises, naming it
@@ -275,6 +277,7 @@ class _Run:
             "kept_score": None if outcome.kept_score is None else outcome.kept_score.describe(),
             "train_amp": f"{'bf16' if amp else 'float32'} ({amp_reason})",
             "attention_mask": mask_of(calib.example, config.mask_key) is not None,  # the fit's batches had one
+            "padding": self.padding,  # which side the first batch was padded on (None: no padding seen)
         }
         if not held_out:
             info["kept_because"] = (f"no held-out rows (val_fraction={config.val_fraction:g}, {total_rows} rows: fewer than "
