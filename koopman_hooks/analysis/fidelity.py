@@ -66,9 +66,10 @@ def evaluate(probe: FittedProbe, loader: Iterable[Any], baseline: bool = True) -
         for captured in probe.captures(loader):
             acts = captured.activations
             mask = probe.mask_of(captured.inputs)
-            if padding_differs(probe.info.get("padding"), padding_side(mask)) and not warned:
+            side = None if warned else padding_side(mask)  # told once
+            if padding_differs(probe.info.get("padding"), side):
                 warned = True
-                warnings.warn(f"these batches are padded on the {padding_side(mask)}, the fit's were padded on the "
+                warnings.warn(f"these batches are padded on the {side}, the fit's were padded on the "
                               f"{probe.info['padding']}: a layer read by token position sees other tokens at each "
                               "position (agreement falls); pad them as the fit's data was", stacklevel=2)
             states = probe.adapted(acts, mask)

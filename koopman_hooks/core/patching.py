@@ -259,9 +259,13 @@ class PatchedModel(nn.Module):
         """Whether a module of the model is in training mode: dropout (also ``F.dropout`` in a
         module's code) draws random numbers and batch norm updates its running statistics on
         every pass, so such calls take the full path, once."""
+        return any(module.training for module in self._model_modules())
+
+    def _model_modules(self) -> list[nn.Module]:
+        """The model's modules, listed once (:meth:`reset` forgets them)."""
         if self._modules_seen is None:
             self._modules_seen = list(self.model.modules())
-        return any(module.training for module in self._modules_seen)
+        return self._modules_seen
 
     def _hooks_on_skipped(self) -> bool:
         """Whether a forward hook now sits on a skipped module, on ``dst`` or inside it (or on
@@ -278,11 +282,9 @@ class PatchedModel(nn.Module):
         counter and storage address (a replaced parameter, or ``p.data = t``, moves the latter):
         a change means the fast path must be checked again. Buffers are left out (some models
         rebuild one on every call, e.g. a rotary cache); inference tensors have no version."""
-        if self._modules_seen is None:
-            self._modules_seen = list(self.model.modules())
         first: torch.Tensor | None = None
         versions = addresses = 0
-        for module in self._modules_seen:
+        for module in self._model_modules():
             for p in module._parameters.values():
                 if p is None:
                     continue
@@ -301,8 +303,8 @@ class PatchedModel(nn.Module):
         now = self._weights_now()
         if now == self._weights:
             return
-        if self._weights is None or now[:2] != self._weights[:2]:
-            self.reset()
+        if self._weights is not None and now[:2] != self._weights[:2]:
+            self.reset()  # (before any calibration there is nothing to forget)
         self._checked_calls.clear()
         self._weights = now
 

@@ -23,9 +23,8 @@ class TailRunner:
     def __init__(self, model: nn.Module, dst: str, dst_selector: OutputSelector, example: Inputs,
                  amp: torch.dtype | None = None) -> None:
         self.model, self.dst, self.selector, self.amp = model, dst, dst_selector, amp
-        device = batch_of([], example) if isinstance(example, Mapping) else batch_of([example], {})
-        self._device = device[1] if device is not None else torch.device("cpu")
-        with autocast_to(self._device, amp):  # the model's forward as the probe runs it (amp=)
+        found = batch_of([], example) if isinstance(example, Mapping) else batch_of([example], {})
+        with autocast_to(found[1] if found else torch.device("cpu"), amp):  # the model's forward as the probe runs it
             self._trace = trace(model, lambda: call_model(model, example))
         self._skip = skip_plan(self._trace, dst)
         self._shared_zeros = True

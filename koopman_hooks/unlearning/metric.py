@@ -66,6 +66,13 @@ class PullbackMetric:
         first = None if self._parts is None else self._parts[1]
         # exact: n, Σ g, Σ g gᵀ per group -- folded into Σ JᵀJ per batch where h² > d² numbers
         self._fold = first is not None and first.out_features > first.in_features
+        self._terms: tuple[torch.Tensor, ...] = ()  # LᵀL, and LᵀW₂, W₁, W₂ᵀW₂ with a hidden layer (float64, CPU)
+        if self._parts is not None:
+            linear, first, second = self._parts
+            self._terms = (linear.T @ linear,)
+            if first is not None and second is not None:
+                w1, w2 = first.weight.detach().double().cpu(), second.weight.detach().double().cpu()
+                self._terms += (linear.T @ w2, w1, w2.T @ w2)
         self.sums: dict[Group, tuple[int, torch.Tensor, torch.Tensor]] = {}
         self.sampled: dict[Group, tuple[int, torch.Tensor]] = {}  # folded or sampled: rows, Σ JᵀJ over them
 
@@ -103,13 +110,11 @@ class PullbackMetric:
 
     def _metric(self, n: int, s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
         """``Σ JᵀJ`` over ``n`` rows whose GELU slopes sum to ``s1`` and ``s1``'s outer products to ``s2``."""
-        assert self._parts is not None
-        linear, first, second = self._parts
-        total = n * (linear.T @ linear)
-        if first is not None and second is not None:
-            w1, w2 = first.weight.detach().double().cpu(), second.weight.detach().double().cpu()
-            cross = (linear.T @ w2 * s1) @ w1
-            total = total + cross + cross.T + w1.T @ ((w2.T @ w2) * s2) @ w1
+        total = n * self._terms[0]
+        if len(self._terms) > 1:
+            linear_w2, w1, gram2 = self._terms[1:]
+            cross = (linear_w2 * s1) @ w1
+            total = total + cross + cross.T + w1.T @ (gram2 * s2) @ w1
         return total
 
     def totals(self) -> tuple[dict[Group, torch.Tensor], dict[Group, int]]:
