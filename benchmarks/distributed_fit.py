@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -50,11 +48,9 @@ def _fit(model: torch.nn.Module, layers: list[str], loader: TensorLoader, test: 
     return {"fit_seconds": float(slowest), "agreement": metrics["agreement"], "epochs_run": probe.fetch_model().info["epochs_run"]}
 
 
-def _worker(rank: int, world: int, port: int, folder: str, root: str | None, train_size: int | None,
-            seeds: list[int]) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank: int, world: int, folder: str, root: str | None, train_size: int | None, seeds: list[int]) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{Path(folder) / 'store'}", rank=rank, world_size=world)
     try:
         recipe = load_recipe("mnist")
         model = recipe.model.build(10)
@@ -68,6 +64,7 @@ def _worker(rank: int, world: int, port: int, folder: str, root: str | None, tra
                         TensorLoader(tx[rank::world], ty[rank::world], batch_size=1000), seed) for seed in seeds]
         if rank == 0:
             (Path(folder) / "two.json").write_text(json.dumps(results))
+        dist.barrier()  # no rank tears its connections down while another still works
     finally:
         dist.destroy_process_group()
 
@@ -96,10 +93,7 @@ def main() -> None:
               f"{ones[-1]['epochs_run']} epochs", flush=True)
     with tempfile.TemporaryDirectory() as folder:
         torch.save(model.state_dict(), Path(folder) / "model.pt")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        mp.spawn(_worker, args=(2, port, folder, args.data_root, args.train_size, args.seeds), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, folder, args.data_root, args.train_size, args.seeds), nprocs=2, join=True)
         twos = json.loads((Path(folder) / "two.json").read_text())
     pairs = []
     for seed, one, two in zip(args.seeds, ones, twos):

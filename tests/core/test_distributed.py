@@ -1,10 +1,13 @@
 """Tests of koopman_hooks/core/distributed.py: a fit, an evaluation and unlearning statistics spread
-over two gloo processes on 127.0.0.1 equal the single-process results on the union of the shards."""
+over two gloo processes on 127.0.0.1 equal the single-process results on the union of the shards.
+
+The ranks meet through a file store in the test's folder (no port to pick, no TCP store server);
+each rank's stderr goes to a file there, shown when a rank dies."""
 
 from __future__ import annotations
 
 import os
-import socket
+import warnings
 from pathlib import Path
 
 import pytest
@@ -21,12 +24,6 @@ from koopman_hooks.unlearning.statistics import collect_statistics
 
 LAYERS = ["blocks.0", "blocks.2"]
 OPTIONS = dict(verbose=False, seed=3)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _data() -> tuple[YinYangDataset, YinYangDataset]:
@@ -61,12 +58,13 @@ def _rank_value(rank: int, shape: tuple[int, ...], dtype: torch.dtype, i: int) -
     return (rank + 1) * (i + 1) + rank * torch.arange(torch.Size(shape).numel(), dtype=dtype).reshape(shape)
 
 
-def _worker(rank: int, world: int, port: int, folder: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank: int, world: int, store: str, folder: str) -> None:
+    out = Path(folder)
+    with open(out / f"stderr_{rank}.txt", "w") as log:  # a C++ abort's message lands here too
+        os.dup2(log.fileno(), 2)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        out = Path(folder)
         train, test = _data()
         model = _model(torch.load(out / "model.pt"))
         probe = KoopmanProbe(model, LAYERS, **OPTIONS).fit(_shard(train, rank, world, 100), epochs=60)
@@ -102,8 +100,29 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
             except ValueError as err:  # EmptyLoaderError is one
                 result["refusals"][case] = f"{type(err).__name__}: {err}"
         torch.save(result, out / f"result_{rank}.pt")
+        dist.barrier()  # no rank tears its connections down while another still works
     finally:
         dist.destroy_process_group()
+
+
+def _stderr(folder: Path) -> str:
+    return "\n".join(f"--- rank {r} stderr (last 3000 characters):\n"
+                     + (folder / f"stderr_{r}.txt").read_text(errors="replace")[-3000:]
+                     for r in range(2) if (folder / f"stderr_{r}.txt").exists())
+
+
+def _spawn(folder: Path) -> None:
+    """Runs both ranks. A Python error in a worker fails at once; a rank killed by a signal (an
+    abort in gloo's C++ transport, outside Python) gets one more try on a fresh store, and its
+    stderr is shown either way."""
+    for attempt in (1, 2):
+        try:
+            mp.spawn(_worker, args=(2, str(folder / f"store_{attempt}"), str(folder)), nprocs=2, join=True)
+            return
+        except mp.ProcessExitedException as err:
+            if attempt == 2:
+                raise AssertionError(f"{err}\n{_stderr(folder)}") from err
+            warnings.warn(f"a distributed rank died, trying once more: {err}\n{_stderr(folder)}", stacklevel=1)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +143,7 @@ def runs(tmp_path_factory) -> dict:
         "info": {k: single.fetch_model().info[k] for k in ("epochs_run", "kept_epoch", "stopped_because")},
         "stats": collect_statistics(single.fetch_model(), _shard(train, 0, 1, 100), [2], metric="euclidean"),
     }
-    mp.spawn(_worker, args=(2, _free_port(), str(folder)), nprocs=2, join=True)
+    _spawn(folder)
     ranks = [torch.load(folder / f"result_{r}.pt", weights_only=False) for r in range(2)]
     return {"folder": folder, "reference": reference, "ranks": ranks}
 
