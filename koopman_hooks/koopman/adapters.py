@@ -265,7 +265,9 @@ class AdapterFitter:
             self.shapes, self.reduce = dict(other.shapes), dict(other.reduce)
             self.moments = {n: StreamingMoments(m.dim, m.cross_dim, device=self.device) for n, m in other.moments.items()}
         if other.shapes != self.shapes or other.reduce != self.reduce:
-            raise ValueError(f"cannot merge adapter statistics of shapes {other.shapes} into {self.shapes}")
+            raise ValueError(f"cannot merge adapter statistics of shapes {other.shapes}, reductions {other.reduce} into "
+                             f"shapes {self.shapes}, reductions {self.reduce} (under torch.distributed: the ranks' first "
+                             "batches differ; give every rank batches alike, or set reduce= for every layer)")
         for name in self.layers:
             self.moments[name].merge(other.moments[name].to(self.device))
             add = other.sums[name].to(self.device)

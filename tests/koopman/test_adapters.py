@@ -202,4 +202,7 @@ def test_adapter_fitter_streams_the_whole_batch_statistics_and_merges():
         torch.testing.assert_close(ma.basis, wa.basis, rtol=0, atol=1e-4)
         torch.testing.assert_close(ma.mean, wa.mean, rtol=0, atol=1e-5)
         assert (ma.template is None) == (name == "flat")  # the strict-mode template of lossy layers
+    other = AdapterFitter(list(acts), {**reduce, "tokens": "cls"}).update({k: v[:10] for k, v in acts.items()})
+    with pytest.raises(ValueError, match=r"reductions .*'tokens': 'cls'.* into .*'tokens': 'mean'.*set reduce="):
+        whole.merge(other)  # e.g. two ranks whose first batches told the head's reduction apart differently
     torch.testing.assert_close(whole.finalize(width)["conv"].template, acts["conv"].mean(0), rtol=0, atol=1e-5)
