@@ -1112,17 +1112,32 @@ def test_unlearning_statistics_over_a_dataloader_leave_the_global_streams(fitted
     assert np.array_equal(states[1], np.random.get_state()[1]) and states[2] == random.getstate()
 
 
-def test_evaluate_refuses_per_token_scores_by_name():
+def test_evaluate_scores_a_per_token_head_per_token():
     class Tokens(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.a, self.b, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(self.b(self.a(x)))  # (batch, tokens, classes)
+            return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))  # (batch, tokens, classes)
 
     torch.manual_seed(0)
     x = torch.randn(64, 5, 4)
-    probe = KoopmanProbe(Tokens(), ["a", "b"], **TINY).fit(TensorLoader(x, batch_size=32), epochs=1)
-    with pytest.raises(ValueError, match="one prediction per row"):
-        probe.evaluate(TensorLoader(x, batch_size=32))
+    model = Tokens()
+    probe = KoopmanProbe(model, ["a", "b"], **TINY).fit(TensorLoader(x, batch_size=32), epochs=1)
+    labels = model(x).argmax(-1)
+    labels[::3, 1:3] = -100  # HuggingFace's "no label" on some tokens
+    labels[1::7, 0] = (labels[1::7, 0] + 1) % 3  # and some wrong ones
+    metrics = probe.evaluate(TensorLoader(x, labels, batch_size=32))
+    with torch.no_grad():  # the oracle: every token, counted directly
+        ours, theirs = model(x).argmax(-1), probe.patch()(x).argmax(-1)
+    scored = labels != -100
+    assert metrics["per_token"] and metrics["n_samples"] == 64 and metrics["n_tokens"] == 64 * 5
+    assert metrics["agreement"] == pytest.approx(float((ours == theirs).double().mean()), abs=1e-12)
+    assert metrics["model_accuracy"] == pytest.approx(float((ours == labels)[scored].double().mean()), abs=1e-12)
+    assert metrics["surrogate_accuracy"] == pytest.approx(float((theirs == labels)[scored].double().mean()), abs=1e-12)
+    assert metrics["model_accuracy"] < 1.0  # the wrong labels count, the unlabelled tokens do not
+    with pytest.raises(ValueError, match=r"need integer labels of shape \(32, 5\)"):
+        probe.evaluate(TensorLoader(x, labels[:, 0], batch_size=32))  # one label per row for per-token scores
+    with pytest.raises(ValueError, match="label 3 is out of range"):
+        probe.evaluate(TensorLoader(x, labels.clamp_min(0) + 1, batch_size=32))

@@ -235,3 +235,44 @@ def test_batches_padded_on_the_other_side_than_the_fits_are_warned_about(fits, d
         probe.evaluate([batch])  # the fit's side: no warning
     probe.save(tmp_path / "p.safetensors")
     assert KoopmanProbe.load(tmp_path / "p.safetensors", fit["model"]).fetch_model().info["padding"] == "right"
+
+
+@pytest.mark.parametrize("kind", ["token_classification", "language_model"])
+def test_evaluate_scores_every_real_token_of_a_per_token_head(kind, data):
+    import transformers
+
+    from koopman_hooks import KoopmanProbe
+
+    torch.manual_seed(0)  # untrained models: evaluate's counts are checked against direct ones
+    if kind == "token_classification":
+        config = transformers.BertConfig(vocab_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=64, max_position_embeddings=64, num_labels=5, pad_token_id=0)
+        model, layers = transformers.BertForTokenClassification(config).eval(), LAYERS["bert"]
+    else:
+        config = transformers.GPT2Config(vocab_size=16, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                         pad_token_id=0, use_cache=False)
+        model, layers = transformers.GPT2LMHeadModel(config).eval(), LAYERS["gpt2"]
+    batches = [{k: v for k, v in b.items() if k != "labels"} for b in loader(data["train"], 250)]
+    probe = KoopmanProbe(model, layers, verbose=False).fit(batches, epochs=2)
+    test = [{k: v for k, v in b.items() if k != "labels"} for b in loader(data["test"], 200)]
+    if kind == "token_classification":  # a class per real token, -100 on padding, as HF's collators do
+        for b in test:
+            b["labels"] = torch.where(b["attention_mask"] == 1, b["input_ids"] % 5, -100)
+    metrics = probe.evaluate(test)
+    ours, theirs, labels, real = [], [], [], []
+    with torch.no_grad():
+        for b in test:
+            inputs = {k: v for k, v in b.items() if k != "labels"}
+            ours.append(model(**inputs).logits.argmax(-1))
+            theirs.append(probe.patch()(**inputs).logits.argmax(-1))
+            real.append(b["attention_mask"] == 1)
+            labels.append(b.get("labels", torch.zeros_like(b["input_ids"])))
+    ours, theirs, labels, real = (torch.cat(t) for t in (ours, theirs, labels, real))
+    assert metrics["per_token"] and metrics["n_samples"] == 600 and metrics["n_tokens"] == int(real.sum())
+    assert int(real.sum()) < real.numel()  # padding there, and left out
+    assert metrics["agreement"] == pytest.approx(float((ours == theirs)[real].double().mean()), abs=1e-12)
+    assert 0.5 < metrics["agreement"] < 1.0
+    if kind == "token_classification":
+        assert metrics["model_accuracy"] == pytest.approx(float((ours == labels)[real].double().mean()), abs=1e-12)
+    else:
+        assert "model_accuracy" not in metrics  # a causal LM's labels are shifted inside its loss: none given

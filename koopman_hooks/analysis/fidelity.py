@@ -36,6 +36,13 @@ def evaluate(probe: FittedProbe, loader: Iterable[Any], baseline: bool = True) -
     must be classes of the model's scores (``ValueError`` naming one that is not). Under
     ``torch.distributed`` each rank passes its shard and every rank gets the figures of the union.
 
+    A head that scores every token (``(batch, tokens, classes)``: token classification, a
+    language model) is scored per token, over the real ones (the attention mask's; every token
+    without one): ``n_tokens`` counts them, ``per_token`` is true, and labels, if any, are
+    ``(batch, tokens)`` classes read at the same position (-100: unlabelled, as HuggingFace's
+    token classifiers use it; a causal LM's labels are its inputs, shifted inside its loss:
+    give none).
+
     ``reduce`` names the last layer's reduction. When it is lossy, ``mixed_agreement`` is the
     agreement of the mixed patch (``strict=False``: the ignored part from the real forward
     pass; a diagnostic only), ``template_agreement`` that of the model whose last layer keeps
@@ -61,7 +68,7 @@ def evaluate(probe: FittedProbe, loader: Iterable[Any], baseline: bool = True) -
     state_fvu = {name: StreamingFVU() for name in layers[1:]}
     latent_fvu = {name: StreamingFVU() for name in layers[1:]}
     baseline_fvu = StreamingFVU()
-    template_moves, warned = 0, False
+    template_moves, warned, rows, per_token = 0, False, 0, False
     with preserved_state(probe.model), distributed.empty_shards(allowed=True):
         for captured in probe.captures(loader):
             acts = captured.activations
@@ -81,14 +88,15 @@ def evaluate(probe: FittedProbe, loader: Iterable[Any], baseline: bool = True) -
                 pred = out_adapter.decode_features(linear.decoder(linear.final_latent(acts[layers[0]], mask)))
                 baseline_fvu.update(pred, out_adapter.reduced(acts[last], mask))
             scores = {"model": MODEL_OUTPUT.get(captured.output)}
-            if scores["model"].dim() > 2:
-                raise ValueError(
-                    f"evaluate() compares one prediction per row, and the model scores every token "
-                    f"{tuple(scores['model'].shape)} (a token-classification or language-model head): its "
-                    "agreement would count padding and unlabelled tokens. fit() and patch() work for such "
-                    "models; score the patched model's tokens yourself (probe.patch()), over the real ones")
-            labels = captured.labels
-            if labels is not None and scores["model"].dim() == 2:  # class indices of the model's scores
+            labels, tokens = captured.labels, None
+            rows += len(scores["model"])
+            if scores["model"].dim() == 3:  # a score per token: the real tokens', labels at their position
+                tokens, per_token = real_tokens(scores["model"], mask), True
+                labels = None if labels is None else token_labels(labels, scores["model"])[tokens]
+            elif scores["model"].dim() > 3:
+                raise ValueError(f"evaluate() reads (batch, classes) or (batch, tokens, classes) scores, got "
+                                 f"{tuple(scores['model'].shape)}")
+            elif labels is not None and scores["model"].dim() == 2:  # class indices of the model's scores
                 labels = class_labels(labels, scores["model"].shape[-1])
             for key, module in patched.items():
                 scores[key] = MODEL_OUTPUT.get(call_model(module, captured.inputs))
@@ -96,14 +104,18 @@ def evaluate(probe: FittedProbe, loader: Iterable[Any], baseline: bool = True) -
                 filled = template_outputs(probe.model, last, probe.selector(last), out_adapter, captured.inputs, mask)
                 template_moves += int(outputs_differ(filled, captured.output).sum())
                 scores["template"] = MODEL_OUTPUT.get(filled)
-            counts.update(labels, **scores)
+            if tokens is not None:
+                scores = {k: v.reshape(-1, v.shape[-1]).cpu()[tokens] for k, v in scores.items()}
+            counts.update(labels, ignore_index=IGNORE_INDEX if tokens is not None else None, **scores)
     # under torch.distributed every rank evaluated its shard: combine the sums exactly
     fvus = distributed.merged_each([baseline_fvu, *state_fvu.values(), *latent_fvu.values()])  # one gather
     counts = distributed.merged(counts)
     baseline_fvu, n = fvus[0], len(state_fvu)
     state_fvu, latent_fvu = dict(zip(state_fvu, fvus[1 : 1 + n])), dict(zip(latent_fvu, fvus[1 + n :]))
-    template_moves = int(distributed.summed([float(template_moves)])[0])
-    result: dict[str, Any] = {"n_samples": counts.n, "reduce": out_adapter.reduce}
+    template_moves, rows, token_ranks = (int(v) for v in distributed.summed([template_moves, rows, per_token]))
+    result: dict[str, Any] = {"n_samples": rows, "reduce": out_adapter.reduce, "per_token": token_ranks > 0}
+    if result["per_token"]:
+        result["n_tokens"] = counts.n
     if counts.has_labels:
         result["model_accuracy"], result["model_per_class_accuracy"] = counts.accuracy("model")
         result["surrogate_accuracy"], result["surrogate_per_class_accuracy"] = counts.accuracy("surrogate")
@@ -126,3 +138,33 @@ def evaluate(probe: FittedProbe, loader: Iterable[Any], baseline: bool = True) -
             base["accuracy"], base["per_class_accuracy"] = counts.accuracy("linear_baseline")
         result["linear_baseline"] = base
     return result
+
+
+IGNORE_INDEX = -100  # HuggingFace's label for a token that is not scored
+
+
+def real_tokens(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Which of the ``(batch * tokens)`` flattened positions of ``(batch, tokens, classes)``
+    scores are real tokens: the attention mask's ones, every position without a mask."""
+    batch, length = scores.shape[:2]
+    if mask is None:
+        return torch.ones(batch * length, dtype=torch.bool)
+    if tuple(mask.shape) != (batch, length):
+        raise ValueError(f"the attention mask {tuple(mask.shape)} does not match the model's per-token scores "
+                         f"{tuple(scores.shape)}: cannot tell which scores are real tokens'")
+    return mask.reshape(-1).cpu() != 0
+
+
+def token_labels(labels: Any, scores: torch.Tensor) -> torch.Tensor:
+    """``(batch, tokens)`` integer labels of per-token scores, flattened; classes of the scores or
+    ``IGNORE_INDEX``, else a ``ValueError`` naming the first that is not."""
+    y = torch.as_tensor(labels).cpu()
+    if tuple(y.shape) != tuple(scores.shape[:2]) or y.dtype.is_floating_point or y.dtype == torch.bool:
+        raise ValueError(f"per-token scores {tuple(scores.shape)} need integer labels of shape "
+                         f"{tuple(scores.shape[:2])} (one class per token, {IGNORE_INDEX}: none), got {tuple(y.shape)} {y.dtype}")
+    y = y.reshape(-1).long()
+    bad = y[((y < 0) & (y != IGNORE_INDEX)) | (y >= scores.shape[-1])]
+    if len(bad):
+        raise ValueError(f"label {int(bad[0])} is out of range: the model scores {scores.shape[-1]} classes per token "
+                         f"(0..{scores.shape[-1] - 1}; {IGNORE_INDEX}: none)")
+    return y

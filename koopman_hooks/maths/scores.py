@@ -82,38 +82,43 @@ class StreamingFVU:
 class ClassificationCounts:
     """Accuracy of predictors against labels, and agreement with a ``reference`` predictor.
 
-    Keeps confusion matrices only: ``(label, prediction)`` per predictor and
-    ``(reference prediction, prediction)`` per predictor, grown as new classes appear.
+    Keeps per-class counts only, ``O(classes)`` memory (a language model's vocabulary is fine):
+    per predictor, how many rows each label class has and how many of them it predicts, and how
+    many rows the reference predicts as each class and how many of them it predicts alike.
     """
 
     def __init__(self, reference: str = "model") -> None:
         self.reference = reference
-        self.vs_labels: dict[str, torch.Tensor] = {}
+        self.vs_labels: dict[str, torch.Tensor] = {}  # (2, classes): rows per class, rows right
         self.vs_reference: dict[str, torch.Tensor] = {}
         self.n = 0
 
     @staticmethod
-    def _add(table: dict[str, torch.Tensor], name: str, rows: torch.Tensor, cols: torch.Tensor) -> None:
-        size = int(max(int(rows.max()), int(cols.max()))) + 1 if len(rows) else 0
-        counts = _grown(None, size)
-        counts.index_put_((rows, cols), torch.ones_like(rows), accumulate=True)
+    def _add(table: dict[str, torch.Tensor], name: str, truth: torch.Tensor, pred: torch.Tensor) -> None:
+        size = int(truth.max()) + 1 if len(truth) else 0
+        counts = torch.stack([torch.bincount(truth, minlength=size), torch.bincount(truth[pred == truth], minlength=size)])
         table[name] = _summed(table.get(name), counts)
 
-    def update(self, labels: torch.Tensor | None, **logits: torch.Tensor) -> ClassificationCounts:
-        """Fold in a batch: ``labels`` (or ``None``) and each predictor's ``(batch, classes)`` scores."""
+    def update(self, labels: torch.Tensor | None, ignore_index: int | None = None,
+               **logits: torch.Tensor) -> ClassificationCounts:
+        """Fold in a batch: ``labels`` (or ``None``) and each predictor's ``(batch, classes)``
+        scores; rows labelled ``ignore_index`` (e.g. HuggingFace's -100) count for the agreement only."""
         if self.reference not in logits:
             raise ValueError(f"the reference predictor {self.reference!r} is missing from {sorted(logits)}")
         preds = {name: value.detach().argmax(-1).reshape(-1).long().cpu() for name, value in logits.items()}
         ref = preds[self.reference]
+        labelled = None
         if labels is not None:
             labels = labels.detach().reshape(-1).long().cpu()
             if len(labels) != len(ref):
                 raise ValueError(f"got {len(labels)} labels for {len(ref)} predictions")
+            labelled = labels != ignore_index if ignore_index is not None else torch.ones_like(labels, dtype=torch.bool)
+            labels = labels[labelled]
             if len(labels) and int(labels.min()) < 0:
                 raise ValueError("labels must be class indices >= 0")
         for name, pred in preds.items():
-            if labels is not None:
-                self._add(self.vs_labels, name, labels, pred)
+            if labels is not None and labelled is not None:
+                self._add(self.vs_labels, name, labels, pred[labelled])
             self._add(self.vs_reference, name, ref, pred)
         self.n += len(ref)
         return self
@@ -139,21 +144,18 @@ class ClassificationCounts:
         return _rates(self.vs_reference[name])
 
 
-def _grown(table: torch.Tensor | None, size: int) -> torch.Tensor:
-    out = torch.zeros(size, size, dtype=torch.long)
-    if table is not None:
-        out[: table.shape[0], : table.shape[1]] = table
+def _summed(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+    """Two ``(2, classes)`` count tables added, the shorter one padded with zeros."""
+    size = max(b.shape[1], 0 if a is None else a.shape[1])
+    out = torch.zeros(2, size, dtype=torch.long)
+    for table in (a, b):
+        if table is not None:
+            out[:, : table.shape[1]] += table
     return out
 
 
-def _summed(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
-    size = max(b.shape[0], 0 if a is None else a.shape[0])
-    return _grown(a, size) + _grown(b, size)
-
-
-def _rates(confusion: torch.Tensor) -> tuple[float, dict[int, float]]:
-    total = confusion.sum(1)
-    hits = confusion.diagonal()
-    per_class = {int(c): float(hits[c]) / float(total[c]) for c in range(len(total)) if total[c] > 0}
+def _rates(counts: torch.Tensor) -> tuple[float, dict[int, float]]:
+    total, hits = counts[0], counts[1]
+    per_class = {int(c): float(hits[c]) / float(total[c]) for c in total.nonzero().flatten().tolist()}
     overall = float(hits.sum()) / max(float(total.sum()), 1.0)
     return overall, per_class

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from koopman_hooks.maths.scores import ClassificationCounts, StreamingFVU
@@ -58,3 +59,25 @@ def test_streaming_fvu_of_targets_without_variance_is_nan():
     assert abs(StreamingFVU().update(tiny + 0.1, tiny).compute() - expected) < 1e-6 * expected
     left, right = StreamingFVU().update(tiny[:20] + 0.1, tiny[:20]), StreamingFVU().update(tiny[20:] + 0.1, tiny[20:])
     assert abs(right.merge(left).compute() - expected) < 1e-6 * expected  # merged about other shifts
+
+
+def test_classification_counts_ignore_unlabelled_rows_and_stay_small_for_many_classes():
+    classes = 50_000  # a vocabulary: per-class counts, no (classes x classes) table
+    labels = torch.randint(0, classes, (400,), generator=gen(5))
+    model = torch.zeros(400, classes)
+    model[torch.arange(400), labels] = 1.0
+    other = model.clone()
+    other[:100] = torch.roll(other[:100], 1, dims=1)  # the first 100 rows predicted one class off
+    labels[::4] = -100  # unlabelled rows: in the agreement, not in the accuracy
+    counts = ClassificationCounts().update(labels, ignore_index=-100, model=model, other=other)
+    scored = labels != -100
+    pred_o, pred_m = other.argmax(1), model.argmax(1)
+    assert counts.n == 400
+    assert counts.accuracy("other")[0] == float((pred_o == labels)[scored].double().mean())
+    assert counts.agreement("other")[0] == float((pred_o == pred_m).double().mean()) == 0.75
+    assert all(t.numel() <= 2 * classes for t in (*counts.vs_labels.values(), *counts.vs_reference.values()))
+    halves = ClassificationCounts().update(labels[:150], ignore_index=-100, model=model[:150], other=other[:150])
+    halves.merge(ClassificationCounts().update(labels[150:], ignore_index=-100, model=model[150:], other=other[150:]))
+    assert halves.accuracy("other") == counts.accuracy("other") and halves.agreement("other") == counts.agreement("other")
+    with pytest.raises(ValueError, match="class indices >= 0"):
+        ClassificationCounts().update(labels, model=model)  # -100 without ignore_index: an error, as before
