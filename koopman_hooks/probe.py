@@ -63,6 +63,10 @@ class KoopmanProbe:
         loss_weights: weights of reconstruction, state, latent, isometry, topological and
             output-matching losses (a :class:`LossWeights` or a dict; each term is a fraction of
             its target's variance).
+        output_temperature: softening of both softmaxes in the output-matching loss while
+            training (KL times its square, as in distillation): the targets then carry the
+            model's ranking of every class, which is what keeps its argmax on unseen inputs
+            (the held-out score that picks the kept state reads the KL at 1).
         lr, weight_decay: AdamW settings of the autoencoder (``lr`` is the peak of each cosine cycle).
         ridge: relative ridge of the closed-form fits.
         batch_size: rows per gradient step and process, read from the fit's cache (``None``: about
@@ -116,6 +120,7 @@ class KoopmanProbe:
         operator_fit: OperatorFit = "gradient",
         hidden: Sequence[int] | None = None,
         loss_weights: LossWeights | Mapping[str, float | None] | None = None,
+        output_temperature: float = 4.0,
         lr: float = 6e-3,
         weight_decay: float = 0.0,
         ridge: float = 1e-6,
@@ -152,6 +157,7 @@ class KoopmanProbe:
             operator_fit=operator_fit,
             hidden=hidden,  # type: ignore[arg-type]
             loss_weights=LossWeights() if loss_weights is None else loss_weights,  # type: ignore[arg-type]
+            output_temperature=output_temperature,
             lr=lr,
             weight_decay=weight_decay,
             ridge=ridge,

@@ -40,6 +40,7 @@ class ProbeConfig:
     operator_fit: OperatorFit = "gradient"
     hidden: tuple[int, ...] | None = None
     loss_weights: LossWeights = field(default_factory=LossWeights)
+    output_temperature: float = 4.0
     lr: float = 6e-3
     weight_decay: float = 0.0
     ridge: float = 1e-6
@@ -104,6 +105,8 @@ class ProbeConfig:
             raise ConfigError(f"hidden widths must be positive, got {list(self.hidden)}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
+        if self.output_temperature <= 0:
+            raise ConfigError(f"output_temperature must be positive, got {self.output_temperature}")
         if not 0 <= self.seed < 2**63 - 2**16:  # torch's generators take 64 bits; every rank adds its index
             raise ConfigError(f"seed must be in 0..2**63 - 2**16, got {self.seed}")
         for name in ("weight_decay", "ridge"):

@@ -101,6 +101,7 @@ class Schedule:
     ridge: float | None = None  # a closed-form K per batch (operator_fit="ridge")
     verbose: bool = False
     amp: bool = False  # the training steps' products in bfloat16 (autocast); the scores stay float32
+    temperature: float = 1.0  # of the output-matching loss while training (the held-out score's KL: at 1)
 
 
 @dataclass
@@ -286,7 +287,8 @@ def train(
             prediction = losses.pop("prediction")
             if tail is not None and weights.output:  # the model's own tail in its own precision
                 predicted = last.inverse(prediction.float(), mask=_mask(batch, device))
-                losses["output"] = output_matching_loss(tail(batch, predicted), batch["scores"].to(device))
+                losses["output"] = output_matching_loss(tail(batch, predicted), batch["scores"].to(device),
+                                                        temperature=schedule.temperature)
                 losses["total"] = losses["total"] + weights.output * losses["output"]
             optimiser.zero_grad(set_to_none=True)
             losses["total"].backward()

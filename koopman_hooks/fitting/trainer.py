@@ -258,7 +258,7 @@ class _Run:
         amp, amp_reason = _train_amp(config.train_amp, device, step_macs)
         schedule = Schedule(epochs or DEFAULT_EPOCHS, batch_size, config.lr, config.weight_decay, config.patience,
                             config.ridge if config.operator_fit == "ridge" else None, self.verbose and distributed.is_main(),
-                            amp)
+                            amp, config.output_temperature)
         # with operator_fit="ridge" every epoch refits K before it is scored, so the kept state
         # (an epoch's, or the closed-form start) holds the K it was scored with: no refit after it
         outcome = train(ae, cache, train_rows, val_rows, rotations, weights, schedule, device, start.adapters[layers[-1]],

@@ -140,15 +140,19 @@ def koopman_losses(
     return losses
 
 
-def output_matching_loss(patched_output: Any, model_output: Any, per_row: bool = False) -> torch.Tensor:
-    """KL divergence from the model's softmax output to the patched model's: the batch mean,
-    or with ``per_row`` each row's."""
-    student = torch.log_softmax(MODEL_OUTPUT.get(patched_output).float(), dim=-1)
-    teacher = torch.log_softmax(MODEL_OUTPUT.get(model_output).float().detach(), dim=-1)
+def output_matching_loss(patched_output: Any, model_output: Any, per_row: bool = False,
+                         temperature: float = 1.0) -> torch.Tensor:
+    """KL divergence from the model's softmax output to the patched model's, both softened by
+    ``temperature`` and scaled by its square (distillation, Hinton et al. 2015: the targets
+    carry the model's ranking of every class, not only its top one, and the gradients keep
+    their size): the batch mean, or with ``per_row`` each row's."""
+    t = float(temperature)
+    student = torch.log_softmax(MODEL_OUTPUT.get(patched_output).float() / t, dim=-1)
+    teacher = torch.log_softmax(MODEL_OUTPUT.get(model_output).float().detach() / t, dim=-1)
     if per_row:
         rows = torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="none")
-        return rows.reshape(len(rows), -1).sum(1)
-    return torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
+        return rows.reshape(len(rows), -1).sum(1) * t * t
+    return torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean") * t * t
 
 
 def _mst_edges(distances: np.ndarray) -> np.ndarray:

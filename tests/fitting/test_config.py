@@ -13,7 +13,7 @@ from koopman_hooks.models import ResMLP
 
 NON_DEFAULT = dict(
     latent_dim=6, steps=[2, 3], width=5, variance=0.9, max_width=7, reduce=["flatten", None, "flatten"],
-    operator="lowrank", rank=3, operator_fit="gradient", hidden=(9,), lr=2e-3, weight_decay=1e-4, ridge=1e-5,
+    operator="lowrank", rank=3, operator_fit="gradient", hidden=(9,), output_temperature=2.5, lr=2e-3, weight_decay=1e-4, ridge=1e-5,
     batch_size=16, patience=3, val_fraction=0.25, cache_mb=0.001, replay_mb=64.0, amp="bf16", train_amp="bf16", input_key=None,
     label_key="y", ignore_keys=("meta",), mask_key="mask",
     seed=7, loss_weights={"reconstruction": 0.5, "state": 2.0, "latent": 0.3, "isometry": 0.1, "topological": 0.0,
@@ -68,6 +68,7 @@ def test_every_setting_round_trips_through_save_and_load(tmp_path):
         ({"rank": 40, "latent_dim": 8, "operator": "lowrank"}, "rank must be in 1..latent_dim"),
         ({"hidden": (0,)}, "hidden widths must be positive"),
         ({"lr": 0.0}, "lr must be positive"),
+        ({"output_temperature": 0.0}, "output_temperature must be positive"),
         ({"reduce": "pool:axb"}, "pool size must be HxW"),
         ({"loss_weights": {"stat": 1.0}}, r"unknown key 'loss_weights.stat'; did you mean 'state'"),
         ({"loss_weights": {"state": -1.0}}, "loss_weights must be >= 0"),

@@ -12,6 +12,7 @@ from koopman_hooks.koopman.losses import (
     TopologicalLoss,
     fvu,
     koopman_losses,
+    output_matching_loss,
 )
 
 
@@ -75,3 +76,25 @@ def test_koopman_losses_against_their_definitions(layers: int) -> None:
     torch.testing.assert_close(losses["latent"], latent, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(losses["prediction"], prediction, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(losses["total"], reconstruction + state + latent, rtol=1e-5, atol=1e-6)
+
+
+def test_output_matching_loss_against_its_definition_at_any_temperature() -> None:
+    g = torch.Generator().manual_seed(0)
+    model, patched = torch.randn(64, 5, generator=g) * 3, torch.randn(64, 5, generator=g) * 3
+    for t in (1.0, 4.0):
+        p = torch.softmax(model.double() / t, -1)
+        q = torch.softmax(patched.double() / t, -1)
+        rows = (p * (p.log() - q.log())).sum(1) * t * t  # KL(model || patched), softened, times t²
+        assert float(output_matching_loss(patched, model, temperature=t)) == pytest.approx(float(rows.mean()), rel=1e-5)
+        torch.testing.assert_close(output_matching_loss(patched, model, per_row=True, temperature=t).double(), rows,
+                                   rtol=1e-5, atol=1e-7)
+    assert float(output_matching_loss(model, model, temperature=4.0)) == pytest.approx(0.0, abs=1e-6)
+    # softened targets weigh the classes the model does not pick: a patched model that keeps the top
+    # class but reorders the others is penalised more, relative to one that gets the top class wrong
+    top_kept = model.clone()
+    top_kept[:, 1:] = model[:, 1:].flip(1)
+    top_kept[:, 0] = model.max(1).values + 5  # class 0 on top everywhere ...
+    reference = top_kept.clone()
+    reference[:, 1:] = model[:, 1:]  # ... and the others in the model's order
+    ratio = [float(output_matching_loss(top_kept, reference, temperature=t)) for t in (1.0, 4.0)]
+    assert ratio[1] > 2 * ratio[0]
