@@ -156,15 +156,10 @@ def real_tokens(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
 
 
 def token_labels(labels: Any, scores: torch.Tensor) -> torch.Tensor:
-    """``(batch, tokens)`` integer labels of per-token scores, flattened; classes of the scores or
-    ``IGNORE_INDEX``, else a ``ValueError`` naming the first that is not."""
+    """``(batch, tokens)`` integer labels of per-token scores, flattened (:func:`class_labels`:
+    classes of the scores or ``IGNORE_INDEX``)."""
     y = torch.as_tensor(labels).cpu()
     if tuple(y.shape) != tuple(scores.shape[:2]) or y.dtype.is_floating_point or y.dtype == torch.bool:
         raise ValueError(f"per-token scores {tuple(scores.shape)} need integer labels of shape "
                          f"{tuple(scores.shape[:2])} (one class per token, {IGNORE_INDEX}: none), got {tuple(y.shape)} {y.dtype}")
-    y = y.reshape(-1).long()
-    bad = y[((y < 0) & (y != IGNORE_INDEX)) | (y >= scores.shape[-1])]
-    if len(bad):
-        raise ValueError(f"label {int(bad[0])} is out of range: the model scores {scores.shape[-1]} classes per token "
-                         f"(0..{scores.shape[-1] - 1}; {IGNORE_INDEX}: none)")
-    return y
+    return class_labels(y.reshape(-1), scores.shape[-1], ignore_index=IGNORE_INDEX)

@@ -83,17 +83,20 @@ def amp_dtype(amp: str | None) -> torch.dtype | None:
 def autocast(spec: BatchSpec, device: torch.device) -> Any:
     """The autocast context of ``spec.amp`` on ``device`` (a no-op without ``amp``)."""
     return autocast_to(device, amp_dtype(spec.amp))
-def class_labels(labels: Any, n_classes: int | None) -> torch.Tensor:
+def class_labels(labels: Any, n_classes: int | None, ignore_index: int | None = None) -> torch.Tensor:
     """``labels`` as a ``(batch,)`` integer tensor of classes ``0..n_classes-1`` (``n_classes``: the
-    width of the model's ``(batch, classes)`` scores; ``None``: only ``>= 0`` is checked), or a
-    ``ValueError`` naming the first label out of range."""
+    width of the model's ``(batch, classes)`` scores; ``None``: only ``>= 0`` is checked) or
+    ``ignore_index`` (a row without a label), or a ``ValueError`` naming the first label out of range."""
     y = torch.as_tensor(labels).cpu()
     if y.dim() != 1 or y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
         raise ValueError(f"expected integer class labels of shape (batch,), got {tuple(y.shape)} {y.dtype}")
     bad = y[(y < 0) | (y >= n_classes)] if n_classes is not None else y[y < 0]
+    if ignore_index is not None:
+        bad = bad[bad != ignore_index]
     if len(bad):
         classes = f"the model scores {n_classes} classes (0..{n_classes - 1})" if n_classes else "classes are >= 0"
-        raise ValueError(f"label {int(bad[0])} is out of range: {classes}")
+        none = f"; {ignore_index}: none" if ignore_index is not None else ""
+        raise ValueError(f"label {int(bad[0])} is out of range: {classes}{none}")
     return y.long()  # int64 whatever the loader's integer type: a uint8 index would select as a mask
 
 

@@ -107,18 +107,19 @@ class ClassificationCounts:
             raise ValueError(f"the reference predictor {self.reference!r} is missing from {sorted(logits)}")
         preds = {name: value.detach().argmax(-1).reshape(-1).long().cpu() for name, value in logits.items()}
         ref = preds[self.reference]
-        labelled = None
+        labelled = None  # the rows with a label, where some are ignore_index
         if labels is not None:
             labels = labels.detach().reshape(-1).long().cpu()
             if len(labels) != len(ref):
                 raise ValueError(f"got {len(labels)} labels for {len(ref)} predictions")
-            labelled = labels != ignore_index if ignore_index is not None else torch.ones_like(labels, dtype=torch.bool)
-            labels = labels[labelled]
+            if ignore_index is not None:
+                labelled = labels != ignore_index
+                labels = labels[labelled]
             if len(labels) and int(labels.min()) < 0:
                 raise ValueError("labels must be class indices >= 0")
         for name, pred in preds.items():
-            if labels is not None and labelled is not None:
-                self._add(self.vs_labels, name, labels, pred[labelled])
+            if labels is not None:
+                self._add(self.vs_labels, name, labels, pred if labelled is None else pred[labelled])
             self._add(self.vs_reference, name, ref, pred)
         self.n += len(ref)
         return self
