@@ -54,12 +54,12 @@ def test_topological_loss_float32_and_coincident_points() -> None:
 
 
 
-@pytest.mark.parametrize("layers", [2, 4])
+@pytest.mark.parametrize("layers", [2, 4, 6])
 def test_koopman_losses_against_their_definitions(layers: int) -> None:
     """Reconstruction at the first and last layer, state from layers[0] to every later layer,
     latent from layers[0] and between consecutive layers: each term recomputed by hand."""
     torch.manual_seed(0)
-    ae = KoopmanAutoencoder(AutoencoderConfig(width=5, latent_dim=7, hidden=(6,), segment_steps=(1, 2, 1)[: layers - 1]))
+    ae = KoopmanAutoencoder(AutoencoderConfig(width=5, latent_dim=7, hidden=(6,), segment_steps=(1, 2, 1, 1, 2)[: layers - 1]))
     states = [torch.randn(32, 5) for _ in range(layers)]
     losses = koopman_losses(ae, states, LossWeights())
     with torch.no_grad():
@@ -67,9 +67,11 @@ def test_koopman_losses_against_their_definitions(layers: int) -> None:
         offsets = ae.offsets
         step = lambda v, s: ae.operator.step(v, s)  # noqa: E731
         reconstruction = torch.stack([fvu(ae.decoder(z[i]), states[i]) for i in (0, layers - 1)]).mean()
-        state = torch.stack([fvu(ae.decoder(step(z[0], offsets[j])), states[j]) for j in range(1, layers)]).mean()
+        # the state term sums over the predicted layers; the latent term's mean grows half as fast
+        state = sum(fvu(ae.decoder(step(z[0], offsets[j])), states[j]) for j in range(1, layers))
         pairs = [(0, j) for j in range(1, layers)] + [(i, i + 1) for i in range(1, layers - 1)]
         latent = torch.stack([fvu(step(z[i], offsets[j] - offsets[i]), z[j]) for i, j in pairs]).mean()
+        latent = latent * max(1.0, (layers - 1) / 2)
         prediction = ae.decoder(step(z[0], offsets[-1]))
     torch.testing.assert_close(losses["reconstruction"], reconstruction, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(losses["state"], state, rtol=1e-5, atol=1e-6)
