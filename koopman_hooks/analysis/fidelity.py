@@ -22,6 +22,8 @@ from koopman_hooks.fitting.fitted import FittedProbe
 from koopman_hooks.fitting.head import outputs_differ, template_outputs
 from koopman_hooks.maths.scores import ClassificationCounts, StreamingFVU
 
+IGNORE_INDEX = -100  # HuggingFace's label for a token that is not scored
+
 
 @torch.no_grad()
 def evaluate(probe: FittedProbe, loader: Iterable[Any], baseline: bool = True) -> dict[str, Any]:
@@ -139,8 +141,6 @@ def evaluate(probe: FittedProbe, loader: Iterable[Any], baseline: bool = True) -
         result["linear_baseline"] = base
     return result
 
-
-IGNORE_INDEX = -100  # HuggingFace's label for a token that is not scored
 
 
 def real_tokens(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
