@@ -34,7 +34,7 @@ from koopman_hooks.recipes import load_recipe, load_run
 from koopman_hooks.recipes.builders import build_datasets
 from koopman_hooks.recipes.config import Recipe
 from koopman_hooks.training import predict
-from koopman_hooks.unlearning import forget_retain_accuracy
+from koopman_hooks.unlearning import EditOptions, forget_retain_accuracy
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -44,7 +44,10 @@ def _seed(folder: str) -> int:
     return int(name.removeprefix("seed")) if name.startswith("seed") and name[4:].isdigit() else 0
 
 
-def edit_times(recipe: Recipe, folder: str, data_root: str | None) -> dict[str, Any]:
+def edit_times(recipe: Recipe, folder: str, data_root: str | None, compare: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The recipe's endpoint edit of every class, scored on the test set. With ``compare`` (name ->
+    options over the recipe's), each variant edits every class in turn, class by class, so that
+    their edit times are measured side by side under the same conditions."""
     if recipe.unlearning is None:
         raise SystemExit(f"recipe {recipe.name!r} has no [unlearning] section")
     cfg = recipe.unlearning
@@ -52,28 +55,38 @@ def edit_times(recipe: Recipe, folder: str, data_root: str | None) -> dict[str, 
     train, test, num_classes = build_datasets(recipe.data, _seed(folder), data_root)
     test_loader = TensorLoader.from_dataset(test, 1000)
     original, labels = predict(model, test_loader)
-    stats = probe.unlearning_statistics(TensorLoader.from_dataset(train, 1000, limit=cfg.stats_samples), **cfg.options)
-    rows = []
+    variants = {name: {**cfg.options, **options} for name, options in (compare or {"recipe": {}}).items()}
+    stats = {}  # one statistics pass per refinement sample size, as each variant alone would stream them
+    for options in variants.values():
+        rows_needed = EditOptions(**options).sample_rows
+        if rows_needed not in stats:
+            stats[rows_needed] = probe.unlearning_statistics(TensorLoader.from_dataset(train, 1000, limit=cfg.stats_samples), **options)
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     for c in range(num_classes):
-        edited = probe.unlearn(c, stats, **cfg.options)
-        forget, retain = forget_retain_accuracy(predict(probe.patch(edited), test_loader)[0], labels, c)
-        rows.append({"class": c, "edit_seconds": edited.info["edit_seconds"], "test_forget_accuracy": forget,
-                     "test_retain_accuracy": retain,
-                     "original_retain_accuracy": forget_retain_accuracy(original, labels, c)[1]})
-        print(f"class {c}: edit {rows[-1]['edit_seconds']:.2f} s, forget {rows[-1]['test_forget_accuracy']:.4f}, "
-              f"retain {rows[-1]['test_retain_accuracy']:.4f} (original {rows[-1]['original_retain_accuracy']:.4f})",
-              flush=True)
-    seconds = [r["edit_seconds"] for r in rows]
-    result = {"run": folder, "method": "endpoint", "options": dict(cfg.options), "stats_samples": cfg.stats_samples,
-              "stats_seconds": stats.seconds,
-              "latent_dim": probe.fetch_model().autoencoder.config.latent_dim,
-              "max_edit_seconds": max(seconds), "mean_edit_seconds": sum(seconds) / len(seconds),
-              "max_test_forget_accuracy": max(r["test_forget_accuracy"] for r in rows),
-              "max_retain_drop": max(r["original_retain_accuracy"] - r["test_retain_accuracy"] for r in rows),
-              "classes": rows}
-    print(f"edit: max {result['max_edit_seconds']:.2f} s, mean {result['mean_edit_seconds']:.2f} s; "
-          f"worst forget {result['max_test_forget_accuracy']:.4f}, largest retain drop {result['max_retain_drop']:.4f}")
-    return result
+        for name, options in variants.items():
+            edited = probe.unlearn(c, stats[EditOptions(**options).sample_rows], **options)
+            forget, retain = forget_retain_accuracy(predict(probe.patch(edited), test_loader)[0], labels, c)
+            row = {"class": c, "edit_seconds": edited.info["edit_seconds"], "test_forget_accuracy": forget,
+                   "test_retain_accuracy": retain, "original_retain_accuracy": forget_retain_accuracy(original, labels, c)[1]}
+            rows[name].append(row)
+            print(f"{name}: class {c}: edit {row['edit_seconds']:.2f} s, forget {row['test_forget_accuracy']:.4f}, "
+                  f"retain {row['test_retain_accuracy']:.4f} (original {row['original_retain_accuracy']:.4f})", flush=True)
+    summaries = {}
+    for name, options in variants.items():
+        seconds = [r["edit_seconds"] for r in rows[name]]
+        summaries[name] = {"options": dict(options), "max_edit_seconds": max(seconds), "mean_edit_seconds": sum(seconds) / len(seconds),
+                           "max_test_forget_accuracy": max(r["test_forget_accuracy"] for r in rows[name]),
+                           "max_retain_drop": max(r["original_retain_accuracy"] - r["test_retain_accuracy"] for r in rows[name]),
+                           "classes": rows[name]}
+        print(f"{name}: edit max {summaries[name]['max_edit_seconds']:.2f} s, mean {summaries[name]['mean_edit_seconds']:.2f} s; "
+              f"worst forget {summaries[name]['max_test_forget_accuracy']:.4f}, "
+              f"largest retain drop {summaries[name]['max_retain_drop']:.4f}")
+    result = {"run": folder, "method": "endpoint", "stats_samples": cfg.stats_samples,
+              "stats_seconds": max(statistics.seconds for statistics in stats.values()),
+              "latent_dim": probe.fetch_model().autoencoder.config.latent_dim}
+    if compare is None:
+        return {**result, **summaries["recipe"]}
+    return {**result, "variants": summaries}
 
 
 def topology(recipe: Recipe, folder: str, data_root: str | None) -> dict[str, Any]:
@@ -97,15 +110,26 @@ def main() -> None:
     parser.add_argument("--run", required=True, nargs="+", help="seed folders of the run")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--compare", default=None,
+                        help='edit: JSON of variants, name -> options over the recipe\'s, e.g. \'{"a": {}, "b": {"refine_rows": 1024}}\'')
     args = parser.parse_args()
     torch.set_num_threads(1)
     recipe = load_recipe(args.recipe)
-    measure = edit_times if args.measure == "edit" else topology
-    runs = [measure(recipe, folder, args.data_root) for folder in args.run]
+    if args.compare is not None and args.measure != "edit":
+        raise SystemExit("--compare applies to the edit measure only")
+    compare = None if args.compare is None else json.loads(args.compare)
+    if args.measure == "edit":
+        runs = [edit_times(recipe, folder, args.data_root, compare) for folder in args.run]
+    else:
+        runs = [topology(recipe, folder, args.data_root) for folder in args.run]
     keys = (("max_edit_seconds", "mean_edit_seconds", "max_test_forget_accuracy", "max_retain_drop") if args.measure == "edit"
             else ("start_betti0_relative_error", "final_betti0_relative_error", "spearman_network", "spearman_surrogate"))
-    mean = {key: sum(values) / len(values) for key in keys if (values := [r[key] for r in runs if r.get(key) is not None])}
-    print("mean over runs:", {k: round(v, 3) for k, v in mean.items()})
+    summaries = {"": runs} if compare is None else {name: [r["variants"][name] for r in runs] for name in compare}
+    means = {name: {key: sum(values) / len(values) for key in keys if (values := [r[key] for r in rs if r.get(key) is not None])}
+             for name, rs in summaries.items()}
+    for name, mean in means.items():
+        print(f"mean over runs{' (' + name + ')' if name else ''}:", {k: round(v, 3) for k, v in mean.items()})
+    mean = means[""] if compare is None else means
     out = Path(args.out) if args.out else RESULTS / f"{'edit_time' if args.measure == 'edit' else 'topology'}_{recipe.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"recipe": recipe.name, "threads": torch.get_num_threads(), "machine": platform.machine(),
