@@ -9,12 +9,15 @@ was made with, without training them again. One thread.
   edit-time target names) for every class and scores each edit on the test set: the edit's
   seconds (what ``unlearn`` reports, the statistics excluded), the forgotten class's test
   accuracy and the retained classes' accuracy next to the original
-  model's. Saves ``benchmarks/results/edit_time_<recipe>.json``.
+  model's. Saves ``benchmarks/results/edit_time_<recipe>.json``. ``--compare`` takes variants
+  (name -> options over the recipe's) and edits every class with each in turn, class by class,
+  so that their times are measured side by side.
 - ``topology``: ``probe.topology`` exactly as the recipe's ``[topology]`` section calls it (its
   test images, points, layers, scale, lens and seed): β0 sequences, start and final errors,
   Spearman. Saves ``benchmarks/results/topology_<recipe>.json``.
 
     python benchmarks/saved_run.py edit mnist_resnet18 --run runs/mnist_resnet18/seed0 [--data-root PATH]
+    python benchmarks/saved_run.py edit mnist_vit --run runs/mnist_vit/seed0 --compare '{"a": {}, "b": {"refine_rows": 2048}}'
     python benchmarks/saved_run.py topology mnist --run runs/mnist/seed0 runs/mnist/seed1 runs/mnist/seed2
 """
 
