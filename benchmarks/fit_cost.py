@@ -100,7 +100,7 @@ def run(name: str, data_root: str | None) -> dict[str, Any]:
 
     model, train_seconds = trained(train_set)
     _, retrain_seconds = trained(class_subsets(train_set, 0)[0])
-    # the recipe's probe: its options (none but sizes of data) and its first `samples` training images
+    # the recipe's probe: its options and its first `samples` training images (all when it sets none)
     probe = KoopmanProbe(model, list(recipe.probe.layers), verbose=False, **recipe.probe.options)
     start = time.perf_counter()
     keep = recipe.unlearning is not None and recipe.unlearning.statistics_from == "fit_cache"
