@@ -60,14 +60,16 @@ def edit_times(recipe: Recipe, folder: str, data_root: str | None, compare: dict
     original, labels = predict(model, test_loader)
     variants = {name: {**cfg.options, **options} for name, options in (compare or {"recipe": {}}).items()}
     stats = {}  # one statistics pass per refinement sample size, as each variant alone would stream them
-    for options in variants.values():
+    variant_stats = {}
+    for name, options in variants.items():
         rows_needed = EditOptions(**options).sample_rows
         if rows_needed not in stats:
             stats[rows_needed] = probe.unlearning_statistics(TensorLoader.from_dataset(train, 1000, limit=cfg.stats_samples), **options)
+        variant_stats[name] = stats[rows_needed]
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     for c in range(num_classes):
         for name, options in variants.items():
-            edited = probe.unlearn(c, stats[EditOptions(**options).sample_rows], **options)
+            edited = probe.unlearn(c, variant_stats[name], **options)
             forget, retain = forget_retain_accuracy(predict(probe.patch(edited), test_loader)[0], labels, c)
             row = {"class": c, "edit_seconds": edited.info["edit_seconds"], "test_forget_accuracy": forget,
                    "test_retain_accuracy": retain, "original_retain_accuracy": forget_retain_accuracy(original, labels, c)[1]}

@@ -34,6 +34,7 @@ from torch import nn
 from zoo import _mnist, vit
 
 from koopman_hooks import KoopmanProbe
+from koopman_hooks.core.hooks import hooked
 from koopman_hooks.data import TensorLoader
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -42,18 +43,13 @@ SEED = 0
 
 def _layer_states(model: nn.Module, loader: Iterable[Any], src: str, dst: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``src``'s whole output (flattened), ``dst``'s CLS token and the model's predictions, row by row."""
-    modules = dict(model.named_modules())
     found: dict[str, list[torch.Tensor]] = {src: [], dst: []}
-    handles = [modules[src].register_forward_hook(lambda m, a, out: found[src].append(out.detach().flatten(1))),
-               modules[dst].register_forward_hook(lambda m, a, out: found[dst].append(out.detach()[:, 0]))]
+    hooks = {src: lambda m, a, out: found[src].append(out.detach().flatten(1)),
+             dst: lambda m, a, out: found[dst].append(out.detach()[:, 0])}
     predictions = []
-    try:
-        with torch.no_grad():
-            for inputs, _ in loader:
-                predictions.append(model(inputs).argmax(1))
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooked(model, hooks), torch.no_grad():
+        for inputs, _ in loader:
+            predictions.append(model(inputs).argmax(1))
     return torch.cat(found[src]).numpy(), torch.cat(found[dst]).numpy(), torch.cat(predictions).numpy()
 
 
@@ -66,12 +62,8 @@ def _agreement_with_cls(model: nn.Module, images: torch.Tensor, dst: str, cls: n
         out[:, 0] = replacement
         return out
 
-    handle = dict(model.named_modules())[dst].register_forward_hook(replace)
-    try:
-        with torch.no_grad():
-            patched = model(images).argmax(1).numpy()
-    finally:
-        handle.remove()
+    with hooked(model, {dst: replace}), torch.no_grad():
+        patched = model(images).argmax(1).numpy()
     return float(np.mean(patched == predictions))
 
 

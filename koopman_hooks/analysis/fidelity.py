@@ -142,7 +142,6 @@ def evaluate(probe: FittedProbe, loader: Iterable[Any], baseline: bool = True) -
     return result
 
 
-
 def real_tokens(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Which of the ``(batch * tokens)`` flattened positions of ``(batch, tokens, classes)``
     scores are real tokens: the attention mask's ones, every position without a mask."""

@@ -101,16 +101,10 @@ def koopman_losses(
     whatever the layers' widths and none can be lowered by collapsing the latent space.
 
     With ``n`` predicted layers the state term is the *sum* of their FVUs, so that each probed
-    layer weighs as much against the reconstruction and output terms however many are probed,
-    and the latent term (the mean over its pairs) is scaled by ``max(1, n / 2)``; with one
-    predicted layer nothing changes. As means, the softened output loss won over the middle
-    layers: refitting the saved recipe models (seed 0), ResNet-18's ``layer2`` state FVU went
-    from 0.106 to 0.098 (agreement 0.9953 to 0.9960), the ViT's worst block from 0.104 to 0.090
-    (agreement 0.9907 to 0.9903, accuracy drop 0.29 to 0.24 points). Scaling the latent term
-    like the state's kept the latents closer but cost the ViT 0.3 points of accuracy; leaving it
-    a mean let its last latent FVU rise over 0.1. The cost: the held-out zoo's three models with
-    more than two probed layers fit their middle layers closer but agree on 2-3 fewer of 1,000
-    test inputs.
+    layer weighs as much against the reconstruction and output terms however many are probed
+    (as a mean, the output term won over the middle layers), and the latent term (the mean over
+    its pairs) is scaled by ``max(1, n / 2)``; with one predicted layer nothing changes. The
+    measurements that chose both scalings are in the CHANGELOG.
 
     With ``closed_form_ridge``, K is not the operator's parameter but the ridge least-squares
     solution over this batch's consecutive latent pairs (one step each), differentiable, so the
