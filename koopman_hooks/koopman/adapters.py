@@ -229,8 +229,8 @@ class AdapterFitter:
             check_reduce(spec, self.shapes[name], name)
             self.reduce[name] = spec
         dims = {name: reduced_dim(self.shapes[name], self.reduce[name] or "flatten") for name in self.layers}
-        for name in self.layers:
-            self.moments[name] = StreamingMoments(dims[name], device=self.device)
+        for name in self.layers:  # float32 products (the features are float32): the bases need only the leading components
+            self.moments[name] = StreamingMoments(dims[name], device=self.device, products=torch.float32)
 
     def update(self, activations: Mapping[str, torch.Tensor], mask: torch.Tensor | None = None) -> AdapterFitter:
         """Fold in one batch of raw activations ``{layer: (B, ...)}`` (``mask``: the inputs'
@@ -263,7 +263,8 @@ class AdapterFitter:
             return self
         if not self.moments:
             self.shapes, self.reduce = dict(other.shapes), dict(other.reduce)
-            self.moments = {n: StreamingMoments(m.dim, m.cross_dim, device=self.device) for n, m in other.moments.items()}
+            self.moments = {n: StreamingMoments(m.dim, m.cross_dim, device=self.device, products=m.products)
+                            for n, m in other.moments.items()}
         if other.shapes != self.shapes or other.reduce != self.reduce:
             raise ValueError(f"cannot merge adapter statistics of shapes {other.shapes}, reductions {other.reduce} into "
                              f"shapes {self.shapes}, reductions {self.reduce} (under torch.distributed: the ranks' first "

@@ -1,6 +1,8 @@
 """Streaming first and second moments in float64, mergeable exactly (Chan et al.).
 
-Memory is ``O(dim²)`` whatever the number of samples. :meth:`StreamingMoments.update` folds a
+Memory is ``O(dim²)`` whatever the number of samples. Each batch's own centred products may be
+taken in float32 (``products=torch.float32``: about twice as fast on a CPU, with float32's
+rounding in every batch's products; the running sums, the means and the merges stay float64). :meth:`StreamingMoments.update` folds a
 batch in and returns ``self``; :meth:`StreamingMoments.merge` combines the moments of two
 disjoint sets of samples into those of their union (what a multi-process fit all-reduces).
 """
@@ -20,9 +22,14 @@ class StreamingMoments:
         dim: number of features of ``x``.
         cross_dim: number of features of the paired ``y`` (``None``: no ``y``).
         device: where the float64 running sums live.
+        products: dtype of each batch's centred products (float64: exact for float32 data).
     """
 
-    def __init__(self, dim: int, cross_dim: int | None = None, device: torch.device | str = "cpu") -> None:
+    def __init__(self, dim: int, cross_dim: int | None = None, device: torch.device | str = "cpu",
+                 products: torch.dtype = torch.float64) -> None:
+        if products not in (torch.float32, torch.float64):
+            raise ValueError(f"products must be torch.float32 or torch.float64, not {products}")
+        self.products = products
         self.n = 0
         self.mean_x = torch.zeros(dim, dtype=torch.float64, device=device)
         self.m2_xx = torch.zeros(dim, dim, dtype=torch.float64, device=device)
@@ -50,7 +57,7 @@ class StreamingMoments:
     @torch.no_grad()
     def update(self, x: torch.Tensor, y: torch.Tensor | None = None) -> StreamingMoments:
         """Fold a batch of rows ``x`` (and the paired rows ``y``) into the statistics."""
-        x = x.reshape(len(x), math.prod(x.shape[1:])).to(self.mean_x)
+        x = x.reshape(len(x), math.prod(x.shape[1:])).to(self.mean_x.device)
         if x.shape[1] != self.dim:
             raise ValueError(f"expected {self.dim} features, got {x.shape[1]}")
         if (y is None) != (self.cross_dim is None):
@@ -58,7 +65,7 @@ class StreamingMoments:
         if len(x) == 0:
             return self
         if y is not None:
-            y = y.reshape(len(y), math.prod(y.shape[1:])).to(self.mean_x)
+            y = y.reshape(len(y), math.prod(y.shape[1:])).to(self.mean_x.device)
             if len(y) != len(x):
                 raise ValueError(f"x has {len(x)} rows but y has {len(y)}")
         # Chan's merge of the batch's own centred moments, in place: one GEMM and one rank-1
@@ -66,21 +73,33 @@ class StreamingMoments:
         n, b = self.n, len(x)
         total = n + b
         weight = n * b / total
-        mean_x = x.mean(0)
-        xc = x - mean_x
+        xc, mean_x = self._centred(x)
         dx = mean_x - self.mean_x
-        self.m2_xx.addmm_(xc.T, xc).addr_(dx, dx, alpha=weight)
+        self._add_products(self.m2_xx, xc, xc).addr_(dx, dx, alpha=weight)
         self.mean_x.add_(dx, alpha=b / total)
         if y is not None:
             assert self.mean_y is not None and self.m2_yy is not None and self.m2_xy is not None
-            mean_y = y.mean(0)
-            yc = y - mean_y
+            yc, mean_y = self._centred(y)
             dy = mean_y - self.mean_y
-            self.m2_yy.addmm_(yc.T, yc).addr_(dy, dy, alpha=weight)
-            self.m2_xy.addmm_(xc.T, yc).addr_(dx, dy, alpha=weight)
+            self._add_products(self.m2_yy, yc, yc).addr_(dy, dy, alpha=weight)
+            self._add_products(self.m2_xy, xc, yc).addr_(dx, dy, alpha=weight)
             self.mean_y.add_(dy, alpha=b / total)
         self.n = total
         return self
+
+    def _centred(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch centred on its own mean (in ``products``), and that mean (float64)."""
+        mean = x.mean(0, dtype=torch.float64)
+        return (x.to(self.products) - mean.to(self.products)), mean
+
+    def _add_products(self, into: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``into += aᵀ b``, the product taken in ``products``."""
+        if self.products == torch.float64:
+            return into.addmm_(a.T, b)  # in place, no (dim, dim) temporary
+        product = a.T @ b
+        if a is b:  # a float32 GEMM need not return aᵀa exactly symmetric
+            product = (product + product.T) / 2
+        return into.add_(product)
 
     @torch.no_grad()
     def merge(self, other: StreamingMoments) -> StreamingMoments:
@@ -113,14 +132,14 @@ class StreamingMoments:
         parts = list(parts)
         if not parts:
             raise ValueError("pooled() needs at least one set of moments")
-        out = cls(parts[0].dim, parts[0].cross_dim, device=parts[0].mean_x.device)
+        out = cls(parts[0].dim, parts[0].cross_dim, device=parts[0].mean_x.device, products=parts[0].products)
         for part in parts:
             out.merge(part)
         return out
 
     def to(self, device: torch.device | str) -> StreamingMoments:
         """The same moments on ``device`` (a copy)."""
-        out = StreamingMoments(self.dim, self.cross_dim, device=device)
+        out = StreamingMoments(self.dim, self.cross_dim, device=device, products=self.products)
         return out.merge(self)
 
     def _check(self) -> None:

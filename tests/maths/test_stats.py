@@ -49,6 +49,33 @@ def test_streaming_moments_match_whole_batch():
 
 
 
+def test_float32_products_match_whole_batch_to_float32_rounding():
+    # float32 rows far from the origin: each batch is centred on its own float64 mean before its
+    # float32 products, so the error is float32's rounding of the spread, not of the offset
+    x = anisotropic(200, 6, seed=4, offset=100.0).float()
+    y = (torch.randn(200, 3, generator=gen(5)) - 30.0).float()
+    m = StreamingMoments(6, 3, products=torch.float32)
+    start = 0
+    for b in UNEVEN:
+        m.update(x[start : start + b], y[start : start + b])
+        start += b
+    x64, y64 = x.double(), y.double()
+    torch.testing.assert_close(m.mean_x, x64.mean(0), rtol=0, atol=1e-10)
+    for got, want in ((m.cov_xx, torch.cov(x64.T, correction=0)), (m.cov_yy, torch.cov(y64.T, correction=0)),
+                      (m.cov_xy, (x64 - x64.mean(0)).T @ (y64 - y64.mean(0)) / 200)):
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert torch.equal(m.cov_xx, m.cov_xx.T)  # symmetric exactly, whatever the float32 GEMM returns
+    exact = stream(x64, y64)
+    assert (m.cov_xx - exact.cov_xx).abs().max() > 0  # the products really were float32
+    halves = [StreamingMoments.of(x[:77]), StreamingMoments(6, products=torch.float32).update(x[77:])]
+    pooled = StreamingMoments.pooled(halves[::-1])
+    assert pooled.products == torch.float32 and pooled.to("cpu").products == torch.float32
+    torch.testing.assert_close(pooled.cov_xx, exact.cov_xx, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="products must be torch.float32 or torch.float64"):
+        StreamingMoments(3, products=torch.float16)
+
+
 def test_streaming_moments_order_and_batching_invariant():
     x = anisotropic(200, 5, seed=3)
     a = stream(x, sizes=UNEVEN)
