@@ -18,7 +18,7 @@ import mmap
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -74,11 +74,11 @@ class StateCache:
             self._spill()
         return self
 
-    def _write(self, batch: Mapping[str, torch.Tensor]) -> None:
+    def _write(self, batch: Mapping[str, torch.Tensor], file: Any = None) -> None:
         """Rows as records: each row's fields' bytes side by side, in ``_specs`` order."""
         n = len(next(iter(batch.values())))
         parts = [_as_bytes(batch[name], n, _row_bytes(self._specs[name])) for name in self._specs]
-        self._file.write(torch.cat(parts, dim=1).numpy().tobytes())
+        (file or self._file).write(torch.cat(parts, dim=1).numpy().tobytes())
 
     def _spill(self) -> None:
         self.folder = tempfile.mkdtemp(prefix="koopman_hooks_cache_", dir=self.parent)
@@ -95,8 +95,9 @@ class StateCache:
             return self
         if self._records is not None:  # finalised already
             return self
-        self._file.close()
-        self._file = None
+        if self._file is not None:  # (None when a transform rewrote the file)
+            self._file.close()
+            self._file = None
         width = sum(_row_bytes(spec) for spec in self._specs.values())
         path = os.path.join(self.folder, "rows.bin")
         if not os.path.getsize(path):  # rows without bytes: nothing to map
@@ -106,6 +107,51 @@ class StateCache:
             self._map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
         self._records = np.frombuffer(self._map, dtype=np.uint8).reshape(self.n, width)
         return self
+
+    def transform(self, names: Sequence[str], fn: Callable[[dict[str, torch.Tensor]], Mapping[str, torch.Tensor]],
+                  chunk_rows: int = 4096) -> StateCache:
+        """Replace the fields ``names`` of every row by ``fn(rows)`` (same shapes and dtypes), a
+        chunk of rows at a time, in RAM or by rewriting the file; the cache must be finalised."""
+        if not self._frozen and self._records is None and self.n:
+            raise RuntimeError("finalize() the cache before transforming it")
+        missing = [name for name in names if name not in self._specs]
+        if missing:
+            raise KeyError(f"no fields {missing}; fields: {self.fields}")
+
+        def changed(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            new = fn({name: rows[name] for name in names})
+            out = {name: new[name] for name in names}
+            for name, value in out.items():
+                want = self._specs[name]
+                if (tuple(value.shape[1:]), value.dtype, len(value)) != (*want, len(rows[name])):
+                    raise ValueError(f"transform changed field {name!r}: {(tuple(value.shape[1:]), value.dtype)} "
+                                     f"instead of {want}, or its number of rows")
+            return out
+
+        chunks = [slice(start, min(start + chunk_rows, self.n)) for start in range(0, self.n, chunk_rows)]
+        if self._records is None:  # every chunk first, then stored: an exception leaves the cache as it was
+            done = [(chunk, changed({name: self._frozen[name][chunk] for name in names})) for chunk in chunks]
+            for chunk, values in done:
+                for name, value in values.items():
+                    self._frozen[name][chunk] = value
+            return self
+        assert self.folder is not None
+        path, fresh = os.path.join(self.folder, "rows.bin"), os.path.join(self.folder, "rows.new")
+        try:
+            with open(fresh, "wb") as file:
+                for chunk in chunks:
+                    rows = self.gather(chunk)
+                    rows.update(changed(rows))
+                    self._write(rows, file)
+        except BaseException:
+            os.remove(fresh)  # the records stay as they were
+            raise
+        self._records = None  # the view first: a map with exported buffers cannot close
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        os.replace(fresh, path)
+        return self.finalize()
 
     # ------------------------------------------------------------------ reading
 

@@ -126,13 +126,9 @@ def parameter_groups(named: Sequence[tuple[str, nn.Parameter]], lr: float) -> li
     return [{"params": params, "lr": rate} for rate, params in groups.items()]
 
 
-def rotated_states(rows: Mapping[str, torch.Tensor], rotations: Sequence[torch.Tensor | None], device: torch.device) -> list[torch.Tensor]:
-    """The cached adapted states of every layer, in the fit's rotated coordinates."""
-    out = []
-    for i, rotation in enumerate(rotations):
-        state = rows[f"s{i}"].to(device, torch.float32)
-        out.append(state if rotation is None else state @ rotation)
-    return out
+def cached_states(rows: Mapping[str, torch.Tensor], ae: KoopmanAutoencoder, device: torch.device) -> list[torch.Tensor]:
+    """The cached adapted states of every probed layer (``s0``, ``s1``, ...), float32 on ``device``."""
+    return [rows[f"s{i}"].to(device, torch.float32) for i in range(len(ae.config.segment_steps) + 1)]
 
 
 def _mask(rows: Mapping[str, torch.Tensor], device: torch.device) -> torch.Tensor | None:
@@ -141,28 +137,27 @@ def _mask(rows: Mapping[str, torch.Tensor], device: torch.device) -> torch.Tenso
 
 
 @torch.no_grad()
-def refit_operator(ae: KoopmanAutoencoder, cache: StateCache, rows: torch.Tensor, rotations: Sequence[torch.Tensor | None],
-                   device: torch.device, ridge: float) -> None:
+def refit_operator(ae: KoopmanAutoencoder, cache: StateCache, rows: torch.Tensor, device: torch.device, ridge: float) -> None:
     """``operator_fit="ridge"``: K in closed form from the current encoder's latents of ``rows``."""
     fitter = RidgeOperatorFitter(ae.config.latent_dim, device=device)
     for batch in cache.batches(rows, 1024):
-        fitter.update([ae.encoder(a) for a in rotated_states(batch, rotations, device)])
+        fitter.update([ae.encoder(a) for a in cached_states(batch, ae, device)])
     ae.operator.set_matrix(distributed.merged(fitter).finalize(ridge))
 
 
 @torch.no_grad()
-def score(ae: KoopmanAutoencoder, cache: StateCache, rows: torch.Tensor, rotations: Sequence[torch.Tensor | None],
-          device: torch.device, tail: Tail | None, last: LayerAdapter, batch_size: int) -> tuple[Score, dict[str, float]]:
+def score(ae: KoopmanAutoencoder, cache: StateCache, rows: torch.Tensor, device: torch.device, tail: Tail | None,
+          last: LayerAdapter, batch_size: int) -> tuple[Score, dict[str, float]]:
     """The held-out score, and the state FVU of every later layer and the latent FVU of the last."""
     ae.eval()
-    layers = len(rotations)
+    layers = len(ae.config.segment_steps) + 1
     state_fvu = [StreamingFVU() for _ in range(layers - 1)]
     latent_fvu = StreamingFVU()
     hits = torch.zeros((), device=device)
     row_errors: list[list[torch.Tensor]] = [[] for _ in range(layers - 1)]  # per layer: each row's squared error
     row_kl: list[torch.Tensor] = []
     for batch in cache.batches(rows, max(batch_size, SCORE_ROWS)):
-        states = rotated_states(batch, rotations, device)
+        states = cached_states(batch, ae, device)
         latents = ae.trajectory(ae.encoder(states[0]))
         decoded = [ae.decoder(z) for z in latents]
         for j, prediction in enumerate(decoded):
@@ -238,7 +233,6 @@ def train(
     cache: StateCache,
     train_rows: torch.Tensor,
     val_rows: torch.Tensor,
-    rotations: Sequence[torch.Tensor | None],
     weights: LossWeights,
     schedule: Schedule,
     device: torch.device,
@@ -266,7 +260,7 @@ def train(
     outcome = Outcome()
     has_val = distributed.summed([len(val_rows)])[0] > 0
     if has_val:
-        outcome.start_score, figures = score(ae, cache, val_rows, rotations, device, tail, last, schedule.batch_size)
+        outcome.start_score, figures = score(ae, cache, val_rows, device, tail, last, schedule.batch_size)
         outcome.kept_score = outcome.start_score
         outcome.history.append({"epoch": -1, **figures})
     best = copy.deepcopy(ae.state_dict())
@@ -281,7 +275,7 @@ def train(
         sums: dict[str, torch.Tensor] = {}
         steps = 0
         for batch in cache.batches(order[: n_steps * schedule.batch_size], schedule.batch_size):
-            states = rotated_states(batch, rotations, device)
+            states = cached_states(batch, ae, device)
             with autocast_to(device, torch.bfloat16 if schedule.amp else None):
                 losses = koopman_losses(ae, states, weights, topological, schedule.ridge)
             prediction = losses.pop("prediction")
@@ -303,9 +297,9 @@ def train(
                                     **{k: float(v) / max(steps, 1) for k, v in sums.items()}}
         outcome.epochs_run = epoch + 1
         if schedule.ridge is not None:
-            refit_operator(ae, cache, train_rows, rotations, device, schedule.ridge)
+            refit_operator(ae, cache, train_rows, device, schedule.ridge)
         if has_val:
-            current, figures = score(ae, cache, val_rows, rotations, device, tail, last, schedule.batch_size)
+            current, figures = score(ae, cache, val_rows, device, tail, last, schedule.batch_size)
             record.update(figures)
             assert outcome.kept_score is not None and outcome.start_score is not None
             if current.better_than(outcome.kept_score, outcome.start_score):

@@ -346,6 +346,20 @@ def fill_cache(
     return torch.cat(held) if held else torch.zeros(0, dtype=torch.bool)
 
 
+def rotate_cached_states(cache: StateCache, rotations: Sequence[torch.Tensor]) -> None:
+    """The cached states of every later layer (``s1``, ``s2``, ...) into the start's rotated
+    coordinates (``s_j @ R_j``), once, so that the epochs read them as they are; ``s0`` is not
+    rotated (what the unlearning statistics read from a kept cache)."""
+    names = [f"s{j}" for j in range(1, len(rotations) + 1)]
+
+    def rotate(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: (rows[name].float() @ r.to(rows[name].device, torch.float32)).to(rows[name].dtype)
+                for name, r in zip(names, rotations, strict=True)}
+
+    cache.transform(names, rotate)
+
+
+
 class PairMoments:
     """Streamed moments of ``(a_0, a_j)`` and ``(a_{j-1}, a_j)`` for every later layer ``j``."""
 

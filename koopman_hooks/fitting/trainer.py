@@ -51,6 +51,7 @@ from koopman_hooks.fitting.passes import (
     fit_adapters,
     inputs_of,
     live_rows,
+    rotate_cached_states,
 )
 from koopman_hooks.koopman.adapters import LayerAdapter
 from koopman_hooks.koopman.autoencoder import AutoencoderConfig, KoopmanAutoencoder
@@ -246,7 +247,7 @@ class _Run:
             batch_size, notes["batch_size"] = sizing.batch_size_for(int(distributed.summed([len(train_rows)])[0]))
         ae_config = AutoencoderConfig(width, latent_dim, tuple(hidden), config.operator, config.rank, tuple(steps))
         ae = KoopmanAutoencoder.from_linear(ae_config, start.operator, seed=config.seed).to(device)
-        rotations = [None] + [start.rotations[n].to(device) for n in layers[1:]]
+        rotate_cached_states(cache, [start.rotations[n] for n in layers[1:]])
         tail = _tail(calib, device)
         weights = config.loss_weights
         if weights.output is None:
@@ -261,7 +262,7 @@ class _Run:
                             amp, config.output_temperature)
         # with operator_fit="ridge" every epoch refits K before it is scored, so the kept state
         # (an epoch's, or the closed-form start) holds the K it was scored with: no refit after it
-        outcome = train(ae, cache, train_rows, val_rows, rotations, weights, schedule, device, start.adapters[layers[-1]],
+        outcome = train(ae, cache, train_rows, val_rows, weights, schedule, device, start.adapters[layers[-1]],
                         tail, self.generator)
         held_out = int(distributed.summed([len(val_rows)])[0])
         last = layers[-1]

@@ -36,6 +36,39 @@ def test_rows_come_back_exactly_from_ram_or_disk(budget_mb):
     assert folder is None or not os.path.exists(folder)  # the temporary folder is gone
 
 
+@pytest.mark.parametrize("budget_mb", [100.0, 0.002])
+def test_transform_rewrites_fields_in_ram_or_on_disk_and_refuses_changes_of_layout(budget_mb):
+    expected = list(batches())
+    whole = {k: torch.cat([b[k] for b in expected]) for k in expected[0]}
+    rotation = torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(1)))[0]
+    with StateCache(budget_mb) as cache:
+        with pytest.raises(RuntimeError, match="finalize"):
+            cache.append(expected[0]).transform(["s0"], lambda rows: rows)
+        for batch in expected[1:]:
+            cache.append(batch)
+        cache.finalize()
+        with pytest.raises(KeyError, match="no fields"):
+            cache.transform(["s9"], lambda rows: rows)
+        with pytest.raises(ValueError, match="transform changed field 's0'"):
+            cache.transform(["s0"], lambda rows: {"s0": rows["s0"].double()})
+        assert torch.equal(cache.rows("s0", slice(None)), whole["s0"])  # a refused transform changes nothing
+        assert cache.folder is None or os.listdir(cache.folder) == ["rows.bin"]
+        seen = []
+
+        def rotate(rows):
+            seen.append(len(rows["s0"]))
+            return {"s0": rows["s0"] @ rotation}
+
+        assert cache.transform(["s0"], rotate, chunk_rows=128) is cache
+        assert seen == [128, 128, 44] and cache.on_disk == (budget_mb < 1)
+        torch.testing.assert_close(cache.rows("s0", slice(None)), whole["s0"] @ rotation, rtol=0, atol=1e-6)
+        for name in ("labels", "in"):  # the other fields are untouched
+            assert torch.equal(cache.rows(name, slice(None)), whole[name])
+        folder = cache.folder
+        assert folder is None or os.listdir(folder) == ["rows.bin"]
+    assert folder is None or not os.path.exists(folder)
+
+
 def test_the_temporary_folder_goes_away_after_an_exception():
     folder = None
     with pytest.raises(RuntimeError, match="boom"):
