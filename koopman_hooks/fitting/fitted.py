@@ -58,8 +58,8 @@ class FittedProbe:
         info: how the fit went: model passes, samples, the epoch kept and why, ...
         tail: the model's output from a supplied ``layers[-1]`` activation alone (``None`` when
             the fit found none, or after loading).
-        fit_cache: the rows the fit cached (adapted states of every layer, the model's scores,
-            labels), kept by ``fit(loader, keep_cache=True)`` until :meth:`release_cache`;
+        fit_cache: the rows the fit cached (every layer's states in ``adapters``' coordinates,
+            the model's scores, labels), kept by ``fit(loader, keep_cache=True)`` until :meth:`release_cache`;
             ``unlearning_statistics(None)`` reads them instead of running the model. ``None``
             otherwise (and after loading).
     """

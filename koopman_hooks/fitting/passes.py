@@ -359,7 +359,6 @@ def rotate_cached_states(cache: StateCache, rotations: Sequence[torch.Tensor]) -
     cache.transform(names, rotate)
 
 
-
 class PairMoments:
     """Streamed moments of ``(a_0, a_j)`` and ``(a_{j-1}, a_j)`` for every later layer ``j``."""
 

@@ -5,7 +5,8 @@
 2. pass 2 -- replaying pass 1's reduced activations where they fit in ``replay_mb``, else over
    the data again -- every sample's adapted states, scores and labels into a :class:`StateCache`;
 3. the closed-form linear start (:mod:`koopman_hooks.koopman.start`) from the cached training
-   rows: before any gradient step the surrogate *is* the ridge (DMD) baseline;
+   rows: before any gradient step the surrogate *is* the ridge (DMD) baseline; the cached
+   states of the later layers are rotated into its coordinates once;
 4. epochs of AdamW on the cache; a held-out split (``val_fraction``, or ``val_loader``) scores
    every state, the best one is kept (:mod:`koopman_hooks.fitting.epochs`).
 

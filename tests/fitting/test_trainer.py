@@ -241,6 +241,41 @@ def test_pass_two_replays_pass_one_instead_of_running_the_model_again_with_the_s
                                    rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("cache_mb", [64.0, 0.001])  # the kept rows in RAM / in a temporary file
+def test_kept_rows_hold_every_layers_states_in_the_fitted_adapters_coordinates(cache_mb, monkeypatch):
+    # the later layers' cached states are rotated into the closed-form start's coordinates once,
+    # in place: a kept row must equal the fitted adapter applied to that row's activation
+    import koopman_hooks.fitting.trainer as trainer
+
+    model = resmlp(depth=3).eval()
+    data = loader(n=96, batch_size=32)  # few rows: every one is cached, in the loader's order
+    layers = ["blocks.0", "blocks.1", "blocks.2"]
+    acts: dict[str, torch.Tensor] = {}
+    handles = [model.get_submodule(n).register_forward_hook(lambda m, a, out, n=n: acts.__setitem__(n, out))
+               for n in layers]
+    try:
+        with torch.no_grad():
+            model(data.tensors[0])
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    def largest_gap() -> float:
+        probe = KoopmanProbe(model, layers, cache_mb=cache_mb, verbose=False).fit(data, epochs=1, keep_cache=True)
+        fitted = probe.fetch_model()
+        cache, _ = fitted.kept_rows()
+        assert cache.n == 96 and cache.on_disk == (cache_mb < 1)
+        with torch.no_grad():
+            gaps = [(cache.rows(f"s{j}", slice(None)) - fitted.adapters[name](acts[name])).abs().max()
+                    for j, name in enumerate(layers)]
+        probe.release_cache()
+        return float(max(gaps))
+
+    assert largest_gap() < 1e-5
+    monkeypatch.setattr(trainer, "rotate_cached_states", lambda cache, rotations: None)
+    assert largest_gap() > 1e-2  # without the rotation the rows are in other coordinates: the check can fail
+
+
 def test_bf16_training_steps_score_and_keep_in_float32(trained_resmlp, yinyang_small):
     """train_amp: the steps' products in bfloat16; the start and the held-out scores are the
     float32 fit's, and the fitted surrogate is as faithful."""
