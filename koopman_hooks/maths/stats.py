@@ -14,6 +14,8 @@ from collections.abc import Iterable
 
 import torch
 
+PRODUCT_COLUMNS = 512  # float32 products are taken this many columns at a time
+
 
 class StreamingMoments:
     """Running mean and covariance of ``x``, and optionally its cross-covariance with ``y``.
@@ -22,7 +24,8 @@ class StreamingMoments:
         dim: number of features of ``x``.
         cross_dim: number of features of the paired ``y`` (``None``: no ``y``).
         device: where the float64 running sums live.
-        products: dtype of each batch's centred products (float64: exact for float32 data).
+        products: dtype of each batch's centred products (float64: exact for float32 data;
+            float32 only for batches of at least 1/16 of the width, the others in float64).
     """
 
     def __init__(self, dim: int, cross_dim: int | None = None, device: torch.device | str = "cpu",
@@ -73,13 +76,16 @@ class StreamingMoments:
         n, b = self.n, len(x)
         total = n + b
         weight = n * b / total
-        xc, mean_x = self._centred(x)
+        # float32 products pay from batches of 1/16 of the width on (below, updating the float64
+        # sums dominates, and float64's in-place product is faster)
+        dtype = self.products if 16 * b >= max(self.dim, self.cross_dim or 0) else torch.float64
+        xc, mean_x = self._centred(x, dtype)
         dx = mean_x - self.mean_x
         self._add_products(self.m2_xx, xc, xc).addr_(dx, dx, alpha=weight)
         self.mean_x.add_(dx, alpha=b / total)
         if y is not None:
             assert self.mean_y is not None and self.m2_yy is not None and self.m2_xy is not None
-            yc, mean_y = self._centred(y)
+            yc, mean_y = self._centred(y, dtype)
             dy = mean_y - self.mean_y
             self._add_products(self.m2_yy, yc, yc).addr_(dy, dy, alpha=weight)
             self._add_products(self.m2_xy, xc, yc).addr_(dx, dy, alpha=weight)
@@ -87,19 +93,20 @@ class StreamingMoments:
         self.n = total
         return self
 
-    def _centred(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A batch centred on its own mean (in ``products``), and that mean (float64)."""
+    def _centred(self, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch centred on its own mean (in ``dtype``), and that mean (float64)."""
         mean = x.mean(0, dtype=torch.float64)
-        return (x.to(self.products) - mean.to(self.products)), mean
+        return (x.to(dtype) - mean.to(dtype)), mean
 
-    def _add_products(self, into: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``into += aᵀ b``, the product taken in ``products``."""
-        if self.products == torch.float64:
-            return into.addmm_(a.T, b)  # in place, no (dim, dim) temporary
-        product = a.T @ b
-        if a is b:  # a float32 GEMM need not return aᵀa exactly symmetric
-            product = (product + product.T) / 2
-        return into.add_(product)
+    @staticmethod
+    def _add_products(into: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``into += aᵀ b`` in the dtype of ``a`` and ``b``: float64 in place; float32 by blocks of
+        ``PRODUCT_COLUMNS`` columns (no ``(dim, dim)`` float32 temporary)."""
+        if a.dtype == torch.float64:
+            return into.addmm_(a.T, b)
+        for start in range(0, b.shape[1], PRODUCT_COLUMNS):
+            into[:, start : start + PRODUCT_COLUMNS].add_(a.T @ b[:, start : start + PRODUCT_COLUMNS])
+        return into
 
     @torch.no_grad()
     def merge(self, other: StreamingMoments) -> StreamingMoments:
