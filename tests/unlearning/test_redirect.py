@@ -19,10 +19,11 @@ def test_metric_solvers_agree(setup: dict, rtol: float) -> None:
     cg = redirect_map(stats, [0, 1], EditOptions(solver="cg"), rtol=rtol)
     # CG stops at a small relative residual: entries along directions the data barely span stay
     # loose, but where the samples lie (every group's mapped mean and spread) the maps agree, twice
-    # as loosely at the default (looser) tolerance as at 1e-4 -- three times for the spread: the
-    # smallest group's mapped covariance is off by 8% to 13% there depending on the surrogate
-    # (output_temperature 1 or 4), against at most 0.8% at 1e-4
-    loose, loose_spread = (1.0, 1.0) if rtol < CG_TOLERANCE else (2.0, 3.0)
+    # as loosely at the default (looser) tolerance as at 1e-4 -- four times for the spread: the
+    # smallest group's mapped covariance is off by 8% to 17.5% there depending on the surrogate
+    # (output_temperature 1 or 4; 17.5% once the adapters' moments took float32 products, whose
+    # rounding moves this tiny fit), against at most 0.8% at 1e-4
+    loose, loose_spread = (1.0, 1.0) if rtol < CG_TOLERANCE else (2.0, 4.0)
     for m in stats.groups.values():
         d = len(m.mean_x)
         ends = [h[:d, :d] @ m.mean_x + h[:d, d] for h in (direct, cg)]
