@@ -1,10 +1,11 @@
 """Streaming first and second moments in float64, mergeable exactly (Chan et al.).
 
-Memory is ``O(dim²)`` whatever the number of samples. Each batch's own centred products may be
-taken in float32 (``products=torch.float32``: about twice as fast on a CPU, with float32's
-rounding in every batch's products; the running sums, the means and the merges stay float64). :meth:`StreamingMoments.update` folds a
+Memory is ``O(dim²)`` whatever the number of samples. :meth:`StreamingMoments.update` folds a
 batch in and returns ``self``; :meth:`StreamingMoments.merge` combines the moments of two
 disjoint sets of samples into those of their union (what a multi-process fit all-reduces).
+Each batch's own centred products may be taken in float32 (``products=torch.float32``: about
+twice as fast on a CPU for batches of at least 1/16 of the width, with float32's rounding in
+each batch's products; the running sums, the means and the merges stay float64).
 """
 
 from __future__ import annotations
