@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from koopman_hooks import KoopmanProbe, NotFittedError
+from koopman_hooks.core.hooks import hooked
 from koopman_hooks.data import TensorLoader
 from koopman_hooks.models import ResMLP
 
@@ -251,14 +252,8 @@ def test_kept_rows_hold_every_layers_states_in_the_fitted_adapters_coordinates(c
     data = loader(n=96, batch_size=32)  # few rows: every one is cached, in the loader's order
     layers = ["blocks.0", "blocks.1", "blocks.2"]
     acts: dict[str, torch.Tensor] = {}
-    handles = [model.get_submodule(n).register_forward_hook(lambda m, a, out, n=n: acts.__setitem__(n, out))
-               for n in layers]
-    try:
-        with torch.no_grad():
-            model(data.tensors[0])
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooked(model, {n: lambda m, a, out, n=n: acts.__setitem__(n, out) for n in layers}), torch.no_grad():
+        model(data.tensors[0])
 
     def largest_gap() -> float:
         probe = KoopmanProbe(model, layers, cache_mb=cache_mb, verbose=False).fit(data, epochs=1, keep_cache=True)
