@@ -31,7 +31,7 @@ from koopman_hooks.fitting.head import head_reduce
 from koopman_hooks.fitting.sizing import module_macs
 from koopman_hooks.koopman.adapters import AdapterFitter, LayerAdapter
 from koopman_hooks.koopman.reduce import default_reduce
-from koopman_hooks.maths.stats import StreamingMoments
+from koopman_hooks.maths.stats import JointMoments, StreamingMoments
 
 TailInputs = Literal["repeated", "real"]
 CALIBRATION_ROWS = 8
@@ -360,22 +360,30 @@ def rotate_cached_states(cache: StateCache, rotations: Sequence[torch.Tensor]) -
 
 
 class PairMoments:
-    """Streamed moments of ``(a_0, a_j)`` and ``(a_{j-1}, a_j)`` for every later layer ``j``."""
+    """Streamed moments of ``(a_0, a_j)`` and ``(a_{j-1}, a_j)`` for every later layer ``j``
+    (each layer's covariance taken once)."""
 
     def __init__(self, layers: int, width: int, device: torch.device | str = "cpu") -> None:
-        self.first = [StreamingMoments(width, width, device=device) for _ in range(layers - 1)]
-        self.consecutive = [StreamingMoments(width, width, device=device) for _ in range(layers - 1)] if layers > 2 else []
+        self.layers = layers
+        pairs = [(0, j) for j in range(1, layers)] + [(j - 1, j) for j in range(2, layers)]
+        self.joint = JointMoments([width] * layers, pairs, device=device)
+
+    @property
+    def first(self) -> list[StreamingMoments]:
+        """``(a_0, a_j)`` for every later layer ``j``."""
+        return [self.joint.pair(0, j) for j in range(1, self.layers)]
+
+    @property
+    def consecutive(self) -> list[StreamingMoments]:
+        """``(a_{j-1}, a_j)`` for every later layer ``j`` (none for two layers)."""
+        return [self.joint.pair(j - 1, j) for j in range(1, self.layers)] if self.layers > 2 else []
 
     def update(self, states: Sequence[torch.Tensor]) -> PairMoments:
-        for j, m in enumerate(self.first, start=1):
-            m.update(states[0], states[j])
-        for j, m in enumerate(self.consecutive, start=1):
-            m.update(states[j - 1], states[j])
+        self.joint.update(states)
         return self
 
     def merge(self, other: PairMoments) -> PairMoments:
-        for mine, theirs in zip([*self.first, *self.consecutive], [*other.first, *other.consecutive], strict=True):
-            mine.merge(theirs)
+        self.joint.merge(other.joint)
         return self
 
 

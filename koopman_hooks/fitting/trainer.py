@@ -232,7 +232,7 @@ class _Run:
             offsets.append(offsets[-1] + s)
         assert self.moments is not None
         start = linear_start(layers, adapters, self.moments.first, offsets, config.ridge, self.moments.consecutive)
-        total_rows = int(self.moments.first[0].n)
+        total_rows = self.moments.joint.n
         latent_dim = config.latent_dim
         if latent_dim is None:
             latent_dim, notes["latent_dim"] = sizing.latent_dim_for(width)

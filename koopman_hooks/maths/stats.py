@@ -3,6 +3,8 @@
 Memory is ``O(dim²)`` whatever the number of samples. :meth:`StreamingMoments.update` folds a
 batch in and returns ``self``; :meth:`StreamingMoments.merge` combines the moments of two
 disjoint sets of samples into those of their union (what a multi-process fit all-reduces).
+:class:`JointMoments` does the same for several blocks of features seen on the same rows,
+taking each block's covariance once however many pairs it is part of.
 Each batch's own centred products may be taken in float32 (``products=torch.float32``: about
 twice as fast on a CPU for batches of at least 1/16 of the width, with float32's rounding in
 each batch's products; the running sums, the means and the merges stay float64).
@@ -11,11 +13,33 @@ each batch's products; the running sums, the means and the merges stay float64).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 
 PRODUCT_COLUMNS = 512  # float32 products are taken this many columns at a time
+
+
+def _centred(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch centred on its own mean (in ``dtype``), and that mean (float64)."""
+    mean = x.mean(0, dtype=torch.float64)
+    return (x.to(dtype) - mean.to(dtype)), mean
+
+
+def _add_products(into: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``into += aᵀ b`` in the dtype of ``a`` and ``b``: float64 in place; float32 by blocks of
+    ``PRODUCT_COLUMNS`` columns (no ``(dim, dim)`` float32 temporary)."""
+    if a.dtype == torch.float64:
+        return into.addmm_(a.T, b)
+    for start in range(0, b.shape[1], PRODUCT_COLUMNS):
+        into[:, start : start + PRODUCT_COLUMNS].add_(a.T @ b[:, start : start + PRODUCT_COLUMNS])
+    return into
+
+
+def _products_dtype(products: torch.dtype, rows: int, widest: int) -> torch.dtype:
+    """float32 products pay from batches of 1/16 of the width on (below, updating the float64
+    sums dominates, and float64's in-place product is faster)."""
+    return products if 16 * rows >= widest else torch.float64
 
 
 class StreamingMoments:
@@ -77,37 +101,20 @@ class StreamingMoments:
         n, b = self.n, len(x)
         total = n + b
         weight = n * b / total
-        # float32 products pay from batches of 1/16 of the width on (below, updating the float64
-        # sums dominates, and float64's in-place product is faster)
-        dtype = self.products if 16 * b >= max(self.dim, self.cross_dim or 0) else torch.float64
-        xc, mean_x = self._centred(x, dtype)
+        dtype = _products_dtype(self.products, b, max(self.dim, self.cross_dim or 0))
+        xc, mean_x = _centred(x, dtype)
         dx = mean_x - self.mean_x
-        self._add_products(self.m2_xx, xc, xc).addr_(dx, dx, alpha=weight)
+        _add_products(self.m2_xx, xc, xc).addr_(dx, dx, alpha=weight)
         self.mean_x.add_(dx, alpha=b / total)
         if y is not None:
             assert self.mean_y is not None and self.m2_yy is not None and self.m2_xy is not None
-            yc, mean_y = self._centred(y, dtype)
+            yc, mean_y = _centred(y, dtype)
             dy = mean_y - self.mean_y
-            self._add_products(self.m2_yy, yc, yc).addr_(dy, dy, alpha=weight)
-            self._add_products(self.m2_xy, xc, yc).addr_(dx, dy, alpha=weight)
+            _add_products(self.m2_yy, yc, yc).addr_(dy, dy, alpha=weight)
+            _add_products(self.m2_xy, xc, yc).addr_(dx, dy, alpha=weight)
             self.mean_y.add_(dy, alpha=b / total)
         self.n = total
         return self
-
-    def _centred(self, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """A batch centred on its own mean (in ``dtype``), and that mean (float64)."""
-        mean = x.mean(0, dtype=torch.float64)
-        return (x.to(dtype) - mean.to(dtype)), mean
-
-    @staticmethod
-    def _add_products(into: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``into += aᵀ b`` in the dtype of ``a`` and ``b``: float64 in place; float32 by blocks of
-        ``PRODUCT_COLUMNS`` columns (no ``(dim, dim)`` float32 temporary)."""
-        if a.dtype == torch.float64:
-            return into.addmm_(a.T, b)
-        for start in range(0, b.shape[1], PRODUCT_COLUMNS):
-            into[:, start : start + PRODUCT_COLUMNS].add_(a.T @ b[:, start : start + PRODUCT_COLUMNS])
-        return into
 
     @torch.no_grad()
     def merge(self, other: StreamingMoments) -> StreamingMoments:
@@ -182,6 +189,102 @@ class StreamingMoments:
         out[:d, :d] = self.cov_xx + torch.outer(self.mean_x, self.mean_x)
         out[:d, d] = out[d, :d] = self.mean_x
         out[d, d] = 1.0
+        return out
+
+
+class JointMoments:
+    """Running means and covariances of several blocks of features seen on the same rows, and the
+    cross-covariances of chosen ``pairs`` of blocks (Chan et al., as :class:`StreamingMoments`).
+
+    Pairs that share a block share its covariance: the moments of ``(a_0, a_1), (a_0, a_2),
+    (a_1, a_2)`` take three covariances and three cross-covariances, where three
+    :class:`StreamingMoments` would take six and three. :meth:`pair` reads one pair as
+    :class:`StreamingMoments`.
+
+    Args:
+        dims: number of features of each block.
+        pairs: ``(i, j)`` block indices whose cross-covariance is tracked.
+        device: where the float64 running sums live.
+        products: dtype of each batch's centred products, as in :class:`StreamingMoments`.
+    """
+
+    def __init__(self, dims: Sequence[int], pairs: Iterable[tuple[int, int]], device: torch.device | str = "cpu",
+                 products: torch.dtype = torch.float64) -> None:
+        if products not in (torch.float32, torch.float64):
+            raise ValueError(f"products must be torch.float32 or torch.float64, not {products}")
+        self.dims = tuple(int(d) for d in dims)
+        self.pairs = tuple(dict.fromkeys((int(i), int(j)) for i, j in pairs))
+        outside = [p for p in self.pairs if not all(0 <= k < len(self.dims) for k in p)]
+        if outside:
+            raise ValueError(f"pairs {outside} name blocks outside 0..{len(self.dims) - 1}")
+        self.products = products
+        self.n = 0
+        self.means = [torch.zeros(d, dtype=torch.float64, device=device) for d in self.dims]
+        self.m2 = [torch.zeros(d, d, dtype=torch.float64, device=device) for d in self.dims]
+        """Per block, the sum of outer products of its centred rows."""
+        self.m2_cross = {(i, j): torch.zeros(self.dims[i], self.dims[j], dtype=torch.float64, device=device)
+                         for i, j in self.pairs}
+        """Per pair ``(i, j)``, the sum of outer products of block i's and block j's centred rows."""
+
+    @torch.no_grad()
+    def update(self, blocks: Sequence[torch.Tensor]) -> JointMoments:
+        """Fold in one batch: ``blocks[i]`` holds the rows' features of block ``i``."""
+        if len(blocks) != len(self.dims):
+            raise ValueError(f"expected {len(self.dims)} blocks, got {len(blocks)}")
+        b = len(blocks[0])
+        flat = [x.reshape(len(x), math.prod(x.shape[1:])).to(self.means[0].device) for x in blocks]
+        for i, x in enumerate(flat):
+            if x.shape != (b, self.dims[i]):
+                raise ValueError(f"block {i}: expected ({b}, {self.dims[i]}) rows and features, got {tuple(x.shape)}")
+        if b == 0:
+            return self
+        total = self.n + b
+        weight = self.n * b / total
+        dtype = _products_dtype(self.products, b, max(self.dims))
+        centred = []
+        shifts = []
+        for x, mean in zip(flat, self.means):
+            xc, batch_mean = _centred(x, dtype)
+            centred.append(xc)
+            shifts.append(batch_mean - mean)
+        for m2, xc, d in zip(self.m2, centred, shifts):
+            _add_products(m2, xc, xc).addr_(d, d, alpha=weight)
+        for (i, j), m2 in self.m2_cross.items():
+            _add_products(m2, centred[i], centred[j]).addr_(shifts[i], shifts[j], alpha=weight)
+        for mean, d in zip(self.means, shifts):
+            mean.add_(d, alpha=b / total)
+        self.n = total
+        return self
+
+    @torch.no_grad()
+    def merge(self, other: JointMoments) -> JointMoments:
+        """Fold in the moments of another, disjoint set of rows; returns ``self``."""
+        if other.dims != self.dims or other.pairs != self.pairs:
+            raise ValueError(f"cannot merge moments of blocks {other.dims} and pairs {other.pairs} into "
+                             f"blocks {self.dims} and pairs {self.pairs}")
+        if other.n == 0:
+            return self
+        total = self.n + other.n
+        weight = self.n * other.n / total
+        shifts = [theirs.to(mine) - mine for mine, theirs in zip(self.means, other.means)]
+        for mine, theirs, d in zip(self.m2, other.m2, shifts):
+            mine.add_(theirs.to(mine)).addr_(d, d, alpha=weight)
+        for (i, j), mine in self.m2_cross.items():
+            mine.add_(other.m2_cross[i, j].to(mine)).addr_(shifts[i], shifts[j], alpha=weight)
+        for mean, d in zip(self.means, shifts):
+            mean.add_(d, alpha=other.n / total)
+        self.n = total
+        return self
+
+    def pair(self, i: int, j: int) -> StreamingMoments:
+        """The moments of blocks ``i`` (as ``x``) and ``j`` (as ``y``): a copy, for a tracked pair."""
+        if (i, j) not in self.m2_cross:
+            raise KeyError(f"pair ({i}, {j}) is not tracked; tracked: {list(self.pairs)}")
+        out = StreamingMoments(self.dims[i], self.dims[j], device=self.means[i].device, products=self.products)
+        out.n = self.n
+        out.mean_x, out.m2_xx = self.means[i].clone(), self.m2[i].clone()
+        out.mean_y, out.m2_yy = self.means[j].clone(), self.m2[j].clone()
+        out.m2_xy = self.m2_cross[i, j].clone()
         return out
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from koopman_hooks.maths.stats import StreamingMoments
+from koopman_hooks.maths.stats import JointMoments, StreamingMoments
 
 UNEVEN = [1, 7, 0, 3, 50, 2, 1, 36, 13, 4, 83]  # sums to 200
 
@@ -117,6 +117,75 @@ def test_streaming_moments_flattens_and_checks():
         StreamingMoments(3, 2).update(torch.randn(4, 3))
 
 
+
+
+def joint_data(n: int = 200) -> list[torch.Tensor]:
+    """Three blocks of different widths on the same rows, correlated and far from the origin."""
+    a = anisotropic(n, 5, seed=8, offset=40.0)
+    return [a, a[:, :3] ** 2 - 7.0 + 0.1 * anisotropic(n, 3, seed=9), anisotropic(n, 4, seed=10, offset=-20.0)]
+
+
+@pytest.mark.parametrize("products", [torch.float64, torch.float32])
+def test_joint_moments_match_whole_batch(products):
+    blocks = joint_data()
+    if products == torch.float32:
+        blocks = [b.float() for b in blocks]
+    pairs = [(0, 1), (0, 2), (1, 2), (2, 0)]
+    m = JointMoments([5, 3, 4], pairs, products=products)
+    start = 0
+    for b in UNEVEN:
+        assert m.update([x[start : start + b] for x in blocks]) is m
+        start += b
+    assert m.n == 200
+    exact = [x.double() for x in blocks]
+    # float32 products: float32's rounding of each batch's spread (block 1's variance is ~1e4)
+    tol = {"rtol": 1e-10, "atol": 1e-9} if products == torch.float64 else {"rtol": 1e-5, "atol": 1e-4}
+    for mean, x in zip(m.means, exact):
+        torch.testing.assert_close(mean, x.mean(0), rtol=0, atol=1e-10)
+    for m2, x in zip(m.m2, exact):
+        torch.testing.assert_close(m2 / 200, torch.cov(x.T, correction=0), **tol)
+    for i, j in pairs:
+        xi, xj = exact[i], exact[j]
+        oracle = (xi - xi.mean(0)).T @ (xj - xj.mean(0)) / 200
+        torch.testing.assert_close(m.m2_cross[i, j] / 200, oracle, **tol)
+        # a pair reads as the StreamingMoments of those two blocks
+        one = m.pair(i, j)
+        alone = stream(xi, xj)
+        for name in ("cov_xx", "cov_yy", "cov_xy", "mean_x", "mean_y"):
+            torch.testing.assert_close(getattr(one, name), getattr(alone, name), **tol)
+    m.pair(0, 1).m2_xx.add_(1.0)  # a copy: the joint moments are untouched
+    torch.testing.assert_close(m.m2[0] / 200, torch.cov(exact[0].T, correction=0), **tol)
+
+
+def test_joint_moments_merge_equals_the_union():
+    blocks = joint_data()
+    pairs = [(0, 1), (1, 2)]
+    whole = JointMoments([5, 3, 4], pairs).update(blocks)
+    parts = [JointMoments([5, 3, 4], pairs).update([x[a:b] for x in blocks]) for a, b in ((0, 1), (1, 120), (120, 200))]
+    merged = parts[0].merge(parts[1]).merge(parts[2]).merge(JointMoments([5, 3, 4], pairs))
+    assert merged.n == 200
+    for got, want in zip([*merged.means, *merged.m2, *merged.m2_cross.values()],
+                         [*whole.means, *whole.m2, *whole.m2_cross.values()]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-9)
+    empty = JointMoments([5, 3, 4], pairs).merge(whole)
+    torch.testing.assert_close(empty.m2_cross[1, 2], whole.m2_cross[1, 2], rtol=0, atol=0)
+
+
+def test_joint_moments_check_their_input():
+    with pytest.raises(ValueError, match="outside 0..1"):
+        JointMoments([2, 3], [(0, 2)])
+    m = JointMoments([2, 3], [(0, 1)])
+    with pytest.raises(ValueError, match="expected 2 blocks"):
+        m.update([torch.randn(4, 2)])
+    with pytest.raises(ValueError, match=r"block 1: expected \(4, 3\)"):
+        m.update([torch.randn(4, 2), torch.randn(4, 5)])
+    with pytest.raises(ValueError, match=r"block 1: expected \(4, 3\)"):
+        m.update([torch.randn(4, 2), torch.randn(3, 3)])
+    with pytest.raises(KeyError, match=r"pair \(1, 0\) is not tracked"):
+        m.pair(1, 0)
+    with pytest.raises(ValueError, match="cannot merge"):
+        m.merge(JointMoments([2, 3], [(1, 0)]))
+    assert m.update([torch.zeros(0, 2), torch.zeros(0, 3)]).n == 0
 
 
 from koopman_hooks.maths.stats import ridge_regression
