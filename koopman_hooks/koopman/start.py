@@ -147,26 +147,36 @@ def _refine(layers: Sequence[str], moments: Sequence[StreamingMoments], offsets:
     rotations = dict(rotations)
     terms = [_second_moments(m) for m in moments]
     steps = [offsets[j] for j in range(1, len(layers))]
-    # E‖Rᵀa_j − P a_0‖² = tr(yy) − 2 tr(Rᵀ yx Pᵀ) + tr(P xx Pᵀ) with P = K^{o_j}; as elementwise
-    # sums, tr(Rᵀ yx Pᵀ) = Σ (Rᵀ yx) ∘ P (Rᵀ yx is fixed while K moves) and tr(P xx Pᵀ) = Σ (P xx) ∘ P
+    xx = terms[0][0]
+    if any(not torch.equal(other, xx) for other, _, _ in terms[1:]):
+        raise ValueError("every pair's first block must be layers[0]'s states (one E[a_0 a_0ᵀ])")
+    # E‖Rᵀa_j − P a_0‖² = tr(yy) − 2 tr(Rᵀ yx Pᵀ) + tr(P xx Pᵀ) with P = K^{o_j}. With xx = L Lᵀ
+    # (its eigenvectors scaled by the roots of its positive eigenvalues; yx vanishes on the
+    # others) both traces read Q = P L only: tr(P xx Pᵀ) = Σ Q ∘ Q and tr(Rᵀ yx Pᵀ) = Σ C ∘ Q
+    # with C = Rᵀ yx V Λ^{-1/2}; Q_j = K^{o_j - o_{j-1}} Q_{j-1}, one product per step, where
+    # the powers of K and P xx took two per layer
+    evals, evecs = torch.linalg.eigh(xx)
+    keep = evals > evals.max().clamp_min(1e-300) * 1e-12
+    roots = evals[keep].sqrt()
+    factor = evecs[:, keep] * roots
 
     def align(dtype: torch.dtype) -> list[torch.Tensor]:
-        """``Rᵀ yx`` of every later layer under the current rotations."""
-        return [(rotations[layers[j]].T @ yx).to(dtype) for j, (_, yx, _) in enumerate(terms, start=1)]
+        """``C`` of every later layer under the current rotations."""
+        return [((rotations[layers[j]].T @ yx @ evecs[:, keep]) / roots).to(dtype)
+                for j, (_, yx, _) in enumerate(terms, start=1)]
 
     norm = torch.stack([yy.trace() for _, _, yy in terms]).sum()  # the error of predicting zero
-    # per dtype (float32 for L-BFGS, float64 for the final error): E[a_0 a_0ᵀ] of every pair, the norm
-    fixed = {dtype: ([xx.to(dtype) for xx, _, _ in terms], norm.to(dtype)) for dtype in (torch.float32, torch.float64)}
+    fixed = {dtype: (factor.to(dtype), norm.to(dtype)) for dtype in (torch.float32, torch.float64)}
 
     def loss(k: torch.Tensor, aligned: Sequence[torch.Tensor]) -> torch.Tensor:
-        xxs, scale = fixed[k.dtype]
+        q, scale = fixed[k.dtype]
         total = scale
-        powers = {0: torch.eye(len(k), dtype=k.dtype, device=k.device)}
-        for xx, ryx, s in zip(xxs, aligned, steps, strict=True):
-            for t in range(max(powers) + 1, s + 1):
-                powers[t] = powers[t - 1] @ k
-            p = powers[s]
-            total = total - 2 * (ryx * p).sum() + ((p @ xx) * p).sum()
+        reached = 0
+        for c, s in zip(aligned, steps, strict=True):
+            for _ in range(s - reached):
+                q = k @ q
+            reached = s
+            total = total - 2 * (c * q).sum() + (q * q).sum()
         return total / scale
 
     k = operator.float()

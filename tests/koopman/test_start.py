@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from koopman_hooks.koopman.adapters import adapter_from_moments
@@ -34,14 +35,18 @@ def test_two_layers_start_at_the_ridge_baseline_with_a_symmetric_root():
     torch.testing.assert_close(r.T @ r, torch.eye(w, dtype=r.dtype), rtol=1e-5, atol=1e-5)
 
 
-def test_refined_trajectory_error_is_the_sample_error_of_the_returned_operator_and_rotations():
+@pytest.mark.parametrize("rank_deficient", [False, True])
+def test_refined_trajectory_error_is_the_sample_error_of_the_returned_operator_and_rotations(rank_deficient):
     """The refinement's error, computed from moments, equals Σ_j mean‖R_jᵀ a_j − K^{o_j} a_0‖²
-    over Σ_j mean‖a_j‖² on the samples themselves; and refining does not increase it."""
+    over Σ_j mean‖a_j‖² on the samples themselves, also when a_0 spans fewer directions than its
+    width; and refining does not increase it."""
     from koopman_hooks.koopman.start import _refine
 
     w, n, offsets = 6, 3000, [0, 1, 3, 4]
     g = gen(5)
     a0 = torch.randn(n, w, generator=g, dtype=torch.float64)
+    if rank_deficient:  # two coordinates tied: E[a_0 a_0ᵀ] is singular
+        a0[:, -1] = 2 * a0[:, 0]
     k_true = torch.linalg.qr(torch.randn(w, w, generator=g, dtype=torch.float64))[0] * 0.9
     states = [a0]
     for s in offsets[1:]:
@@ -63,3 +68,6 @@ def test_refined_trajectory_error_is_the_sample_error_of_the_returned_operator_a
     assert error < sample_error(start_k, identity)
     for r in rotations.values():
         torch.testing.assert_close(r.T @ r, torch.eye(w, dtype=torch.float64), rtol=0, atol=1e-9)
+    elsewhere = [moments[0], StreamingMoments.of(a0 + 1.0, states[2]), moments[2]]
+    with pytest.raises(ValueError, match="first block must be layers\\[0\\]'s states"):
+        _refine(layers, elsewhere, offsets, start_k, identity)
