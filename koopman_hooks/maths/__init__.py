@@ -11,10 +11,11 @@ from koopman_hooks.maths.linalg import (
     solve_spd,
 )
 from koopman_hooks.maths.scores import ClassificationCounts, StreamingFVU
-from koopman_hooks.maths.stats import StreamingMoments, ridge_regression
+from koopman_hooks.maths.stats import JointMoments, StreamingMoments, ridge_regression
 
 __all__ = [
     "ClassificationCounts",
+    "JointMoments",
     "StreamingFVU",
     "StreamingMoments",
     "apply_homogeneous",
