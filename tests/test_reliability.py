@@ -1009,8 +1009,9 @@ class WideTokens(nn.Module):
 def test_a_first_layer_the_default_reads_only_in_part_is_warned_about():
     x = torch.randn(64, 65, 3, generator=torch.Generator().manual_seed(0))
     loader = TensorLoader(x, torch.randint(0, 3, (64,), generator=torch.Generator().manual_seed(1)), batch_size=32)
-    with pytest.warns(UserWarning, match=r"first probed layer 'block0' \(65 x 64 = 4,160 features\) read through 'mean'"):
+    with pytest.warns(UserWarning, match=r"first probed layer 'block0' \(65 x 64 = 4,160 features\) read through 'mean'") as seen:
         probe = KoopmanProbe(WideTokens(), ["block0", "block1"], **TINY).fit(loader, epochs=1)
+    assert {w.filename for w in seen} == {__file__}  # the warning points at the caller's line
     assert "reduce_source" in probe.fetch_model().sizes.notes
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # chosen by the user: no warning

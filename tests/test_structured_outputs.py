@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections import namedtuple
 
 import pytest
@@ -159,3 +160,60 @@ def test_load_keeps_the_saved_selects_of_the_layers_select_leaves_out(tmp_path):
         KoopmanProbe.load(path, m)
     with pytest.raises(ConfigError, match="contradicts the select it was probed with"):
         KoopmanProbe.load(path, m, select={"blocks.0": lambda o: o["hidden"], "blocks.1": "aux"})
+
+
+class AuxFirst(nn.Module):
+    """Blocks return ``(aux, hidden)``; the model reads ``hidden`` only."""
+
+    def __init__(self, d: int = 6) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, d)
+        self.blocks = nn.ModuleList(SwappedBlock(d, "tuple") for _ in range(2))
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        for block in self.blocks:
+            _, h = block(h)
+        return self.head(h)
+
+
+class SwappedBlock(StructBlock):
+    def forward(self, x: torch.Tensor):
+        h, aux = super().forward(x)
+        return aux, h
+
+
+class GRUClassifier(nn.Module):
+    """The head reads the GRU's final hidden state ``h_n``, not its output sequence."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 8)
+        self.gru = nn.GRU(8, 8, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, h_n = self.gru(torch.tanh(self.proj(x)))
+        return self.head(h_n[-1])
+
+
+def test_a_probed_tensor_the_output_does_not_read_is_warned_about():
+    """Where the model's output does not read the probed tensor, a patched model gives the
+    model's own outputs and edits change nothing: the fit says so, naming the layer."""
+    torch.manual_seed(0)
+    m = AuxFirst()
+    with pytest.warns(UserWarning, match=r"output does not change when 'blocks.1''s probed tensor \(the first tensor") as seen:
+        probe = KoopmanProbe(m, ["blocks.0", "blocks.1"], **TINY).fit(loader(), epochs=1)
+    assert {w.filename for w in seen} == {__file__}  # the warning points at the caller's line
+    fitted = probe.fetch_model()
+    assert fitted.info["output_reads_last_layer"] is False
+    assert "output_reads_last" in fitted.sizes.notes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the tensor the output reads: no warning
+        probe = KoopmanProbe(m, ["blocks.0", "blocks.1"], select=1, **TINY).fit(loader(), epochs=1)
+    assert probe.fetch_model().info["output_reads_last_layer"] is True
+    g = torch.Generator().manual_seed(0)
+    sequences = TensorLoader(torch.randn(48, 5, 4, generator=g), torch.randint(0, 3, (48,), generator=g), batch_size=16)
+    with pytest.warns(UserWarning, match=r"'gru''s probed tensor \(the first tensor of its output\)"):
+        KoopmanProbe(GRUClassifier(), ["proj", "gru"], **TINY).fit(sequences, epochs=1)

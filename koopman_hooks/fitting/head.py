@@ -12,6 +12,9 @@ rows at once, each row its own position) and sees whether the model's output mov
 
 :func:`ignored_part_reaches_output` checks a lossy reduction afterwards: the layer's output
 with what the reduction ignores replaced by its training mean must give the model's outputs.
+:func:`output_reads` checks that the output reads the probed tensor at all (a head that reads
+another element of the layer's output, e.g. a GRU's ``h_n`` where the probe takes its
+sequence, would leave a patched model's output exactly the model's, and an edit without effect).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from torch import nn
 from koopman_hooks.core.batches import Inputs, call_model
 from koopman_hooks.core.hooks import hooked
 from koopman_hooks.core.select import MODEL_OUTPUT, OutputSelector
+from koopman_hooks.errors import LayerError
 from koopman_hooks.koopman.adapters import LayerAdapter
 from koopman_hooks.koopman.reduce import last_positions
 
@@ -160,3 +164,24 @@ def ignored_part_reaches_output(model: nn.Module, layer: str, selector: OutputSe
     with torch.no_grad():
         reference = call_model(model, inputs)
     return bool(outputs_differ(template_outputs(model, layer, selector, adapter, inputs, mask), reference).any())
+
+
+def output_reads(model: nn.Module, layer: str, selector: OutputSelector, inputs: Inputs, activation: torch.Tensor,
+                 seed: int = 0) -> bool | None:
+    """Whether the model's scores on ``inputs`` move when noise as large as the spread of
+    ``activation`` (``layer``'s selected output on them) is added to it; ``None`` where it cannot
+    be told: the selection cannot be written back (a callable ``select``), is not floating
+    point, or the output holds no scores."""
+    if not selector.writable or not activation.is_floating_point():
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    scale = float(activation.float().std()) if activation.numel() > 1 else 0.0
+    noise = torch.randn(activation.shape, generator=generator).to(activation.device) * (scale or 1.0)
+    try:
+        run = _runner(model, layer, selector, inputs)
+        reference = run(torch.zeros_like(activation))
+        moved = run(noise)
+    except LayerError:  # the output holds no scores to compare
+        return None
+    tolerance = RELATIVE_TOLERANCE * (1.0 + float(reference.abs().max()))
+    return bool(((moved - reference).abs() > tolerance).any())

@@ -27,7 +27,7 @@ from koopman_hooks.core.skipping import Trace, skip_plan, trace
 from koopman_hooks.core.tail import TailRunner
 from koopman_hooks.errors import EmptyLoaderError
 from koopman_hooks.fitting.cache import StateCache
-from koopman_hooks.fitting.head import head_reduce
+from koopman_hooks.fitting.head import head_reduce, output_reads
 from koopman_hooks.fitting.sizing import module_macs
 from koopman_hooks.koopman.adapters import AdapterFitter, LayerAdapter
 from koopman_hooks.koopman.reduce import default_reduce
@@ -49,6 +49,7 @@ class Calibration:
     tail_inputs: TailInputs | None = None
     reduce: str | None = None  # the token reduction that follows the head at the last layer, if found
     masked: bool = False  # the inputs carry an attention mask
+    output_reads_last: bool | None = None  # the model's output moves with the last layer's selection
     notes: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -101,6 +102,8 @@ def calibrate(model: nn.Module, captured: Captured, layers: Sequence[str], selec
     calibration = Calibration(example, calib_trace, n_outputs, masked=mask_of(example, mask_key) is not None)
     last = layers[-1]
     calibration.replaced_macs = _per_sample_macs(model, example, calib_trace, layers)
+    if captured.output is not None:
+        calibration.output_reads_last = output_reads(model, last, selectors[last], example, captured.activations[last][rows])
     if detect_head and captured.activations[last].ndim == 3:
         mask = mask_of(example, mask_key)
         reading = head_reduce(model, last, selectors[last], example, captured.activations[last][rows], mask)

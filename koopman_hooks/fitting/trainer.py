@@ -167,6 +167,8 @@ class _Run:
         fitter = distributed.merged(fitter)
         calib = agreed(found["calibration"])
         self.notes.update(calib.notes)
+        if calib.output_reads_last is False:
+            _warn_unread_selection(self.layers[-1], self.selectors[self.layers[-1]].describe(), self.notes)
         self.shapes = dict(fitter.shapes)
         first = self.layers[0]
         if config.per_layer("reduce")[first] is None:  # the default reduction, as the fitter resolved it
@@ -275,6 +277,7 @@ class _Run:
             "kept_epoch": outcome.kept_epoch, "output_loss": bool(weights.output),
             "tail_inputs": calib.tail_inputs, "reduce": {name: adapters[name].reduce for name in layers},
             "lossy_reduction_reaches_output": reaches,
+            "output_reads_last_layer": calib.output_reads_last,
             "start_score": None if outcome.start_score is None else outcome.start_score.describe(),
             "kept_score": None if outcome.kept_score is None else outcome.kept_score.describe(),
             "train_amp": f"{'bf16' if amp else 'float32'} ({amp_reason})",
@@ -297,6 +300,19 @@ class _Run:
                            calib.example if calib.tail_inputs == "repeated" else None)
 
 
+def _warn_unread_selection(layer: str, select: int | str | None, notes: dict[str, str]) -> None:
+    """Say so (a warning, and a note in ``sizes.notes``) when the model's output does not move with the
+    tensor the probe reads at its last layer: a patched model would then give exactly the
+    model's outputs, and an edit (``unlearn``) would change nothing."""
+    chosen = "the first tensor of its output" if select is None else f"select={select!r}"
+    notes["output_reads_last"] = (f"the model's output does not read {layer!r}'s probed tensor ({chosen}): patched "
+                                  "outputs are the model's own and edits change nothing")
+    warnings.warn(f"the model's output does not change when {layer!r}'s probed tensor ({chosen}) does, so the surrogate "
+                  "cannot change it: a patched model gives the model's own outputs and unlearn() edits change nothing. "
+                  "Probe the tensor the rest of the model reads: pass select= for that layer (an index or key of its "
+                  "output), or probe the layer that produces it", stacklevel=5)
+
+
 def _warn_lossy_source(layer: str, shape: tuple[int, ...], spec: str, notes: dict[str, str]) -> None:
     """Say so (a warning, and a note in ``repr``) when the default reduction ``spec`` of the first
     probed layer, the surrogate's whole input, drops part of it (a layer over 4,096 features)."""
@@ -306,7 +322,7 @@ def _warn_lossy_source(layer: str, shape: tuple[int, ...], spec: str, notes: dic
                               f"{spec!r} by default: the surrogate sees only that")
     warnings.warn(f"the first probed layer {notes['reduce_source']}; pass reduce={{{layer!r}: 'flatten'}} to read all of "
                   "it (its principal components then hold up to max_width of it), or probe a smaller layer",
-                  stacklevel=4)
+                  stacklevel=5)
 
 
 def _train_amp(option: str | None, device: torch.device, step_macs: int) -> tuple[bool, str]:
