@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from koopman_hooks import KoopmanProbe, LayerError
+from koopman_hooks import KoopmanProbe, LayerError, ShapeError
 from koopman_hooks.data import TensorLoader
 from koopman_hooks.models import ResMLP
 
@@ -217,3 +217,22 @@ def test_a_probed_tensor_the_output_does_not_read_is_warned_about():
     sequences = TensorLoader(torch.randn(48, 5, 4, generator=g), torch.randint(0, 3, (48,), generator=g), batch_size=16)
     with pytest.warns(UserWarning, match=r"'gru''s probed tensor \(the first tensor of its output\)"):
         KoopmanProbe(GRUClassifier(), ["proj", "gru"], **TINY).fit(sequences, epochs=1)
+
+
+def test_a_probed_tensor_that_is_not_batch_first_is_refused_naming_the_layer():
+    g = torch.Generator().manual_seed(0)
+    sequences = TensorLoader(torch.randn(48, 5, 4, generator=g), torch.randint(0, 3, (48,), generator=g), batch_size=16)
+    # h_n is (num_layers, batch, features)
+    with pytest.raises(ShapeError, match=r"layer 'gru' gave a tensor of shape \(1, 16, 8\) \(select=1\), whose first "
+                                         r"dimension is not the batch's 16 samples"):
+        KoopmanProbe(GRUClassifier(), ["proj", "gru"], select=[None, 1], **TINY).fit(sequences, epochs=1)
+
+    class TimeMajor(GRUClassifier):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.gru.batch_first = False
+            out, _ = self.gru(torch.tanh(self.proj(x)).transpose(0, 1))
+            return self.head(out[-1])
+
+    with pytest.raises(ShapeError, match=r"layer 'gru' gave a tensor of shape \(5, 16, 8\) \(the first tensor of its "
+                                         r"output\).*batch_first=True"):
+        KoopmanProbe(TimeMajor(), ["proj", "gru"], **TINY).fit(sequences, epochs=1)

@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from koopman_hooks.core.batches import BatchSpec, Inputs, autocast, call_model, move_inputs
+from koopman_hooks.core.batches import BatchSpec, Inputs, autocast, batch_size_of, call_model, move_inputs
 from koopman_hooks.core.hooks import check_order, record, run_until_stop
 from koopman_hooks.core.layers import module_device, unwrap_model
 from koopman_hooks.core.select import OutputSelector
-from koopman_hooks.errors import EmptyLoaderError
+from koopman_hooks.errors import EmptyLoaderError, ShapeError
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,21 @@ def check_finite(activations: Mapping[str, torch.Tensor]) -> None:
         if not torch.isfinite(act).all():
             bad = int((~torch.isfinite(act)).sum())
             raise ValueError(f"layer {name!r} produced {bad} non-finite (NaN/inf) activation values")
+
+
+def check_rows(activations: Mapping[str, torch.Tensor], rows: int, selectors: Mapping[str, OutputSelector]) -> None:
+    """Raise :class:`ShapeError` unless every activation holds one row per sample of the batch
+    (its first dimension is the batch's ``rows``)."""
+    for name, act in activations.items():
+        if act.ndim == 0 or act.shape[0] != rows:
+            select = selectors[name].describe() if name in selectors else None
+            chosen = "the first tensor of its output" if select is None else f"select={select!r}"
+            raise ShapeError(
+                f"layer {name!r} gave a tensor of shape {tuple(act.shape)} ({chosen}), whose first dimension is not "
+                f"the batch's {rows} samples: the probe reads one row per sample (batch first). Probe a batch-first "
+                "tensor: run the module with batch_first=True (RNNs), probe another layer, or pass select= for "
+                "another element of its output"
+            )
 
 
 def capture_batch(
@@ -68,6 +83,7 @@ def capture_batch(
             autocast(spec, device):
         output = run_until_stop(lambda: call_model(model, inputs))
     check_order(layers if ordered else [*rec.order, *(n for n in layers if n not in rec.activations)], rec)
+    check_rows(rec.activations, batch_size_of(inputs), selectors)
     check_finite(rec.activations)
     return Captured(inputs, dict(rec.activations), output, labels)
 
