@@ -287,7 +287,9 @@ class FixedPrediction(nn.Module):
 def test_03_a_surrogate_of_ones_own_must_fit_the_layer_it_replaces(conv_probe):
     patched = conv_probe.patch(FixedPrediction(), src="stem", dst="stage2")
     assert patched(next(iter(images(8)))[0]).shape == (32, 3)
-    with pytest.raises(ShapeError, match=r"'stage2'.*\(8, 3, 3\).*\(8, 4, 4\)"):
+    # the prediction's shape first, then the layer's own (the message had them the other way round)
+    with pytest.raises(ShapeError, match=r"prediction of layer 'stage2' has shape \(32, 8, 4, 4\), the layer's own "
+                                         r"output \(32, 8, 3, 3\)"):
         conv_probe.patch(FixedPrediction(), src="stem", dst="stage2", fast=False)(next(iter(images(6)))[0])
 
 

@@ -24,7 +24,6 @@ from koopman_hooks.core.compare import output_structure, outputs_agree
 from koopman_hooks.core.hooks import hooked
 from koopman_hooks.core.layers import get_module
 from koopman_hooks.core.select import OutputSelector, output_children
-from koopman_hooks.core.shapes import check_shape
 from koopman_hooks.core.skipping import (
     Trace,
     batch_of,
@@ -34,7 +33,7 @@ from koopman_hooks.core.skipping import (
     traced,
     zeros_that_work,
 )
-from koopman_hooks.errors import LayerError
+from koopman_hooks.errors import LayerError, ShapeError
 
 Path = Literal["pending", "fast", "full"]
 MAX_KINDS = 256  # kinds of call whose verdict is kept
@@ -156,7 +155,10 @@ class PatchedModel(nn.Module):
             predicted = self.surrogate(source, like=like)
         if real is None:
             return predicted
-        check_shape(self.dst_layer, real, predicted.shape[1:])  # a prediction must fit what it replaces
+        if tuple(predicted.shape) != tuple(real.shape):  # a prediction must fit what it replaces
+            raise ShapeError(f"the surrogate's prediction of layer {self.dst_layer!r} has shape {tuple(predicted.shape)}, "
+                             f"the layer's own output {tuple(real.shape)}: they must match (a surrogate must return the "
+                             "shape of the tensor it replaces; a fitted probe's, the fitting data's shape)")
         return predicted.to(dtype=real.dtype, device=real.device)
 
     def _mask(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
