@@ -8,7 +8,8 @@ LEACE wrapper -- is built on it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -145,6 +146,23 @@ def frozen_parameters(model: nn.Module) -> Iterator[None]:
     finally:
         for param, flag in flags:
             param.requires_grad_(flag)
+
+
+@contextmanager
+def muted_forward_hooks(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """While open, the forward hooks registered on ``modules`` themselves do not run (their
+    forward pre-hooks do, and hooks inside them are left alone); restored in ``finally``. For
+    modules that stand skipped in a forward pass: their output is a placeholder no hook should
+    read as theirs."""
+    saved: list[tuple[nn.Module, Any]] = []
+    try:
+        for module in modules:
+            saved.append((module, module._forward_hooks))
+            module._forward_hooks = OrderedDict()
+        yield
+    finally:
+        for module, hooks in reversed(saved):
+            module._forward_hooks = hooks
 
 
 @contextmanager

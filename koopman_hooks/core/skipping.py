@@ -22,8 +22,8 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from koopman_hooks.core.hooks import hooked
-from koopman_hooks.core.layers import unwrap_model
+from koopman_hooks.core.hooks import hooked, muted_forward_hooks
+from koopman_hooks.core.layers import get_module, unwrap_model
 
 T = TypeVar("T")
 Template = Any  # a module output with every tensor replaced by (shape without batch, dtype)
@@ -198,8 +198,9 @@ def skipped(
     """While open, the modules ``names`` return zeros of their traced output structure for
     ``batch`` samples instead of computing anything (``shared``: broadcast from one zero, see
     :func:`zeros_like_template`), and each module in ``supply`` returns ``supply[name](fresh
-    zeros of its traced output)`` (their ``forward`` is replaced; restored in ``finally``; their
-    hooks still run)."""
+    zeros of its traced output)`` (their ``forward`` is replaced; restored in ``finally``). The
+    forward hooks of ``supply``'s modules run (they see what is supplied); those of the modules
+    ``names`` do not (zeros are not their output; their pre-hooks run)."""
 
     def placeholder(name: str, fill: Callable[[Any], Any] | None = None) -> Callable[..., Any]:
         template = trace_.templates[name]
@@ -213,5 +214,6 @@ def skipped(
 
     forwards = {name: placeholder(name) for name in names}
     forwards.update({name: placeholder(name, fill) for name, fill in (supply or {}).items()})
-    with hooked(model, forwards=forwards):
+    with hooked(model, forwards=forwards), muted_forward_hooks(get_module(model, name) for name in names
+                                                               if name not in (supply or {})):
         yield

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from koopman_hooks import LayerError
 from koopman_hooks.core.hooks import check_order, record, run_until_stop
@@ -52,3 +53,21 @@ def test_record_keeps_the_output_as_the_layer_returned_it():
         model(x)
     assert bool((expected < 0).any())  # the ReLU had something to change
     torch.testing.assert_close(rec.activations["0"], expected)
+
+
+def test_muted_forward_hooks_are_restored_even_when_the_body_raises():
+    from koopman_hooks.core.hooks import muted_forward_hooks
+
+    layer = nn.Linear(2, 2)
+    calls: list[int] = []
+    handle = layer.register_forward_hook(lambda m, a, o: calls.append(1))
+    hooks_before = layer._forward_hooks
+    with pytest.raises(RuntimeError, match="boom"), muted_forward_hooks([layer]):
+        layer(torch.zeros(1, 2))
+        assert calls == []
+        raise RuntimeError("boom")
+    assert layer._forward_hooks is hooks_before
+    layer(torch.zeros(1, 2))
+    assert calls == [1]
+    handle.remove()
+    assert not layer._forward_hooks

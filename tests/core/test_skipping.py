@@ -125,6 +125,52 @@ def test_the_tail_runner_reproduces_the_output_from_the_last_layer_alone():
     assert call_model(model, x).shape == (10, 3)
 
 
+def test_the_tail_runner_calls_no_forward_hook_of_a_skipped_module():
+    """A skipped module's output is a placeholder: a user's forward hook on it must not see it
+    as its output (the fit runs the tail on every step). Hooks on the supplied layer and after
+    it see the tail's run; every hook is in place afterwards."""
+    model, x, real, expected, runner = resmlp_tail(1)
+    assert isinstance(runner, TailRunner)
+    seen: dict[str, list[torch.Tensor]] = {"blocks.0": [], "blocks.2": [], "head": []}
+    handles = [model.get_submodule(name).register_forward_hook(lambda m, a, out, name=name: seen[name].append(out))
+               for name in seen]
+    pre_calls = []
+    handles.append(model.blocks[0].register_forward_pre_hook(lambda m, a: pre_calls.append(1)))
+    with torch.no_grad():
+        torch.testing.assert_close(runner(x, real), expected)
+    assert seen["blocks.0"] == []  # skipped: its hook is not called with zeros
+    torch.testing.assert_close(seen["blocks.2"][0], real)  # the supplied value
+    torch.testing.assert_close(seen["head"][0], expected)
+    assert pre_calls == [1]  # pre-hooks still run (weight_norm, pruning and the like compute weights there)
+    assert all(len(model.get_submodule(name)._forward_hooks) == 1 for name in seen)
+    with torch.no_grad():
+        model(x)
+    assert len(seen["blocks.0"]) == 1  # a real forward pass calls it again
+    for handle in handles:
+        handle.remove()
+
+
+def test_the_fit_calls_a_users_hook_before_the_last_layer_only_on_real_activations():
+    from koopman_hooks import KoopmanProbe
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    x = torch.randn(320, 6)
+    batches = [(x[i : i + 32], model(x[i : i + 32]).argmax(1)) for i in range(0, 320, 32)]
+    outputs: list[torch.Tensor] = []
+    handle = model[0].register_forward_hook(lambda m, a, out: outputs.append(out.detach().clone()))
+    try:
+        probe = KoopmanProbe(model, ["1", "3"], latent_dim=8, hidden=(8,), verbose=False).fit(batches, epochs=2)
+    finally:
+        handle.remove()
+    assert probe.fetch_model().info["output_loss"]  # the tail ran on every step
+    assert len(outputs) < 2 * len(batches)  # the data pass and the first batch's checks, not every step
+    real = torch.cat([b[0] for b in batches]) @ model[0].weight.T + model[0].bias
+    for out in outputs:  # every call saw real rows of the data, never placeholder zeros
+        assert out.abs().sum() > 0
+        assert torch.isclose(out[:1], real, atol=1e-5).all(1).any()
+
+
 class InPlace(nn.Module):
     """Writes into ``a``'s and ``b``'s outputs between modules: a broadcast zero cannot take that."""
 
@@ -144,7 +190,8 @@ def test_skipped_modules_return_one_broadcast_zero_unless_the_model_writes_into_
     resmlp, x, real, expected, runner = resmlp_tail(2)
     assert runner is not None and runner._shared_zeros  # nothing is allocated for the skipped modules
     seen: list[torch.Tensor] = []
-    handle = resmlp.blocks[0].register_forward_hook(lambda m, i, o: seen.append(o))
+    # blocks.0's placeholder output, as the next skipped module receives it (pre-hooks still run)
+    handle = resmlp.blocks[1].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
     try:
         with torch.no_grad():
             runner(x, real)
