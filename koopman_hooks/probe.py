@@ -371,6 +371,8 @@ class KoopmanProbe:
         ae = fitted.autoencoder.config
         macs = ""
         if sizes is not None:
-            macs = f", surrogate {sizes.surrogate_macs} vs replaced {sizes.replaced_macs} multiply-adds/sample"
+            macs = (f", surrogate {sizes.surrogate_macs} multiply-adds/sample (the replaced modules' are not counted: "
+                    "only linear layers and convolutions are)" if sizes.replaced_macs is None else
+                    f", surrogate {sizes.surrogate_macs} vs replaced {sizes.replaced_macs} multiply-adds/sample")
         return (f"KoopmanProbe(layers={list(c.layers)}, width={ae.width}, latent_dim={ae.latent_dim}, "
                 f"hidden={list(ae.hidden)}, steps={list(ae.segment_steps)}, operator={c.operator!r}{macs}, fitted)")

@@ -216,7 +216,9 @@ def test_a_probed_tensor_the_output_does_not_read_is_warned_about():
     g = torch.Generator().manual_seed(0)
     sequences = TensorLoader(torch.randn(48, 5, 4, generator=g), torch.randint(0, 3, (48,), generator=g), batch_size=16)
     with pytest.warns(UserWarning, match=r"'gru''s probed tensor \(the first tensor of its output\)"):
-        KoopmanProbe(GRUClassifier(), ["proj", "gru"], **TINY).fit(sequences, epochs=1)
+        probe = KoopmanProbe(GRUClassifier(), ["proj", "gru"], **TINY).fit(sequences, epochs=1)
+    # a GRU's multiply-adds are not counted: repr says so rather than "replaced None"
+    assert "(the replaced modules' are not counted" in repr(probe) and "None" not in repr(probe)
 
 
 def test_a_probed_tensor_that_is_not_batch_first_is_refused_naming_the_layer():
