@@ -1144,3 +1144,17 @@ def test_evaluate_scores_a_per_token_head_per_token():
         probe.evaluate(TensorLoader(x, labels[:, 0], batch_size=32))  # one label per row for per-token scores
     with pytest.raises(ValueError, match="label 3 is out of range"):
         probe.evaluate(TensorLoader(x, labels.clamp_min(0) + 1, batch_size=32))
+
+
+def test_a_fit_on_too_few_rows_to_hold_any_out_says_so():
+    torch.manual_seed(0)
+    model = ResMLP(4, 3, width=6, depth=3).eval()
+    x = torch.randn(12, 4, generator=torch.Generator().manual_seed(2))
+    batches = [(x, model(x).argmax(1))]
+    with pytest.warns(UserWarning, match=r"the fit saw 12 rows: too few to hold any out") as seen:
+        probe = KoopmanProbe(model, ["blocks.0", "blocks.2"], verbose=False).fit(batches, epochs=1)
+    assert {w.filename for w in seen} == {__file__}
+    assert probe.fetch_model().info["kept_because"].startswith("no held-out rows (val_fraction=0.1, 12 rows")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the user asked for no held-out rows: nothing to warn about
+        KoopmanProbe(model, ["blocks.0", "blocks.2"], val_fraction=0.0, verbose=False).fit(batches, epochs=1)

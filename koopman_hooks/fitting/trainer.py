@@ -288,6 +288,12 @@ class _Run:
             info["kept_because"] = (f"no held-out rows (val_fraction={config.val_fraction:g}, {total_rows} rows: fewer than "
                                     "20 hold none out): the last epoch" if config.val_fraction else
                                     "no held-out rows (val_fraction=0): the last epoch")
+            if config.val_fraction:
+                warnings.warn(f"the fit saw {total_rows} rows: too few to hold any out (20 or more hold "
+                              f"val_fraction={config.val_fraction:g} of them out), so nothing checked that its "
+                              f"{outcome.epochs_run} epochs improved on the closed-form start, whose {width} principal "
+                              "components and linear map were estimated from those rows alone; fit on more data, or "
+                              "pass val_loader=", stacklevel=4)
         elif outcome.kept_epoch < 0:
             info["kept_because"] = "the closed-form start scored best on held-out data"
         else:
