@@ -1,6 +1,33 @@
-"""The errors koopman_hooks raises for user mistakes, each naming what is wrong."""
+"""The errors koopman_hooks raises for user mistakes, each naming what is wrong, and
+:func:`warn`, which attributes a warning to the user's line."""
 
 from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import warnings
+
+import torch
+
+#: frames in these folders or files are never a warning's "caller": the package's own, torch's
+#: (module calls, hooks, ``no_grad`` decorators) and ``contextlib``'s
+_INTERNAL_DIRS = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, torch.__file__))
+_INTERNAL_FILES = (os.path.abspath(contextlib.__file__),)
+
+
+def _internal(filename: str) -> bool:
+    path = os.path.abspath(filename)
+    return path.startswith(_INTERNAL_DIRS) or path in _INTERNAL_FILES
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn(message, category)`` attributed to the first frame outside koopman_hooks,
+    torch and ``contextlib``: the user's line, however deep in the package the warning arises."""
+    level, frame = 1, sys._getframe(0)
+    while frame.f_back is not None and _internal(frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 class LayerError(ValueError):

@@ -7,7 +7,9 @@ followed by its neighbours: the same mistake at the other entry points.
 
 from __future__ import annotations
 
+import inspect
 import json
+import os
 import random
 import warnings
 from collections.abc import Callable
@@ -829,8 +831,9 @@ def test_load_warns_when_the_model_has_other_weights(fitted, tmp_path):
     other = resmlp()
     with torch.no_grad():
         other.blocks[1].linear.bias.add_(1e-3)
-    with pytest.warns(UserWarning, match="fitted on other weights than this model's"):
+    with pytest.warns(UserWarning, match="fitted on other weights than this model's") as seen:
         KoopmanProbe.load(path, other, verbose=False)
+    assert {w.filename for w in seen} == {__file__}
 
 
 def test_the_fit_does_not_depend_on_the_callers_numpy_or_python_seed():
@@ -1158,3 +1161,27 @@ def test_a_fit_on_too_few_rows_to_hold_any_out_says_so():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the user asked for no held-out rows: nothing to warn about
         KoopmanProbe(model, ["blocks.0", "blocks.2"], val_fraction=0.0, verbose=False).fit(batches, epochs=1)
+
+
+def test_warn_names_the_first_line_outside_the_package_and_torch():
+    """:func:`koopman_hooks.errors.warn` skips the package's frames and torch's, so a warning
+    raised deep inside (here: by package code run as a forward hook, inside torch's module
+    call) names the user's line."""
+    import koopman_hooks
+    from koopman_hooks.errors import warn
+
+    with pytest.warns(UserWarning, match="direct") as seen:
+        warn("direct")
+    assert seen[0].filename == __file__ and seen[0].lineno == inspect.currentframe().f_lineno - 1
+    namespace: dict[str, Any] = {"warn": warn}
+    fake = os.path.join(os.path.dirname(koopman_hooks.__file__), "not_a_module.py")  # a frame "inside the package"
+    exec(compile("def hook(module, args, output):\n    warn('deep')\n", fake, "exec"), namespace)
+    layer = nn.Linear(2, 2)
+    handle = layer.register_forward_hook(namespace["hook"])
+    try:
+        with pytest.warns(UserWarning, match="deep") as seen:
+            layer(torch.zeros(1, 2))
+        line = inspect.currentframe().f_lineno - 1
+    finally:
+        handle.remove()
+    assert seen[0].filename == __file__ and seen[0].lineno == line

@@ -150,8 +150,9 @@ def test_a_reduction_whose_ignored_part_reaches_the_output_is_flagged(fits, data
     metrics = probe.evaluate(loader(data["test"]))
     assert metrics["lossy_reduction_reaches_output"] is True and metrics["template_agreement"] < 1.0
     assert metrics["reduce"] == "mean" and "mixed_agreement" in metrics
-    with pytest.warns(UserWarning, match="reaches the model's output"):
+    with pytest.warns(UserWarning, match="reaches the model's output") as seen:
         mixed = probe.patch(strict=False)
+    assert {w.filename for w in seen} == {__file__}  # the caller's line, through KoopmanProbe.patch
     assert isinstance(mixed, PatchedModel) and not mixed.strict
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -228,8 +229,9 @@ def test_batches_padded_on_the_other_side_than_the_fits_are_warned_about(fits, d
     left = {key: torch.stack([torch.roll(row, int(s)) for row, s in zip(value, shifts)]) if value.dim() == 2 else value
             for key, value in batch.items()}
     assert bool((left["attention_mask"][:, 0] == 0).any()) and bool((left["attention_mask"][:, -1] == 1).all())
-    with pytest.warns(UserWarning, match="padded on the left, the fit's were padded on the right"):
+    with pytest.warns(UserWarning, match="padded on the left, the fit's were padded on the right") as seen:
         probe.evaluate([left])
+    assert {w.filename for w in seen} == {__file__}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         probe.evaluate([batch])  # the fit's side: no warning

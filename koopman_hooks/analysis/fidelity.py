@@ -18,6 +18,7 @@ from koopman_hooks.core import distributed
 from koopman_hooks.core.batches import call_model, class_labels, padding_differs, padding_side
 from koopman_hooks.core.hooks import preserved_state
 from koopman_hooks.core.select import MODEL_OUTPUT
+from koopman_hooks.errors import warn
 from koopman_hooks.fitting.fitted import FittedProbe
 from koopman_hooks.fitting.head import outputs_differ, template_outputs
 from koopman_hooks.maths.scores import ClassificationCounts, StreamingFVU
@@ -78,9 +79,9 @@ def evaluate(probe: FittedProbe, loader: Iterable[Any], baseline: bool = True) -
             side = None if warned else padding_side(mask)  # told once
             if padding_differs(probe.info.get("padding"), side):
                 warned = True
-                warnings.warn(f"these batches are padded on the {side}, the fit's were padded on the "
-                              f"{probe.info['padding']}: a layer read by token position sees other tokens at each "
-                              "position (agreement falls); pad them as the fit's data was", stacklevel=2)
+                warn(f"these batches are padded on the {side}, the fit's were padded on the "
+                     f"{probe.info['padding']}: a layer read by token position sees other tokens at each "
+                     "position (agreement falls); pad them as the fit's data was")
             states = probe.adapted(acts, mask)
             for name, z, state in zip(layers[1:], ae.trajectory(ae.encoder(states[0])), states[1:]):
                 adapter = probe.adapters[name]

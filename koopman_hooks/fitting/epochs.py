@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +33,7 @@ from koopman_hooks.core import distributed
 from koopman_hooks.core.optim import adamw
 from koopman_hooks.core.precision import autocast_to
 from koopman_hooks.core.select import MODEL_OUTPUT
+from koopman_hooks.errors import warn
 from koopman_hooks.fitting.cache import StateCache
 from koopman_hooks.koopman.adapters import LayerAdapter
 from koopman_hooks.koopman.autoencoder import KoopmanAutoencoder
@@ -199,9 +199,9 @@ def _steps_per_epoch(own: int, batch_size: int) -> int:
         raise ValueError(f"rank(s) {empty} hold fewer than two training rows, and the ranks take their steps together: "
                          f"give every rank a shard of its own (torch's DistributedSampler balances them)")
     if len(per_rank) > 1 and 2 * steps <= max(per_rank):
-        warnings.warn(f"the ranks' shards hold {min(per_rank)} to {max(per_rank)} batches of {batch_size}: every rank "
-                      f"takes the smallest shard's {steps} steps per epoch; balance the shards (DistributedSampler) "
-                      "for the fit to use the others' rows as often", stacklevel=3)
+        warn(f"the ranks' shards hold {min(per_rank)} to {max(per_rank)} batches of {batch_size}: every rank "
+             f"takes the smallest shard's {steps} steps per epoch; balance the shards (DistributedSampler) "
+             "for the fit to use the others' rows as often")
     return steps
 
 

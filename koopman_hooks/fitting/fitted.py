@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import os
-import warnings
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -28,7 +27,7 @@ from koopman_hooks.core.select import OutputSelector, Select, loaded_selectors
 from koopman_hooks.core.serialization import load_tensors, prefixed, save_tensors, unprefixed
 from koopman_hooks.core.shapes import parameter_mismatch, parameter_shapes, parameters_digest
 from koopman_hooks.core.tail import TailRunner
-from koopman_hooks.errors import ConfigError, IncompatibleFileError, LayerError
+from koopman_hooks.errors import ConfigError, IncompatibleFileError, LayerError, warn
 from koopman_hooks.fitting.cache import StateCache
 from koopman_hooks.fitting.config import ProbeConfig
 from koopman_hooks.fitting.passes import CALIBRATION_ROWS, find_tail
@@ -244,10 +243,9 @@ class FittedProbe:
         src_layer = getattr(surrogate, "src_layer", None) or self.layers[self.layer_index(src, 0)]
         dst_layer = getattr(surrogate, "dst_layer", None) or self.layers[self.layer_index(dst, -1)]
         if not strict and dst_layer == self.layers[-1] and self.info.get("lossy_reduction_reaches_output"):
-            warnings.warn(
-                f"patch(strict=False): what reduce={self.adapters[dst_layer].reduce!r} ignores at {dst_layer!r} reaches "
-                "the model's output, so this mixed model copies part of the real forward pass: its figures are a "
-                "diagnostic, not the surrogate's; use strict=True (the default) for those", stacklevel=2)
+            warn(f"patch(strict=False): what reduce={self.adapters[dst_layer].reduce!r} ignores at {dst_layer!r} "
+                 "reaches the model's output, so this mixed model copies part of the real forward pass: its figures "
+                 "are a diagnostic, not the surrogate's; use strict=True (the default) for those")
         return PatchedModel(self.model, surrogate, src_layer, dst_layer, self.selector(src_layer), self.selector(dst_layer),
                             strict=strict, fast=fast, mask_key=self.config.mask_key)
 
@@ -364,9 +362,8 @@ class FittedProbe:
             if mismatch:
                 raise IncompatibleFileError(f"{path} was saved for another model: {mismatch}")
         if digest is not None and digest != parameters_digest(inner):
-            warnings.warn(f"{path} was fitted on other weights than this model's (its parameters or buffers "
-                          "differ): the probe describes the model it was fitted on; refit it on this one",
-                          stacklevel=2)
+            warn(f"{path} was fitted on other weights than this model's (its parameters or buffers "
+                 "differ): the probe describes the model it was fitted on; refit it on this one")
         selectors = loaded_selectors(config.layers, config.select, config.callable_select, select)
         device = torch.device(device) if device is not None else module_device(inner)
         torch.empty(0, device=device)  # torch's own error for a device this machine lacks, not "invalid file"

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -34,7 +33,7 @@ from koopman_hooks.core.layers import module_device, unwrap_model
 from koopman_hooks.core.precision import bf16_pays
 from koopman_hooks.core.select import OutputSelector
 from koopman_hooks.core.shapes import parameters_digest
-from koopman_hooks.errors import ConfigError, EmptyLoaderError
+from koopman_hooks.errors import ConfigError, EmptyLoaderError, warn
 from koopman_hooks.fitting import sizing
 from koopman_hooks.fitting.cache import StateCache
 from koopman_hooks.fitting.config import ProbeConfig
@@ -289,11 +288,11 @@ class _Run:
                                     "20 hold none out): the last epoch" if config.val_fraction else
                                     "no held-out rows (val_fraction=0): the last epoch")
             if config.val_fraction:
-                warnings.warn(f"the fit saw {total_rows} rows: too few to hold any out (20 or more hold "
-                              f"val_fraction={config.val_fraction:g} of them out), so nothing checked that its "
-                              f"{outcome.epochs_run} epochs improved on the closed-form start, whose {width} principal "
-                              "components and linear map were estimated from those rows alone; fit on more data, or "
-                              "pass val_loader=", stacklevel=4)
+                warn(f"the fit saw {total_rows} rows: too few to hold any out (20 or more hold "
+                     f"val_fraction={config.val_fraction:g} of them out), so nothing checked that its "
+                     f"{outcome.epochs_run} epochs improved on the closed-form start, whose {width} principal "
+                     "components and linear map were estimated from those rows alone; fit on more data, or "
+                     "pass val_loader=")
         elif outcome.kept_epoch < 0:
             info["kept_because"] = "the closed-form start scored best on held-out data"
         else:
@@ -313,10 +312,10 @@ def _warn_unread_selection(layer: str, select: int | str | None, notes: dict[str
     chosen = "the first tensor of its output" if select is None else f"select={select!r}"
     notes["output_reads_last"] = (f"the model's output does not read {layer!r}'s probed tensor ({chosen}): patched "
                                   "outputs are the model's own and edits change nothing")
-    warnings.warn(f"the model's output does not change when {layer!r}'s probed tensor ({chosen}) does, so the surrogate "
-                  "cannot change it: a patched model gives the model's own outputs and unlearn() edits change nothing. "
-                  "Probe the tensor the rest of the model reads: pass select= for that layer (an index or key of its "
-                  "output), or probe the layer that produces it", stacklevel=5)
+    warn(f"the model's output does not change when {layer!r}'s probed tensor ({chosen}) does, so the surrogate "
+         "cannot change it: a patched model gives the model's own outputs and unlearn() edits change nothing. "
+         "Probe the tensor the rest of the model reads: pass select= for that layer (an index or key of its "
+         "output), or probe the layer that produces it")
 
 
 def _warn_lossy_source(layer: str, shape: tuple[int, ...], spec: str, notes: dict[str, str]) -> None:
@@ -326,9 +325,8 @@ def _warn_lossy_source(layer: str, shape: tuple[int, ...], spec: str, notes: dic
         return
     notes["reduce_source"] = (f"{layer!r} ({' x '.join(map(str, shape))} = {math.prod(shape):,} features) read through "
                               f"{spec!r} by default: the surrogate sees only that")
-    warnings.warn(f"the first probed layer {notes['reduce_source']}; pass reduce={{{layer!r}: 'flatten'}} to read all of "
-                  "it (its principal components then hold up to max_width of it), or probe a smaller layer",
-                  stacklevel=5)
+    warn(f"the first probed layer {notes['reduce_source']}; pass reduce={{{layer!r}: 'flatten'}} to read all of "
+         "it (its principal components then hold up to max_width of it), or probe a smaller layer")
 
 
 def _train_amp(option: str | None, device: torch.device, step_macs: int) -> tuple[bool, str]:

@@ -11,14 +11,13 @@ nothing reads yet.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from koopman_hooks.errors import ConfigError
+from koopman_hooks.errors import ConfigError, warn
 from koopman_hooks.koopman.operator import KoopmanOperator, Parametrization
 
 START_TOLERANCE = 1e-3  # K's relative error at the start above which a parametrisation is said to miss it
@@ -125,9 +124,9 @@ class KoopmanAutoencoder(nn.Module):
         full[:w, :w] = operator.double()
         error = ae.operator.initialize(full)
         if config.operator == "exp" and not error <= START_TOLERANCE:  # lowrank misses it by design
-            warnings.warn(f"operator={config.operator!r} cannot start at the closed-form K (relative error {error:.2g}; "
-                          "e.g. a negative real eigenvalue has no real logarithm for 'exp'): the fit starts away from "
-                          "the linear model; operator='dense' (the default) starts at it exactly", stacklevel=3)
+            warn(f"operator={config.operator!r} cannot start at the closed-form K (relative error {error:.2g}; "
+                 "e.g. a negative real eigenvalue has no real logarithm for 'exp'): the fit starts away from "
+                 "the linear model; operator='dense' (the default) starts at it exactly")
         return ae
 
     @property

@@ -17,14 +17,13 @@ token, or a shift of the real tokens.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from koopman_hooks.errors import ConfigError
+from koopman_hooks.errors import ConfigError, warn
 
 REDUCE_MODES = ("flatten", "pool", "cls", "last", "mean")
 TOKEN_MODES = ("cls", "last", "mean")
@@ -36,9 +35,9 @@ def warn_without_mask(reductions: Sequence[str], where: str) -> None:
     last position is then read as its last real token, and padding as tokens."""
     modes = sorted({parse_reduce(r)[0] for r in reductions} & set(MASK_MODES))
     if modes:
-        warnings.warn(f"{where} was fitted on batches with an attention mask, but these inputs have none: its "
-                      f"{' and '.join(repr(m) for m in modes)} reduction reads every position as a real token (each "
-                      "row's last position as its last one); pass the mask as in the fit", stacklevel=3)
+        warn(f"{where} was fitted on batches with an attention mask, but these inputs have none: its "
+             f"{' and '.join(repr(m) for m in modes)} reduction reads every position as a real token (each "
+             "row's last position as its last one); pass the mask as in the fit")
 
 
 def parse_reduce(spec: str) -> tuple[str, tuple[int, int] | None]:
