@@ -1185,3 +1185,23 @@ def test_warn_names_the_first_line_outside_the_package_and_torch():
     finally:
         handle.remove()
     assert seen[0].filename == __file__ and seen[0].lineno == line
+
+
+def test_a_model_of_two_inputs_fed_tuple_batches_is_told_about_dict_batches():
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(3, 4), nn.Linear(2, 4), nn.Linear(4, 3)
+
+        def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.a(x1) + self.b(x2)))
+
+    torch.manual_seed(0)
+    model = TwoInputs().eval()
+    x1, x2 = torch.randn(64, 3), torch.randn(64, 2)
+    y = model(x1, x2).argmax(1)
+    with pytest.raises(TypeError, match=r"missing 1 required positional argument.*called as model\(x\) with one tensor"
+                                        r".*dict batches keyed by its argument names"):
+        KoopmanProbe(model, ["a", "head"], verbose=False).fit([(x1, x2, y)], epochs=1)
+    probe = KoopmanProbe(model, ["a", "head"], verbose=False).fit([{"x1": x1, "x2": x2, "labels": y}], epochs=1)
+    assert probe.evaluate([{"x1": x1, "x2": x2, "labels": y}])["n_samples"] == 64

@@ -149,7 +149,15 @@ def call_model(model: nn.Module, inputs: Inputs) -> Any:
     """``model(x)`` for a tensor, ``model(**inputs)`` for a dict (a model whose forward takes
     none of the dict's keys is told how to name its input: ``input_key``)."""
     if not isinstance(inputs, dict):
-        return model(inputs)
+        try:
+            return model(inputs)
+        except TypeError as err:
+            if "required positional argument" not in str(err):
+                raise
+            raise TypeError(f"{err}: the model was called as model(x) with one tensor, the first element of the batch "
+                            "(a tuple batch is read as (inputs, labels, ...)); for a model of several inputs, give "
+                            "dict batches keyed by its argument names (it is then called as model(**batch); labels under "
+                            f"one of {list(LABEL_KEYS)} or label_key=...)") from err
     try:
         return model(**inputs)
     except TypeError as err:
